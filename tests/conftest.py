@@ -1,0 +1,37 @@
+"""Shared fixtures: the synthetic scene with ground truth, its frames stage output, and the
+location of the real data in ../shared (tests that need it skip when it is absent)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SHARED_MODELS = REPO_ROOT.parent / "shared" / "models"
+
+
+def shared_path(relative: str) -> Path:
+    """Path under ../shared/data, skipping the calling test when it is missing."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"real data {path} is absent (../shared/data is not next to the repository)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_scene(tmp_path_factory):
+    """The CI preset of the synthetic scene (seed 0), generated once per test session."""
+    from data import synthetic
+
+    return synthetic.generate(tmp_path_factory.mktemp("synthetic") / "scene", preset="ci", seed=0)
+
+
+@pytest.fixture(scope="session")
+def synthetic_frames_dir(synthetic_scene, tmp_path_factory) -> Path:
+    """Output folder of the frames stage run on the synthetic scene's lossless images."""
+    from stages import frames
+
+    out = tmp_path_factory.mktemp("frames")
+    frames.run({"source": synthetic_scene.root / "images"}, frames.Params(), out)
+    return out
