@@ -1,0 +1,137 @@
+"""The ``mono4d`` command line.
+
+    mono4d run INPUT --work DIR [--until STAGE] [--set stage.param=value ...] [--rerun STAGE]
+    mono4d status DIR [--set stage.param=value ...]
+    mono4d synth OUT [--preset ci] [--seed 0]
+
+User errors (bad input, bad parameters, unavailable models) print a message and a hint and
+exit with code 2 (3 when a stage could not produce a result); they never show a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from data.errors import Mono4dError, ParameterError
+from pipeline.config import PRESETS, STAGE_MODULES
+
+logger = logging.getLogger("mono4d")
+
+
+def configure_logging(verbose: bool) -> None:
+    """mono4d messages at INFO (DEBUG with --verbose); Luigi's own chatter only with --verbose."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname).1s %(name)s: %(message)s" if verbose else "%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for name in ("luigi", "luigi-interface", "luigi.scheduler"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    for name in ("PIL", "matplotlib", "urllib3", "filelock", "httpx", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.PARAM=VALUE",
+                        help="override a stage parameter (repeatable), e.g. --set frames.max_side=480")
+    parser.add_argument("--preset", choices=PRESETS, default=None,
+                        help="backend preset: cpu (weights-free, runs anywhere) or gpu (learned models, gsplat); "
+                             "default: gpu when CUDA is available, else cpu")
+    parser.add_argument("--config", dest="config_files", action="append", default=[], metavar="FILE",
+                        help="extra luigi.cfg-style file with stage sections (repeatable; later files win)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mono4d", description="Dynamic 3D Gaussian reconstruction of casual videos, "
+                                     "as a DAG of cached, inspectable stages.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, including Luigi's scheduler")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the pipeline (only what is missing or stale)")
+    run.add_argument("input", nargs="?", help="video file or folder of images (default: the workspace's recorded input)")
+    run.add_argument("--work", required=True, metavar="DIR", help="workspace folder (created if missing)")
+    run.add_argument("--until", choices=list(STAGE_MODULES), metavar="STAGE",
+                     help=f"stop after this stage (one of: {', '.join(STAGE_MODULES)})")
+    run.add_argument("--rerun", action="append", default=[], metavar="STAGE",
+                     help="recompute this stage and everything downstream even if cached (repeatable)")
+    run.add_argument("--workers", type=int, default=1, help="Luigi worker processes (default 1)")
+    run.add_argument("--scheduler-host", default=None,
+                     help="use a central Luigi scheduler (luigid) at this host instead of the local one")
+    run.add_argument("--scheduler-port", type=int, default=8082, help="port of the central scheduler")
+    run.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    add_config_options(run)
+
+    status = commands.add_parser("status", help="show each stage: done / stale (why) / missing")
+    status.add_argument("work", metavar="DIR", help="workspace folder")
+    status.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    add_config_options(status)
+
+    synth = commands.add_parser("synth", help="write a synthetic dynamic scene with ground truth")
+    synth.add_argument("out", metavar="OUT", help="output folder")
+    synth.add_argument("--preset", default="ci", help="size preset: tiny, ci or bench (default ci)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                       help="override a preset field, e.g. --set num_frames=32")
+    synth.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from pipeline.runner import run_pipeline
+    from pipeline.status import format_figures
+
+    summary = run_pipeline(args.work, args.input, until=args.until, preset=args.preset, overrides=args.overrides,
+                           rerun=args.rerun, config_files=args.config_files, workers=args.workers,
+                           scheduler_host=args.scheduler_host, scheduler_port=args.scheduler_port)
+    for outcome in summary.outcomes:
+        time_s = f"{outcome.wall_time_s:.1f}s" if outcome.wall_time_s is not None else ""
+        print(f"{outcome.stage:<8} {outcome.action:<7} {time_s:>7}  {format_figures(outcome.figures, limit=6)}")
+    print(f"workspace: {summary.workspace}")
+    return 0
+
+
+def command_status(args: argparse.Namespace) -> int:
+    from pipeline.status import format_status, workspace_states
+
+    print(format_status(workspace_states(args.work, args.preset, args.overrides, args.config_files)))
+    return 0
+
+
+def command_synth(args: argparse.Namespace) -> int:
+    from data import synthetic
+
+    overrides = {}
+    for text in args.overrides:
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise ParameterError(f"cannot parse {text!r}", "write it as --set field=value, e.g. --set num_frames=32")
+        overrides[key.strip()] = value.strip()
+    scene = synthetic.generate(args.out, preset=args.preset, seed=args.seed, **synthetic.parse_overrides(overrides))
+    print(f"wrote {scene.num_frames} frames of {scene.width}x{scene.height} with ground truth to {scene.root}")
+    return 0
+
+
+COMMANDS = {"run": command_run, "status": command_status, "synth": command_synth}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except Mono4dError as error:
+        print(f"mono4d: error: {error.message}", file=sys.stderr)
+        if error.hint:
+            print(f"  hint: {error.hint}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("mono4d: interrupted; completed stages stay cached, rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Running the DAG: write the run configuration, hand the target task to Luigi, report the outcome."""
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import luigi
+import luigi.rpc
+
+from data.errors import InputError, ModelUnavailableError, Mono4dError, ParameterError, StageFailure
+from pipeline import dag
+from pipeline.config import DEFAULT_CONFIG_FILE, STAGE_MODULES, load_config
+from pipeline.state import RunState
+from pipeline.tasks import TASKS
+from pipeline.workspace import Workspace
+
+logger = logging.getLogger("mono4d")
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    action: str  # "ran" | "cached" | "failed" | "not run"
+    wall_time_s: float | None = None
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunSummary:
+    workspace: Path
+    target: str
+    outcomes: list[StageOutcome]
+
+    @property
+    def ran(self) -> list[str]:
+        return [o.stage for o in self.outcomes if o.action == "ran"]
+
+
+def check_stage_name(name: str, option: str) -> str:
+    if name not in STAGE_MODULES:
+        raise ParameterError(f"{option}: unknown stage {name!r}", f"stages are: {', '.join(STAGE_MODULES)}")
+    return name
+
+
+def resolve_input(workspace: Workspace, input_path: str | Path | None) -> Path:
+    """The input given on the command line, or the one recorded in an existing workspace."""
+    if input_path is None:
+        if not workspace.config_path.exists():
+            raise ParameterError("no INPUT given and the workspace has none recorded",
+                                 "run `mono4d run VIDEO_OR_IMAGE_FOLDER --work DIR`")
+        input_path = workspace.read_config()["input"]
+    path = Path(input_path).expanduser()
+    if not path.exists():
+        raise InputError(f"input not found: {path}", "give the path of a video file or a folder of images")
+    return path.resolve()
+
+
+def configure_luigi(config_files: Sequence[str | Path], rpc_retry_attempts: int | None = None) -> None:
+    """Let Luigi read the same config files ([core], [resources], ...) and leave logging to us."""
+    luigi_config = luigi.configuration.get_config()
+    for path in [DEFAULT_CONFIG_FILE, *config_files]:
+        luigi_config.add_config_path(str(path))
+    luigi_config.set("core", "no_configure_logging", "true")
+    if rpc_retry_attempts is not None and not luigi_config.has_option("core", "rpc-retry-attempts"):
+        luigi_config.set("core", "rpc-retry-attempts", str(rpc_retry_attempts))
+        luigi_config.set("core", "rpc-retry-wait", "1")
+
+
+def run_pipeline(work: str | Path, input_path: str | Path | None = None, until: str | None = None,
+                 preset: str | None = None, overrides: Sequence[str] = (), rerun: Sequence[str] = (),
+                 config_files: Sequence[str | Path] = (), workers: int = 1,
+                 scheduler_host: str | None = None, scheduler_port: int = 8082) -> RunSummary:
+    """Run the pipeline up to ``until`` (default: the last stage) over ``work``.
+
+    Raises the failing stage's :class:`Mono4dError` (or a StageFailure wrapping an unexpected
+    exception) when a stage fails; everything completed before it stays cached.
+    """
+    workspace = Workspace(work)
+    source = resolve_input(workspace, input_path)
+    config = load_config(preset, overrides, config_files)
+    target = check_stage_name(until, "--until") if until else dag.final_stage()
+    forced = [check_stage_name(name, "--rerun") for name in rerun]
+    if workers < 1:
+        raise ParameterError(f"--workers must be at least 1, got {workers}", "use --workers 1 for a single process")
+
+    with workspace.lock():
+        workspace.clean_temp()
+        workspace.clear_errors()
+        run_config = {
+            "input": str(source),
+            "config": config.to_json(),
+            "run_id": uuid.uuid4().hex,
+            "force": forced,
+            "target": target,
+            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        workspace.write_config(run_config)
+        state = RunState(workspace, run_config)
+        stages = dag.closure(target, config)
+        todo = [name for name in stages if state.state(name).status != "done"]
+        if todo:
+            logger.info("stages to run: %s", ", ".join(todo))
+        else:
+            logger.info("everything up to %s is up to date", target)
+        scheduler = {"local_scheduler": True} if not scheduler_host else {
+            "scheduler_host": scheduler_host, "scheduler_port": scheduler_port}
+        if todo:
+            configure_luigi(config_files, rpc_retry_attempts=1 if scheduler_host else None)
+            try:
+                luigi.build([TASKS[target](work=str(workspace.root))], workers=workers, **scheduler)
+            except luigi.rpc.RPCError:
+                raise ParameterError(f"cannot reach the Luigi scheduler at {scheduler_host}:{scheduler_port}",
+                                     "start it with `luigid --port PORT` on that host, or drop --scheduler-host "
+                                     "to use the local scheduler") from None
+
+    outcomes = []
+    failure = None
+    for name in stages:
+        manifest = workspace.read_manifest(name)
+        error = workspace.read_error(name)
+        if error is not None:
+            outcomes.append(StageOutcome(name, "failed"))
+            failure = failure or (name, error)
+        elif manifest is not None and manifest.get("run_id") == run_config["run_id"]:
+            outcomes.append(StageOutcome(name, "ran", manifest.get("wall_time_s"), manifest.get("figures", {})))
+        elif name not in todo and manifest is not None:
+            outcomes.append(StageOutcome(name, "cached", manifest.get("wall_time_s"), manifest.get("figures", {})))
+        else:
+            outcomes.append(StageOutcome(name, "not run"))
+    summary = RunSummary(workspace.root, target, outcomes)
+    if failure is not None:
+        raise error_from_record(workspace, *failure)
+    not_run = [o.stage for o in outcomes if o.action == "not run"]
+    if not_run:
+        raise StageFailure(f"stages did not run: {', '.join(not_run)}",
+                           "run again with --verbose to see the scheduler's log")
+    return summary
+
+
+def error_from_record(workspace: Workspace, stage: str, record: dict[str, Any]) -> Mono4dError:
+    """Rebuild the user-facing error a stage recorded (stages may run in worker processes)."""
+    classes = {cls.__name__: cls for cls in (InputError, ParameterError, ModelUnavailableError, StageFailure, Mono4dError)}
+    cls = classes.get(record["type"])
+    if cls is not None:
+        return cls(f"stage {stage}: {record['message']}", record.get("hint"))
+    return StageFailure(f"stage {stage} failed unexpectedly: {record['type']}: {record['message']}",
+                        f"the traceback is in {workspace.error_path(stage)}; please report it with the "
+                        "workspace's config.json")

@@ -1,0 +1,265 @@
+"""The pipeline core: caching, reruns, status, atomic writes, configuration and CLI errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from data.errors import ParameterError
+from pipeline import config as config_module
+from pipeline.cli import main
+from pipeline.config import load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_video(path: Path, num_frames: int = 12, width: int = 96, height: int = 64, fps: float = 10.0) -> Path:
+    """A small mp4 of a textured pattern sliding right by 2 px per frame."""
+    rng = np.random.default_rng(0)
+    texture = cv2.GaussianBlur(rng.integers(0, 255, (height, width + 2 * num_frames, 3), dtype=np.uint8), (5, 5), 0)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    for i in range(num_frames):
+        writer.write(np.ascontiguousarray(texture[:, 2 * i:2 * i + width]))
+    writer.release()
+    return path
+
+
+@pytest.fixture()
+def video(tmp_path) -> Path:
+    return write_video(tmp_path / "clip.mp4")
+
+
+def run_cli(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+def manifest(work: Path, stage: str) -> dict:
+    return json.loads((work / stage / "manifest.json").read_text())
+
+
+def test_run_writes_manifest_with_everything_recorded(video, tmp_path):
+    work = tmp_path / "ws"
+    assert run_cli("run", video, "--work", work, "--until", "frames") == 0
+    record = manifest(work, "frames")
+    assert record["stage"] == "frames"
+    assert record["figures"]["num_frames"] == 12
+    assert record["params"]["max_side"] == load_config("cpu").params["frames"].max_side
+    assert len(record["inputs"]["source"]["sha256"]) == 64
+    assert record["versions"]["numpy"] == np.__version__
+    assert record["wall_time_s"] >= 0
+    assert (work / "frames" / "log.txt").is_file()
+    config = json.loads((work / "config.json").read_text())
+    assert config["input"] == str(video.resolve())
+    assert config["config"]["stages"]["frames"] == record["params"]
+    assert not any((work / ".tmp").iterdir()) if (work / ".tmp").exists() else True
+
+
+def test_rerun_with_nothing_changed_recomputes_nothing(video, tmp_path):
+    work = tmp_path / "ws"
+    run_cli("run", video, "--work", work, "--until", "frames")
+    before = (work / "frames" / "manifest.json").stat().st_mtime_ns
+    first_frame = (work / "frames" / "images" / "000000.png").stat().st_mtime_ns
+    from pipeline.runner import run_pipeline
+
+    summary = run_pipeline(work, video, until="frames")
+    assert summary.ran == []
+    assert [o.action for o in summary.outcomes] == ["cached"]
+    assert (work / "frames" / "manifest.json").stat().st_mtime_ns == before
+    assert (work / "frames" / "images" / "000000.png").stat().st_mtime_ns == first_frame
+
+
+def test_parameter_change_reruns_the_stage_and_status_says_why(video, tmp_path, capsys):
+    work = tmp_path / "ws"
+    run_cli("run", video, "--work", work, "--until", "frames")
+    capsys.readouterr()
+    assert run_cli("status", work, "--set", "frames.max_side=48") == 0
+    out = capsys.readouterr().out
+    assert "frames" in out and "stale" in out and "parameter max_side changed" in out
+    assert run_cli("run", video, "--work", work, "--until", "frames", "--set", "frames.max_side=48") == 0
+    record = manifest(work, "frames")
+    assert record["params"]["max_side"] == 48
+    assert max(record["figures"]["width"], record["figures"]["height"]) == 48
+    capsys.readouterr()
+    run_cli("status", work)
+    assert "done" in capsys.readouterr().out
+
+
+def test_forced_rerun(video, tmp_path):
+    work = tmp_path / "ws"
+    from pipeline.runner import run_pipeline
+
+    first = run_pipeline(work, video, until="frames")
+    again = run_pipeline(work, video, until="frames", rerun=["frames"])
+    assert first.ran == ["frames"] and again.ran == ["frames"]
+    assert run_pipeline(work, video, until="frames").ran == []
+
+
+def test_input_change_makes_frames_stale(video, tmp_path, capsys):
+    work = tmp_path / "ws"
+    run_cli("run", video, "--work", work, "--until", "frames")
+    write_video(video, num_frames=14)
+    capsys.readouterr()
+    run_cli("status", work)
+    assert "input source changed" in capsys.readouterr().out
+    run_cli("run", "--work", work, "--until", "frames")  # the recorded input is reused
+    assert manifest(work, "frames")["figures"]["num_frames"] == 14
+
+
+def test_status_of_fresh_and_missing_workspace(video, tmp_path, capsys):
+    assert run_cli("status", tmp_path / "nothing") == 2
+    assert "not a mono4d workspace" in capsys.readouterr().err
+    work = tmp_path / "ws"
+    run_cli("run", video, "--work", work, "--until", "frames")
+    (work / "frames" / "manifest.json").unlink()
+    capsys.readouterr()
+    run_cli("status", work)
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("frames")][0]
+    assert "missing" in line
+
+
+@pytest.mark.parametrize("override, message", [
+    ("frames.stride=0", "stride"),
+    ("frames.max_sidee=100", "did you mean 'max_side'"),
+    ("framez.stride=2", "unknown stage"),
+    ("frames.stride=two", "expected an integer"),
+    ("nonsense", "stage.param=value"),
+])
+def test_bad_parameters_are_reported_without_traceback(video, tmp_path, capsys, override, message):
+    assert run_cli("run", video, "--work", tmp_path / "ws", "--set", override) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "ws" / "frames").exists()
+
+
+def test_bad_inputs_are_reported_without_traceback(tmp_path, capsys):
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    single = tmp_path / "single"
+    single.mkdir()
+    cv2.imwrite(str(single / "0001.png"), np.zeros((32, 32, 3), np.uint8))
+    for source, message in [(tmp_path / "missing.mp4", "not found"), (text, "video"), (empty, "image"),
+                            (single, "2 frames")]:
+        work = tmp_path / f"ws-{source.name}"
+        code = run_cli("run", source, "--work", work, "--until", "frames")
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert message in err and "Traceback" not in err, err
+        assert not (work / "frames" / "manifest.json").exists()
+
+
+def test_luigi_cfg_lists_every_parameter_with_its_default():
+    parser = config_module.read_config_files([config_module.DEFAULT_CONFIG_FILE])
+    for stage in config_module.STAGE_MODULES:
+        params = config_module.stage_module(stage).Params()
+        assert parser.has_section(stage), f"luigi.cfg lacks [{stage}]"
+        written = dict(parser.items(stage))
+        expected = {k: v for k, v in vars(params).items()}
+        assert set(written) == set(expected), f"[{stage}] keys differ from stages/{stage}.py Params"
+        for key, value in expected.items():
+            parsed = config_module.parse_value(written[key], type(value), f"{stage}.{key}")
+            assert parsed == value, f"[{stage}] {key} = {written[key]} but the code default is {value!r}"
+
+
+def test_config_precedence(tmp_path):
+    extra = tmp_path / "extra.cfg"
+    extra.write_text("[frames]\nmax_side = 320\nstride = 3\n")
+    config = load_config("cpu", ["frames.stride=2"], [extra])
+    assert config.params["frames"].max_side == 320
+    assert config.params["frames"].stride == 2
+    assert config.sources["frames.stride"] == "--set"
+    with pytest.raises(ParameterError, match="config file not found"):
+        load_config("cpu", [], [tmp_path / "absent.cfg"])
+    with pytest.raises(ParameterError, match="unknown preset"):
+        load_config("tpu")
+
+
+def test_interrupted_stage_leaves_no_manifest_and_the_next_run_finishes(tmp_path):
+    """Kill `mono4d run` while the frames stage is writing; nothing is marked complete."""
+    video = write_video(tmp_path / "long.mp4", num_frames=400, width=640, height=480, fps=30)
+    work = tmp_path / "ws"
+    command = [sys.executable, "-m", "pipeline.cli", "run", str(video), "--work", str(work), "--until", "frames",
+               "--set", "frames.format=png"]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    written = []
+    while time.time() < deadline and len(written) < 20:
+        written = list((work / ".tmp").glob("frames-*/images/*.png")) if (work / ".tmp").exists() else []
+        time.sleep(0.05)
+    assert len(written) >= 20, "the stage never started writing frames"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (work / "frames" / "manifest.json").exists()
+    assert not (work / "frames").exists()
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert manifest(work, "frames")["figures"]["num_frames"] == 400
+    assert not list((work / ".tmp").glob("*")), "temp folders of the killed run were not cleaned"
+
+
+def test_second_concurrent_run_is_refused(video, tmp_path):
+    from pipeline.workspace import Workspace
+
+    work = tmp_path / "ws"
+    with Workspace(work).lock():
+        with pytest.raises(ParameterError, match="another mono4d run"):
+            from pipeline.runner import run_pipeline
+
+            run_pipeline(work, video, until="frames")
+
+
+def test_console_script_runs(video, tmp_path):
+    """The installed `mono4d` entry point runs end to end from any folder."""
+    work = tmp_path / "ws"
+    mono4d = Path(sys.executable).parent / "mono4d"
+    assert mono4d.is_file(), "the console script is not installed: pip install -e ."
+    result = subprocess.run([str(mono4d), "run", str(video), "--work", str(work), "--until", "frames"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "frames" in result.stdout and "ran" in result.stdout
+    result = subprocess.run([str(mono4d), "status", str(work)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "done" in result.stdout
+
+
+def test_central_scheduler(video, tmp_path, capsys):
+    """Runs through a real luigid on loopback, as a multi-machine setup would."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "luigid").mkdir()
+    luigid = subprocess.Popen([str(Path(sys.executable).parent / "luigid"), "--address", "127.0.0.1", "--port", str(port),
+                               "--logdir", str(tmp_path / "luigid")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("luigid did not start listening within 20 s")
+        code = run_cli("run", video, "--work", tmp_path / "ws", "--until", "frames", "--scheduler-host", "127.0.0.1",
+                       "--scheduler-port", port)
+        assert code == 0
+        assert manifest(tmp_path / "ws", "frames")["figures"]["num_frames"] == 12
+    finally:
+        luigid.terminate()
+        luigid.wait(timeout=10)
+    capsys.readouterr()
+    assert run_cli("run", video, "--work", tmp_path / "ws2", "--scheduler-host", "127.0.0.1", "--scheduler-port", port) == 2
+    assert "cannot reach the Luigi scheduler" in capsys.readouterr().err
+
