@@ -110,7 +110,7 @@ def command_synth(args: argparse.Namespace) -> int:
         if not sep:
             raise ParameterError(f"cannot parse {text!r}", "write it as --set field=value, e.g. --set num_frames=32")
         overrides[key.strip()] = value.strip()
-    scene = synthetic.generate(args.out, preset=args.preset, seed=args.seed, **synthetic.parse_overrides(overrides))
+    scene = synthetic.generate(args.out, preset=args.preset, seed=args.seed, **overrides)
     print(f"wrote {scene.num_frames} frames of {scene.width}x{scene.height} with ground truth to {scene.root}")
     return 0
 
