@@ -263,3 +263,11 @@ def test_central_scheduler(video, tmp_path, capsys):
     assert run_cli("run", video, "--work", tmp_path / "ws2", "--scheduler-host", "127.0.0.1", "--scheduler-port", port) == 2
     assert "cannot reach the Luigi scheduler" in capsys.readouterr().err
 
+
+
+def test_synth_command_writes_a_scene(tmp_path, capsys):
+    assert run_cli("synth", tmp_path / "scene", "--preset", "tiny", "--set", "num_frames=6") == 0
+    assert "wrote 6 frames" in capsys.readouterr().out
+    assert len(list((tmp_path / "scene" / "images").glob("*.png"))) == 6
+    assert run_cli("synth", tmp_path / "bad", "--preset", "huge") == 2
+    assert "unknown synthetic preset" in capsys.readouterr().err
