@@ -2,6 +2,7 @@
 
     mono4d run INPUT --work DIR [--until STAGE] [--set stage.param=value ...] [--rerun STAGE]
     mono4d status DIR [--set stage.param=value ...]
+    mono4d inspect DIR [--compare OTHER_DIR]
     mono4d synth OUT [--preset ci] [--seed 0]
 
 User errors (bad input, bad parameters, unavailable models) print a message and a hint and
@@ -70,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     add_config_options(status)
 
+    inspect = commands.add_parser("inspect", help="write an HTML report of every stage (DIR/report/index.html)")
+    inspect.add_argument("work", metavar="DIR", help="workspace folder")
+    inspect.add_argument("--compare", metavar="OTHER_DIR", default=None,
+                         help="a second workspace to show side by side, stage by stage")
+    inspect.add_argument("--out", metavar="PATH", default=None, help="report folder (default: DIR/report)")
+    inspect.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
     synth = commands.add_parser("synth", help="write a synthetic dynamic scene with ground truth")
     synth.add_argument("out", metavar="OUT", help="output folder")
     synth.add_argument("--preset", default="ci", help="size preset: tiny, ci or bench (default ci)")
@@ -101,6 +109,17 @@ def command_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.report import write_report
+
+    index = write_report(Path(args.work), Path(args.compare) if args.compare else None,
+                         Path(args.out) if args.out else None)
+    print(f"report: {index}")
+    return 0
+
+
 def command_synth(args: argparse.Namespace) -> int:
     from data import synthetic
 
@@ -115,7 +134,7 @@ def command_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "status": command_status, "synth": command_synth}
+COMMANDS = {"run": command_run, "status": command_status, "inspect": command_inspect, "synth": command_synth}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

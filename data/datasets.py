@@ -1,0 +1,129 @@
+"""Datasets with known cameras: one record type and a reader that recognises the format.
+
+Formats (one module each): D-NeRF / Blender ``transforms_*.json`` (:mod:`data.dnerf`),
+Panoptic as prepared by Dynamic 3D Gaussians ``train_meta.json`` (:mod:`data.panoptic`),
+nerfstudio ``transforms.json`` (:mod:`data.nerfstudio`) and COLMAP models (:mod:`data.colmap`).
+Every reader returns :class:`DatasetFrames` with OpenCV cameras.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data.errors import InputError
+
+#: The formats :func:`read_dataset` recognises.
+FORMATS = ("dnerf", "panoptic", "nerfstudio", "colmap")
+
+
+@dataclass(frozen=True)
+class DatasetFrames:
+    """The frames of one camera stream with known cameras.
+
+    ``image_paths``: T image files in frame order; ``K`` ``(T, 3, 3)`` float64 pixel intrinsics
+    for images of ``width`` x ``height``; ``w2c`` ``(T, 4, 4)`` float64 OpenCV world-to-camera;
+    ``times`` ``(T,)`` float64 normalised time in [0, 1] (from the dataset where it has one, else
+    ``i / (T - 1)``); ``units`` is ``"dataset"`` (the dataset's own world scale) or ``"sfm"``
+    (arbitrary scale of a structure-from-motion model); ``format`` is one of :data:`FORMATS`;
+    ``notes`` are caveats worth passing on to the user (e.g. lens distortion that ``K`` ignores).
+    """
+
+    image_paths: list[Path]
+    K: np.ndarray
+    w2c: np.ndarray
+    times: np.ndarray
+    width: int
+    height: int
+    units: str
+    format: str
+    notes: tuple[str, ...] = ()
+
+    @property
+    def num_frames(self) -> int:
+        """Number of frames T."""
+        return len(self.image_paths)
+
+
+def linear_times(count: int) -> np.ndarray:
+    """``(count,)`` float64 times ``i / (count - 1)`` in [0, 1] (0 for a single frame)."""
+    return np.linspace(0.0, 1.0, count) if count > 1 else np.zeros(count)
+
+
+def read_json(path: Path) -> dict:
+    """Parse a JSON file, turning unreadable or malformed files into :class:`InputError`."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            content = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"cannot read camera file {path}: {error}", "point to a readable JSON file") from error
+    if not isinstance(content, dict):
+        raise InputError(f"camera file {path} does not hold a JSON object", "point to a transforms/meta JSON file")
+    return content
+
+
+def detect_format(path: str | Path) -> str:
+    """Name the format (one of :data:`FORMATS`) of a camera file or folder.
+
+    A folder holding ``cameras.bin``/``cameras.txt`` (directly or under ``sparse/0`` or
+    ``sparse``) is COLMAP; a folder holding ``transforms_train.json`` is D-NeRF; a JSON with
+    ``k``/``w2c``/``fn`` is Panoptic; one with ``fl_x`` (top level or per frame) is nerfstudio;
+    one with ``camera_angle_x`` is D-NeRF/Blender.
+    """
+    from data.colmap import find_model_dir
+
+    path = Path(path)
+    if path.is_dir():
+        if find_model_dir(path) is not None:
+            return "colmap"
+        if (path / "transforms_train.json").is_file():
+            return "dnerf"
+        if (path / "transforms.json").is_file():
+            return detect_format(path / "transforms.json")
+        raise InputError(f"{path} holds no known camera format",
+                         "point to a COLMAP model folder, a D-NeRF folder or a transforms/meta JSON file")
+    if not path.is_file():
+        raise InputError(f"camera file {path} does not exist", "check the path given as cameras.known_path")
+    content = read_json(path)
+    frames = content.get("frames")
+    first_frame = frames[0] if isinstance(frames, list) and frames and isinstance(frames[0], dict) else {}
+    if {"k", "w2c", "fn"} <= content.keys():
+        return "panoptic"
+    if "fl_x" in content or "fl_x" in first_frame:
+        return "nerfstudio"
+    if "camera_angle_x" in content:
+        return "dnerf"
+    raise InputError(f"{path} is not a D-NeRF, Panoptic or nerfstudio camera file",
+                     "expected keys: camera_angle_x + frames (D-NeRF), k/w2c/fn (Panoptic), "
+                     "fl_x/fl_y/cx/cy + frames (nerfstudio)")
+
+
+def read_dataset(path: str | Path, camera: int = -1, split: str = "train") -> DatasetFrames:
+    """Read the cameras (and image list) of any supported dataset.
+
+    ``camera`` picks one camera id of a multi-camera Panoptic file (-1: the file must hold a
+    single camera); ``split`` picks the D-NeRF split when ``path`` is the dataset folder.
+    """
+    from data import colmap, dnerf, nerfstudio, panoptic
+
+    kind = detect_format(path)
+    if kind == "colmap":
+        return colmap.read_colmap_model(path)
+    if kind == "dnerf":
+        return dnerf.read_dnerf(path, split=split)
+    if kind == "panoptic":
+        return panoptic.read_panoptic(path, camera=camera)
+    return nerfstudio.read_nerfstudio(path)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` of an image file, read from its header."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return int(image.width), int(image.height)
+    except (OSError, UnidentifiedImageError) as error:
+        raise InputError(f"cannot read image {path}: {error}", "check that the dataset's images are present") from error

@@ -1,0 +1,75 @@
+"""D-NeRF (and Blender NeRF-synthetic) datasets: ``transforms_{train,val,test}.json``.
+
+Each file holds ``camera_angle_x`` (horizontal field of view, radians) and frames with
+``file_path`` (relative, often without extension), ``transform_matrix`` (Blender/OpenGL
+camera-to-world) and, for D-NeRF, ``time`` in [0, 1]. Images are square RGBA PNGs; the principal
+point is the image centre.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from data.datasets import DatasetFrames, image_size, linear_times, read_json
+from data.errors import InputError
+from data.geometry import intrinsics_matrix, opengl_c2w_to_w2c
+
+SPLITS = ("train", "val", "test")
+
+
+def transforms_path(path: str | Path, split: str = "train") -> Path:
+    """The ``transforms_<split>.json`` for a dataset folder, or ``path`` itself when it is a file."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if split not in SPLITS:
+        raise InputError(f"unknown D-NeRF split {split!r}", f"use one of {', '.join(SPLITS)}")
+    candidate = path / f"transforms_{split}.json"
+    if not candidate.is_file():
+        raise InputError(f"{candidate} does not exist", "point to a D-NeRF folder with transforms_<split>.json")
+    return candidate
+
+
+def resolve_image(root: Path, file_path: str) -> Path:
+    """Image file for a frame's ``file_path`` (relative to the JSON's folder; ``.png`` added when missing)."""
+    candidate = (root / file_path).resolve()
+    if candidate.suffix.lower() in (".png", ".jpg", ".jpeg") and candidate.is_file():
+        return candidate
+    for suffix in (".png", ".jpg", ".jpeg"):
+        with_suffix = candidate.with_name(candidate.name + suffix)
+        if with_suffix.is_file():
+            return with_suffix
+    raise InputError(f"image {candidate} listed in the transforms file does not exist",
+                     "check that the dataset's image folders are complete")
+
+
+def read_dnerf(path: str | Path, split: str = "train") -> DatasetFrames:
+    """Read one split of a D-NeRF / Blender dataset (``path``: dataset folder or a transforms JSON).
+
+    Frames keep the file's order. ``K`` uses ``f = 0.5 * W / tan(0.5 * camera_angle_x)`` and the
+    image centre; cameras are converted from Blender (y up, z backward) to OpenCV. ``times`` are
+    the frames' ``time`` values, or ``i / (T - 1)`` when the file has none.
+    """
+    json_path = transforms_path(path, split)
+    content = read_json(json_path)
+    frames = content.get("frames")
+    if "camera_angle_x" not in content or not isinstance(frames, list) or not frames:
+        raise InputError(f"{json_path} lacks camera_angle_x or frames", "point to a D-NeRF transforms_<split>.json")
+    try:
+        image_paths = [resolve_image(json_path.parent, frame["file_path"]) for frame in frames]
+        c2w = np.array([frame["transform_matrix"] for frame in frames], dtype=np.float64)
+        times = (np.array([frame["time"] for frame in frames], dtype=np.float64)
+                 if all("time" in frame for frame in frames) else linear_times(len(frames)))
+        angle_x = float(content["camera_angle_x"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise InputError(f"malformed frame entry in {json_path}: {error}",
+                         "each frame needs file_path and a 4x4 transform_matrix") from error
+    if c2w.shape != (len(frames), 4, 4):
+        raise InputError(f"transform_matrix entries in {json_path} are not 4x4", "fix the transforms file")
+    width, height = image_size(image_paths[0])
+    focal = 0.5 * width / math.tan(0.5 * angle_x)
+    K = np.repeat(intrinsics_matrix(focal, focal, width / 2.0, height / 2.0)[None], len(frames), axis=0)
+    return DatasetFrames(image_paths=image_paths, K=K, w2c=opengl_c2w_to_w2c(c2w), times=times,
+                         width=width, height=height, units="dataset", format="dnerf")
