@@ -1,0 +1,230 @@
+"""Depth stage: one depth map per frame.
+
+Backends (``Params.backend``):
+
+- ``transformers`` — a Hugging Face depth-estimation model (hub id or local folder; Depth
+  Anything V2 Small by default). Its output kind comes from the model config (Depth Anything's
+  ``depth_estimation_type``: relative models predict relative inverse depth, metric ones metres)
+  unless ``output_kind`` overrides it.
+- ``file`` — the user's own depth maps (``.npy``, 16-bit PNG, float TIFF; or one stacked
+  ``(T, H, W)`` ``.npy``), matched to the frames in sorted order; value x ``file_scale``.
+- ``sfm`` — weights-free plane-sweep stereo from the cameras stage's registered cameras and
+  sparse points (see :mod:`stages.depth_backends` for the method and its limits on moving
+  objects); z-depth in the cameras' units.
+
+Outputs in ``out_dir``: ``depth/000000.npy`` float32 ``(H, W)`` per frame, ``vis/000000.png``
+colourised (near = warm), ``depth.json`` = {"kind": "relative_inverse" | "metric" | "sfm",
+"invalid": "0", "backend", "model", "num_frames", "width", "height", "files"}. Values <= 0 are
+invalid. For ``relative_inverse`` larger means nearer, up to an unknown scale and shift; the
+align stage turns every kind into z-depth in the cameras' units.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+from tqdm import tqdm
+
+from data.errors import InputError, ParameterError, StageFailure
+from data.images import write_rgb
+from data.visualize import colorize, colorize_depth
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("transformers", "file", "sfm")
+KINDS = ("relative_inverse", "metric", "sfm")
+
+
+@dataclass(frozen=True)
+class Params:
+    """Parameters of the depth stage.
+
+    backend: "transformers" (learned, needs weights), "file" (user depth maps) or "sfm"
+        (weights-free stereo from the cameras stage).
+    model: Hugging Face hub id or local folder of a depth-estimation model (transformers).
+    batch_size: frames per forward pass (transformers).
+    device: "auto" (CUDA when available), "cpu", "cuda", "cuda:N" (transformers).
+    fp16: half precision on CUDA (ignored on CPU) (transformers).
+    input_size: resize target of the model's processor in pixels; 0 = the model's own (transformers).
+    output_kind: "auto" (from the model config) | "relative_inverse" | "metric" (transformers).
+    file_path: folder of depth maps (or its parent with depth_gt/ or depth/), or a stacked .npy (file).
+    file_scale: depth = stored value x file_scale, e.g. 0.001 for millimetre PNGs (file).
+    file_kind: what the files hold: "metric" | "relative_inverse" | "sfm" (file).
+    sfm_neighbors: neighbouring frames matched per frame (sfm).
+    sfm_num_planes: depth planes of the sweep, uniform in inverse depth (sfm).
+    sfm_window: ZNCC patch size in pixels, odd (sfm).
+    sfm_max_side: stereo resolution, pixels on the longer side (sfm).
+    sfm_min_score: lowest aggregated ZNCC score kept as a stereo measurement (sfm).
+    sfm_consistency: relative z tolerance of the multi-view consistency check; 0 = off (sfm).
+    sfm_min_consistent: neighbours whose own depth must agree for a stereo depth to be kept (sfm).
+    sfm_max_gap: farthest neighbour in frames (sfm).
+    sfm_baseline: preferred neighbour baseline as a fraction of the scene depth (sfm).
+    sfm_median: median filter size applied after hole filling: 0 (off), 3 or 5 (sfm).
+    """
+
+    backend: str = "transformers"
+    model: str = "depth-anything/Depth-Anything-V2-Small-hf"
+    batch_size: int = 4
+    device: str = "auto"
+    fp16: bool = True
+    input_size: int = 0
+    output_kind: str = "auto"
+    file_path: str = ""
+    file_scale: float = 1.0
+    file_kind: str = "metric"
+    sfm_neighbors: int = 4
+    sfm_num_planes: int = 64
+    sfm_window: int = 7
+    sfm_max_side: int = 320
+    sfm_min_score: float = 0.5
+    sfm_consistency: float = 0.02
+    sfm_min_consistent: int = 2
+    sfm_max_gap: int = 10
+    sfm_baseline: float = 0.08
+    sfm_median: int = 5
+
+    def validate(self) -> None:
+        """Raise :class:`ParameterError` for values that cannot work."""
+        checks = [
+            (self.backend in BACKENDS, f"depth.backend must be one of {', '.join(BACKENDS)}, not '{self.backend}'"),
+            (self.batch_size >= 1, f"depth.batch_size must be >= 1, not {self.batch_size}"),
+            (self.device == "auto" or self.device == "cpu" or self.device == "mps" or self.device.startswith("cuda"),
+             f"depth.device must be auto, cpu, cuda, cuda:N or mps, not '{self.device}'"),
+            (self.input_size == 0 or 14 <= self.input_size <= 4096,
+             f"depth.input_size must be 0 (model default) or 14..4096, not {self.input_size}"),
+            (self.output_kind in ("auto", "relative_inverse", "metric"),
+             f"depth.output_kind must be auto, relative_inverse or metric, not '{self.output_kind}'"),
+            (self.file_scale > 0, f"depth.file_scale must be > 0, not {self.file_scale}"),
+            (self.file_kind in KINDS, f"depth.file_kind must be one of {', '.join(KINDS)}, not '{self.file_kind}'"),
+            (not (self.backend == "file" and not self.file_path),
+             "depth.backend=file needs depth.file_path (the folder of depth maps)"),
+            (1 <= self.sfm_neighbors <= 16, f"depth.sfm_neighbors must be in 1..16, not {self.sfm_neighbors}"),
+            (8 <= self.sfm_num_planes <= 512, f"depth.sfm_num_planes must be in 8..512, not {self.sfm_num_planes}"),
+            (self.sfm_window >= 3 and self.sfm_window % 2 == 1,
+             f"depth.sfm_window must be an odd number >= 3, not {self.sfm_window}"),
+            (32 <= self.sfm_max_side <= 4096, f"depth.sfm_max_side must be in 32..4096, not {self.sfm_max_side}"),
+            (-1.0 <= self.sfm_min_score < 1.0, f"depth.sfm_min_score must be in [-1, 1), not {self.sfm_min_score}"),
+            (0.0 <= self.sfm_consistency < 1.0, f"depth.sfm_consistency must be in [0, 1), not {self.sfm_consistency}"),
+            (self.sfm_min_consistent >= 1, f"depth.sfm_min_consistent must be >= 1, not {self.sfm_min_consistent}"),
+            (self.sfm_max_gap >= 1, f"depth.sfm_max_gap must be >= 1, not {self.sfm_max_gap}"),
+            (0.0 < self.sfm_baseline < 1.0, f"depth.sfm_baseline must be in (0, 1), not {self.sfm_baseline}"),
+            (self.sfm_median in (0, 3, 5), f"depth.sfm_median must be 0, 3 or 5, not {self.sfm_median}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ParameterError(message, "fix the value in luigi.cfg [depth] or with --set depth.NAME=VALUE")
+
+
+def _progress(description: str, unit: str):
+    return lambda iterable: tqdm(iterable, desc=description, unit=unit, leave=False)
+
+
+def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
+    """Estimate depth for every frame of ``inputs["frames"]`` (and ``inputs["cameras"]`` for the
+    sfm backend) and write ``depth/``, ``vis/`` and ``depth.json`` into ``out_dir``."""
+    from stages.frames import load_frames, read_frames_meta
+
+    params.validate()
+    meta = read_frames_meta(inputs["frames"])
+    num_frames, size = int(meta["num_frames"]), (int(meta["height"]), int(meta["width"]))
+    notes: list[str] = []
+    figures: dict = {}
+    model_name = ""
+    if params.backend == "transformers":
+        from stages.depth_backends import depth_kind_from_config, estimate_transformers_depth
+
+        depth, config = estimate_transformers_depth(
+            lambda indices: load_frames(inputs["frames"], indices), num_frames, size, params.model,
+            batch_size=params.batch_size, device=params.device, fp16=params.fp16, input_size=params.input_size,
+            progress=_progress("depth model", "batch"))
+        model_name = params.model
+        kind = params.output_kind if params.output_kind != "auto" else depth_kind_from_config(config)
+        if kind is None:
+            raise ParameterError(f"cannot tell from the config of '{params.model}' whether it predicts metric or "
+                                 "relative inverse depth",
+                                 "set it: --set depth.output_kind=relative_inverse (disparity-like, larger = "
+                                 "nearer) or --set depth.output_kind=metric")
+    elif params.backend == "file":
+        from stages.depth_backends import read_depth_files
+
+        depth = read_depth_files(Path(params.file_path).expanduser(), num_frames, size, params.file_scale)
+        kind = params.file_kind
+    else:
+        from stages.cameras import load_cameras, load_points
+        from stages.depth_backends import estimate_sfm_depth
+
+        if "cameras" not in inputs:
+            raise InputError("the sfm depth backend needs the cameras stage output",
+                             "run the cameras stage first (the pipeline does this for depth.backend=sfm)")
+        K, w2c, registered = load_cameras(inputs["cameras"])
+        if len(K) != num_frames:
+            raise InputError(f"cameras stage has {len(K)} cameras but there are {num_frames} frames",
+                             "rerun the cameras stage on the current frames")
+        depth, stats = estimate_sfm_depth(
+            load_frames(inputs["frames"]), K, w2c, registered, load_points(inputs["cameras"]),
+            num_neighbors=params.sfm_neighbors, num_planes=params.sfm_num_planes, window=params.sfm_window,
+            max_side=params.sfm_max_side, min_score=params.sfm_min_score, consistency=params.sfm_consistency,
+            min_consistent=params.sfm_min_consistent, max_gap=params.sfm_max_gap,
+            target_baseline=params.sfm_baseline, median=params.sfm_median,
+            progress=_progress("plane sweep", "frame"))
+        kind = "sfm"
+        figures["stereo_fraction"] = round(stats["stereo_fraction"], 4)
+        if stats["frames_without_neighbors"]:
+            notes.append(f"{stats['frames_without_neighbors']} frames had no usable stereo neighbour; their depth "
+                         "is interpolated from sparse SfM points only")
+        if not registered.all():
+            notes.append(f"{int((~registered).sum())} frames were not registered by SfM; their depth relies on "
+                         "interpolated poses (none where they have no pose)")
+
+    depth = np.where(np.isfinite(depth) & (depth > 0), depth, 0.0).astype(np.float32)
+    valid_fraction = float((depth > 0).mean())
+    if valid_fraction == 0.0:
+        raise StageFailure(f"the {params.backend} depth backend produced no valid depth at all",
+                           "check the inputs (frames, cameras, depth files) or try another depth.backend")
+    write_depth_folder(out_dir, depth, kind, backend=params.backend, model=model_name)
+    if valid_fraction < 0.5:
+        notes.append(f"only {valid_fraction:.0%} of pixels have depth")
+    figures.update({"num_frames": num_frames, "kind": kind, "valid_fraction": round(valid_fraction, 4)})
+    if notes:
+        figures["notes"] = notes
+    return figures
+
+
+def depth_vis(depth: np.ndarray, kind: str) -> np.ndarray:
+    """Colour picture ``(H, W, 3)`` uint8 of one depth map of the given kind (near = warm)."""
+    if kind == "relative_inverse":
+        return colorize(depth, depth > 0)
+    return colorize_depth(depth)
+
+
+def write_depth_folder(out_dir: Path, depth: np.ndarray, kind: str, backend: str, model: str = "") -> None:
+    """Write ``depth/``, ``vis/`` and ``depth.json`` for ``depth`` ``(T, H, W)`` float32 (0 = invalid)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown depth kind {kind}")
+    (out_dir / "depth").mkdir(parents=True, exist_ok=True)
+    (out_dir / "vis").mkdir(parents=True, exist_ok=True)
+    files = []
+    for index, frame_depth in enumerate(depth):
+        name = f"{index:06d}"
+        np.save(out_dir / "depth" / f"{name}.npy", frame_depth.astype(np.float32))
+        write_rgb(out_dir / "vis" / f"{name}.png", depth_vis(frame_depth, kind))
+        files.append(f"depth/{name}.npy")
+    meta = {"kind": kind, "invalid": "0", "backend": backend, "model": model, "num_frames": int(len(depth)),
+            "width": int(depth.shape[2]), "height": int(depth.shape[1]), "files": files}
+    (out_dir / "depth.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_depth(depth_dir: Path) -> tuple[np.ndarray, str]:
+    """Read a depth stage folder: ``(T, H, W)`` float32 maps (<= 0 = invalid) and their kind."""
+    depth_dir = Path(depth_dir)
+    try:
+        meta = json.loads((depth_dir / "depth.json").read_text())
+        depth = np.stack([np.load(depth_dir / name) for name in meta["files"]]).astype(np.float32)
+    except (OSError, ValueError, KeyError) as error:
+        raise InputError(f"cannot read the depth stage output in {depth_dir}: {error}",
+                         "rerun the depth stage (delete the folder or change a depth parameter)") from error
+    return depth, meta["kind"]

@@ -1,0 +1,493 @@
+"""Depth backends of the depth stage: Hugging Face depth-estimation models, user depth maps
+from files, and weights-free multi-view stereo from the SfM cameras.
+
+All backends return ``(T, H, W) float32`` maps at frame size, with 0 (or a non-positive value)
+marking pixels without depth. What the values mean (relative inverse depth, metric z-depth,
+z-depth in SfM units) is the ``kind`` the caller records in ``depth.json``.
+
+The ``sfm`` backend (:func:`estimate_sfm_depth`) is plane-sweep stereo between each frame and a
+few neighbouring frames seen by the registered cameras:
+
+1. Each frame is matched against up to ``num_neighbors`` registered frames chosen for a useful
+   baseline (about ``target_baseline`` of the scene depth) and a similar viewing direction.
+2. Fronto-parallel planes, uniform in inverse depth over the range of the SfM points seen in
+   the frame (with a margin), warp each neighbour onto the frame; the matching score is the
+   zero-mean normalised cross-correlation (ZNCC) over a ``window`` x ``window`` patch, averaged
+   over the better half of the neighbours (tolerates occlusion in some of them).
+3. Winner-take-all over the planes with a parabolic sub-plane refinement; a depth is kept when
+   its score is high enough, the patch has texture and the winner is not at the ends of the range.
+4. Multi-view geometric consistency: a depth survives only where it agrees (within
+   ``consistency`` relative z error) with the depths computed independently for at least
+   ``min_consistent`` of the frame's neighbours (fewer when the frame has fewer neighbours).
+5. Holes are filled with a coarse-to-fine (push-pull) interpolation of the surviving stereo
+   depths together with the sparse SfM points observed in the frame, in inverse depth; a median
+   filter removes remaining speckle. The result is z-depth in the cameras' units.
+
+Limits: stereo assumes a static scene. Moving objects (people, hands, pets) break the
+multi-view constraint: their matches are wrong or inconsistent and are mostly rejected by step 4,
+and step 5 then fills them with depths interpolated from the surrounding static background, so
+depth on moving objects is at best a smooth guess (typically too far). Frames whose camera was
+not registered by SfM get depth only when a pose is given for them (e.g. interpolated); frames
+without any useful neighbour get depth from the sparse points alone. Textureless regions
+(white walls) and reflective or transparent surfaces are interpolated, not measured.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import cv2
+import numpy as np
+
+from data.errors import InputError, ModelUnavailableError, ParameterError
+from data.geometry import camera_centers, invert_rigid, scale_intrinsics
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FREE_HINT = ("use a weights-free backend instead: --set depth.backend=sfm (stereo from the SfM "
+                     "cameras), --set depth.backend=file --set depth.file_path=DIR (your own depth maps), "
+                     "or --preset cpu")
+
+# ----------------------------------------------------------------------------------------------
+# transformers
+# ----------------------------------------------------------------------------------------------
+
+METRIC_MODEL_TYPES = ("zoedepth", "glpn", "depth_pro")
+RELATIVE_INVERSE_MODEL_TYPES = ("dpt", "depth_anything", "prompt_depth_anything")
+
+
+def depth_kind_from_config(config) -> str | None:
+    """``"relative_inverse"`` or ``"metric"`` for a transformers depth model's config, or None
+    when the config does not say (the caller then needs an explicit ``output_kind``).
+
+    Depth Anything states it in ``depth_estimation_type`` ("relative" | "metric"); other model
+    families are known by ``model_type`` (DPT predicts relative inverse depth; ZoeDepth, GLPN and
+    DepthPro predict metres)."""
+    estimation_type = getattr(config, "depth_estimation_type", None)
+    if estimation_type == "metric":
+        return "metric"
+    if estimation_type == "relative":
+        return "relative_inverse"
+    model_type = getattr(config, "model_type", "")
+    if model_type in METRIC_MODEL_TYPES:
+        return "metric"
+    if model_type in RELATIVE_INVERSE_MODEL_TYPES:
+        return "relative_inverse"
+    return None
+
+
+def _hf_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _hub_unreachable_reason() -> str | None:
+    """Why a download from the Hugging Face hub cannot work here (offline mode set, or the hub's
+    host name does not resolve), or None when it may. Avoids minutes of retries without network."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return f"cannot resolve {host} (no network?)"
+    return None
+
+
+def _looks_like_path(model: str) -> bool:
+    """A hub id is ``name`` or ``namespace/name``; anything else is meant as a local folder."""
+    return model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model
+
+
+def load_transformers_depth_model(model: str):
+    """Load ``(model, image_processor)`` from a local folder or a Hugging Face hub id.
+
+    A hub id is first looked up in the local Hugging Face cache, then downloaded. Raises
+    :class:`ModelUnavailableError` (naming the model, where it was looked for and the
+    weights-free alternatives) when neither works."""
+    try:
+        from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+    except ImportError as error:  # transformers itself broken (e.g. a torchvision mismatch)
+        raise ModelUnavailableError(f"cannot import transformers to load depth model '{model}': {error}",
+                                    WEIGHTS_FREE_HINT) from error
+    local = Path(model).expanduser()
+    attempts: list[tuple[str, dict, str]] = []
+    failures: list[str] = []
+    unreachable = None
+    if local.exists():
+        attempts.append((str(local), {"local_files_only": True}, f"local folder {local}"))
+    elif _looks_like_path(model):
+        failures.append(f"local folder {local}: does not exist")
+    else:
+        attempts.append((model, {"local_files_only": True}, f"Hugging Face cache {_hf_cache_dir()}"))
+        unreachable = _hub_unreachable_reason()
+        if not unreachable:
+            attempts.append((model, {}, f"Hugging Face hub id '{model}' (download)"))
+    for name, kwargs, where in attempts:
+        try:
+            processor = AutoImageProcessor.from_pretrained(name, **kwargs)
+            network = AutoModelForDepthEstimation.from_pretrained(name, **kwargs)
+            logger.info("loaded depth model %s from %s", model, where)
+            return network, processor
+        except (OSError, ValueError, KeyError, ImportError, RuntimeError) as error:
+            reason = str(error).splitlines()[0] if str(error) else ""
+            failures.append(f"{where}: {type(error).__name__}: {reason[:200]}")
+    if unreachable:
+        failures.append(f"Hugging Face hub id '{model}' (download): skipped, {unreachable}")
+    raise ModelUnavailableError(
+        f"depth model '{model}' cannot be loaded; looked in:\n    " + "\n    ".join(failures),
+        "give a local folder with the model (config.json, weights, preprocessor_config.json) via "
+        "--set depth.model=PATH, or connect to the internet once to fill the Hugging Face cache; or "
+        + WEIGHTS_FREE_HINT)
+
+
+def resolve_torch_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``; other values pass through."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ParameterError(f"device '{device}' was asked for but CUDA is not available here",
+                         "use --set depth.device=auto (or cpu)")
+    return device
+
+
+def estimate_transformers_depth(load_batch: Callable[[Sequence[int]], np.ndarray], num_frames: int,
+                                size: tuple[int, int], model: str, batch_size: int = 4, device: str = "auto",
+                                fp16: bool = True, input_size: int = 0,
+                                progress: Callable[[Iterable], Iterable] = iter) -> tuple[np.ndarray, object]:
+    """Run a transformers depth-estimation model over all frames.
+
+    ``load_batch(indices)`` returns ``(B, H, W, 3)`` uint8 RGB frames; ``size`` is ``(H, W)``.
+    ``input_size`` > 0 overrides the processor's resize target (pixels of the shorter side
+    policy of the processor; Depth Anything keeps the aspect ratio and rounds to multiples of 14).
+    Half precision is used only on CUDA. Returns the raw model output resized (bicubic) to
+    ``(T, H, W)`` float32, and the model's config."""
+    import torch
+    import torch.nn.functional as F
+
+    network, processor = load_transformers_depth_model(model)
+    device = resolve_torch_device(device)
+    half = fp16 and device.startswith("cuda")
+    network = network.to(device=device, dtype=torch.float16 if half else torch.float32).eval()
+    height, width = size
+    out = np.zeros((num_frames, height, width), np.float32)
+    batches = [list(range(start, min(start + batch_size, num_frames))) for start in range(0, num_frames, batch_size)]
+    extra = {"size": {"height": input_size, "width": input_size}} if input_size > 0 else {}
+    with torch.inference_mode():
+        for indices in progress(batches):
+            images = list(load_batch(indices))
+            pixel_values = processor(images=images, return_tensors="pt", **extra)["pixel_values"]
+            pixel_values = pixel_values.to(device=device, dtype=torch.float16 if half else torch.float32)
+            predicted = network(pixel_values=pixel_values).predicted_depth.float()
+            if predicted.ndim == 3:
+                predicted = predicted[:, None]
+            resized = F.interpolate(predicted, size=(height, width), mode="bicubic", align_corners=False)
+            out[indices] = resized[:, 0].cpu().numpy()
+    return out, network.config
+
+
+# ----------------------------------------------------------------------------------------------
+# file
+# ----------------------------------------------------------------------------------------------
+
+DEPTH_FILE_SUFFIXES = (".npy", ".png", ".tif", ".tiff")
+
+
+def find_depth_files(root: Path) -> list[Path]:
+    """Depth map files under ``root`` (itself, or the common ``depth_gt/`` / ``depth/`` subfolders),
+    sorted by name. ``root`` may also be a single ``(T, H, W)`` ``.npy`` file."""
+    if root.is_file():
+        return [root]
+    for folder in (root, root / "depth_gt", root / "depth"):
+        if folder.is_dir():
+            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in DEPTH_FILE_SUFFIXES)
+            if files:
+                return files
+    raise InputError(f"no depth maps ({', '.join(DEPTH_FILE_SUFFIXES)}) found in {root}, {root / 'depth_gt'} "
+                     f"or {root / 'depth'}",
+                     "point --set depth.file_path at the folder of per-frame depth maps")
+
+
+def _read_depth_file(path: Path) -> np.ndarray:
+    if path.suffix.lower() == ".npy":
+        try:
+            return np.load(path).astype(np.float32)
+        except (OSError, ValueError) as error:
+            raise InputError(f"cannot read depth map {path}: {error}",
+                             "check the file is a NumPy .npy array") from error
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH)
+    if image is None:
+        raise InputError(f"cannot read depth map {path}", "check the file is a 16-bit PNG or float TIFF")
+    return (image[..., 0] if image.ndim == 3 else image).astype(np.float32)
+
+
+def read_depth_files(root: Path, num_frames: int, size: tuple[int, int], scale: float = 1.0) -> np.ndarray:
+    """User depth maps, one per frame in sorted order, as ``(T, H, W)`` float32 = stored value x
+    ``scale``, resized to ``size = (H, W)`` with nearest neighbour. Non-finite or non-positive
+    values become 0 (invalid). Raises :class:`InputError` when the count does not match."""
+    files = find_depth_files(root)
+    if len(files) == 1 and files[0].suffix.lower() == ".npy":
+        stack = _read_depth_file(files[0])
+        maps = list(stack) if stack.ndim == 3 else [stack]
+    else:
+        maps = None
+    count = len(maps) if maps is not None else len(files)
+    if count != num_frames:
+        raise InputError(f"{count} depth maps in {root} but {num_frames} frames",
+                         "give exactly one depth map per extracted frame (same order as the frames; "
+                         "check the frames stage's fps / frame limits)")
+    height, width = size
+    out = np.zeros((num_frames, height, width), np.float32)
+    for index in range(num_frames):
+        depth = maps[index] if maps is not None else _read_depth_file(files[index])
+        if depth.ndim != 2:
+            raise InputError(f"depth map {index} in {root} has shape {depth.shape}, expected (H, W)",
+                             "store one single-channel map per frame")
+        depth = np.where(np.isfinite(depth), depth * np.float32(scale), 0.0).astype(np.float32)
+        if depth.shape != (height, width):
+            depth = cv2.resize(depth, (width, height), interpolation=cv2.INTER_NEAREST)
+        out[index] = np.maximum(depth, 0.0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# sfm: plane-sweep stereo from the registered cameras
+# ----------------------------------------------------------------------------------------------
+
+MIN_TEXTURE_STD = 0.01   # grey-level std (0..1) of a patch below which ZNCC is meaningless
+MIN_RANGE_POINTS = 8     # SfM points a frame needs to set its own depth range
+
+
+def observed_point_depths(points: dict, w2c: np.ndarray, num_frames: int) -> list[np.ndarray]:
+    """Per frame, the SfM points observed in it in that frame's camera coordinates: a list of
+    ``(M_t, 3)`` arrays (x right, y down, z forward), only points in front (z > 0)."""
+    xyz = np.asarray(points["xyz"], np.float64)
+    obs_frame = np.asarray(points["obs_frame"], np.int64)
+    obs_point = np.asarray(points["obs_point"], np.int64)
+    out = []
+    for frame in range(num_frames):
+        world = xyz[obs_point[obs_frame == frame]]
+        cam = world @ w2c[frame, :3, :3].T + w2c[frame, :3, 3]
+        out.append(cam[cam[:, 2] > 1e-9])
+    return out
+
+
+def pixel_indices(K: np.ndarray, camera_points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column and row ``(M,)`` int of the pixels that camera points ``(M, 3)`` (z > 0) project into
+    (``K`` with pixel centres at half-integers, so pixel ``[r, c]`` spans ``[c, c+1) x [r, r+1)``)."""
+    projected = camera_points @ np.asarray(K, np.float64).T
+    return (np.floor(projected[:, 0] / projected[:, 2]).astype(np.int64),
+            np.floor(projected[:, 1] / projected[:, 2]).astype(np.int64))
+
+
+def choose_neighbors(w2c: np.ndarray, usable: np.ndarray, scene_depth: np.ndarray, num_neighbors: int,
+                     max_gap: int, target_baseline: float) -> list[list[int]]:
+    """For each frame, up to ``num_neighbors`` usable frames within ``max_gap`` frames whose
+    baseline relative to the frame's scene depth is closest (in log ratio) to ``target_baseline``,
+    among those with an optical axis within 45 degrees and at least a tenth of the target baseline."""
+    centers = camera_centers(w2c)
+    axes = w2c[:, 2, :3]
+    neighbors: list[list[int]] = []
+    for frame in range(len(w2c)):
+        low, high = max(0, frame - max_gap), min(len(w2c), frame + max_gap + 1)
+        candidates = [j for j in range(low, high) if j != frame and usable[j]]
+        scored = []
+        for j in candidates:
+            ratio = np.linalg.norm(centers[j] - centers[frame]) / scene_depth[frame]
+            if axes[j] @ axes[frame] > np.cos(np.radians(45)) and ratio > 0.1 * target_baseline:
+                scored.append((abs(np.log(ratio / target_baseline)), j))
+        neighbors.append([j for _, j in sorted(scored)[:num_neighbors]])
+    return neighbors
+
+
+def _box(image: np.ndarray, window: int) -> np.ndarray:
+    return cv2.boxFilter(image, -1, (window, window), borderType=cv2.BORDER_REFLECT)
+
+
+def plane_sweep(reference: np.ndarray, sources: Sequence[np.ndarray], K_ref: np.ndarray, w2c_ref: np.ndarray,
+                K_src: Sequence[np.ndarray], w2c_src: Sequence[np.ndarray], inverse_depths: np.ndarray,
+                window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Winner-take-all plane sweep of one reference frame.
+
+    ``reference`` and ``sources`` are ``(h, w)`` float32 grey images in [0, 1]; ``inverse_depths``
+    ``(D,)`` are the planes (1/z in the reference camera), increasing. Returns the z-depth map
+    ``(h, w)`` (sub-plane refined) and the aggregated ZNCC score ``(h, w)`` of the winner
+    (-1 where no plane could be scored; the winner at index 0 or D-1 gets score -1 too)."""
+    height, width = reference.shape
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
+    pixels = np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size)])
+    ref_mean = _box(reference, window)
+    ref_var = np.maximum(_box(reference * reference, window) - ref_mean * ref_mean, 0.0)
+    num_planes = len(inverse_depths)
+    keep = max(1, (len(sources) + 1) // 2)
+    volume = np.full((num_planes, height, width), -1.0, np.float32)
+    rays = np.linalg.inv(K_ref) @ pixels
+    per_source = []
+    for source, K_j, w2c_j in zip(sources, K_src, w2c_src):
+        relative = w2c_j @ invert_rigid(w2c_ref)
+        base = (K_j @ relative[:3, :3] @ rays).astype(np.float32)      # (3, N): direction term
+        offset = (K_j @ relative[:3, 3]).astype(np.float32)            # (3,): translation term x 1/z
+        per_source.append((source, base, offset))
+    for plane, inverse_depth in enumerate(inverse_depths):
+        top = [np.full((height, width), -1.0, np.float32) for _ in range(keep)]   # best scores, descending
+        for source, base, offset in per_source:
+            homogeneous = base + offset[:, None] * np.float32(inverse_depth)
+            z = homogeneous[2]
+            in_front = z > 1e-6
+            safe_z = np.where(in_front, z, 1.0)
+            # cv2.remap samples with pixel centres at integers; K puts them at half-integers.
+            map_x = (homogeneous[0] / safe_z - 0.5).reshape(height, width)
+            map_y = (homogeneous[1] / safe_z - 0.5).reshape(height, width)
+            inside = (in_front.reshape(height, width) & (map_x >= -0.5) & (map_x <= width - 0.5)
+                      & (map_y >= -0.5) & (map_y <= height - 0.5))
+            warped = cv2.remap(source, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            warped_mean = _box(warped, window)
+            warped_var = np.maximum(_box(warped * warped, window) - warped_mean * warped_mean, 0.0)
+            covariance = _box(reference * warped, window) - ref_mean * warped_mean
+            zncc = covariance / np.sqrt(ref_var * warped_var + 1e-8)
+            score = np.where(inside & (warped_var > MIN_TEXTURE_STD ** 2), zncc, np.float32(-1.0))
+            for rank in range(keep):   # insert into the running top-k
+                higher = np.maximum(top[rank], score)
+                score = np.minimum(top[rank], score)
+                top[rank] = higher
+        volume[plane] = sum(top) / keep
+    best = np.argmax(volume, axis=0)
+    best_score = np.take_along_axis(volume, best[None], axis=0)[0]
+    # Parabolic refinement in plane index (uniform in inverse depth).
+    lower = np.take_along_axis(volume, np.clip(best - 1, 0, num_planes - 1)[None], axis=0)[0]
+    upper = np.take_along_axis(volume, np.clip(best + 1, 0, num_planes - 1)[None], axis=0)[0]
+    curvature = lower - 2.0 * best_score + upper
+    step = np.where(curvature < -1e-6, 0.5 * (lower - upper) / np.where(curvature < -1e-6, curvature, -1.0), 0.0)
+    fractional = best + np.clip(step, -0.5, 0.5)
+    inverse = np.interp(fractional.ravel(), np.arange(num_planes), inverse_depths).reshape(height, width)
+    depth = (1.0 / inverse).astype(np.float32)
+    interior = (best > 0) & (best < num_planes - 1) & (ref_var > MIN_TEXTURE_STD ** 2)
+    return depth, np.where(interior, best_score, -1.0).astype(np.float32)
+
+
+def consistency_count(depths: np.ndarray, K: np.ndarray, w2c: np.ndarray, neighbors: list[list[int]],
+                      tolerance: float) -> np.ndarray:
+    """For each frame's valid depth pixel, the number of neighbouring frames whose own depth at the
+    reprojected pixel agrees within ``tolerance`` relative z error. ``depths`` ``(T, h, w)``, 0 =
+    invalid. Returns ``(T, h, w)`` int."""
+    num_frames, height, width = depths.shape
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
+    pixels = np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size)])
+    counts = np.zeros(depths.shape, np.int32)
+    for frame in range(num_frames):
+        depth = depths[frame].ravel().astype(np.float64)
+        cam = (np.linalg.inv(K[frame]) @ pixels) * depth
+        for j in neighbors[frame]:
+            relative = w2c[j] @ invert_rigid(w2c[frame])
+            proj = K[j] @ (relative[:3, :3] @ cam + relative[:3, 3:4])
+            z = proj[2]
+            ok = (depth > 0) & (z > 1e-9)
+            u = np.floor(np.where(ok, proj[0] / np.where(ok, z, 1.0), -1)).astype(np.int64)
+            v = np.floor(np.where(ok, proj[1] / np.where(ok, z, 1.0), -1)).astype(np.int64)
+            ok &= (u >= 0) & (u < width) & (v >= 0) & (v < height)
+            other = np.zeros_like(depth)
+            other[ok] = depths[j][v[ok], u[ok]]
+            agree = ok & (other > 0) & (np.abs(other - z) <= tolerance * z)
+            counts[frame] += agree.reshape(height, width)
+    return counts
+
+
+def push_pull_fill(values: np.ndarray, weights: np.ndarray, levels: int = 12) -> np.ndarray:
+    """Fill a sparse field ``(h, w)`` (``weights`` > 0 where known) by coarse-to-fine
+    interpolation: weighted averages are pushed down a 2x pyramid, then coarse values fill the
+    gaps of finer levels with confidence blending. Returns a dense ``(h, w)`` float32 field
+    (zeros when nothing is known)."""
+    pyramid = [(values * weights, weights)]
+    for _ in range(levels):
+        weighted, weight = pyramid[-1]
+        if min(weight.shape) <= 2:
+            break
+        pyramid.append((cv2.pyrDown(weighted), cv2.pyrDown(weight)))
+    weighted, weight = pyramid[-1]
+    estimate = weighted / np.maximum(weight, 1e-12)
+    for weighted, weight in reversed(pyramid[:-1]):
+        coarse = cv2.resize(estimate, (weight.shape[1], weight.shape[0]), interpolation=cv2.INTER_LINEAR)
+        known = weighted / np.maximum(weight, 1e-12)
+        alpha = np.clip(weight / 0.25, 0.0, 1.0)   # a full-weight pixel keeps its own value
+        estimate = alpha * known + (1.0 - alpha) * coarse
+    return estimate.astype(np.float32)
+
+
+def estimate_sfm_depth(images: np.ndarray, K: np.ndarray, w2c: np.ndarray, registered: np.ndarray, points: dict,
+                       num_neighbors: int = 4, num_planes: int = 64, window: int = 7, max_side: int = 320,
+                       min_score: float = 0.5, consistency: float = 0.02, min_consistent: int = 2, max_gap: int = 10,
+                       target_baseline: float = 0.08, median: int = 5,
+                       progress: Callable[[Iterable], Iterable] = iter) -> tuple[np.ndarray, dict]:
+    """Depth from the registered cameras by plane-sweep stereo (see the module docstring).
+
+    ``images`` ``(T, H, W, 3)`` uint8 RGB; ``K`` ``(T, 3, 3)``, ``w2c`` ``(T, 4, 4)`` (OpenCV),
+    ``registered`` ``(T,)`` bool; ``points`` the cameras stage's ``points.npz`` arrays. Stereo runs
+    at ``max_side`` pixels on the longer side. Returns z-depth ``(T, H, W)`` float32 in the
+    cameras' units (0 = no depth) and statistics (fractions of pixels measured by stereo vs
+    interpolated)."""
+    num_frames, height, width = images.shape[:3]
+    factor = min(1.0, max_side / max(height, width))
+    small = (max(8, int(round(height * factor))), max(8, int(round(width * factor))))
+    K_small = scale_intrinsics(K, small[1] / width, small[0] / height)
+    grey = np.stack([cv2.resize(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), (small[1], small[0]),
+                                interpolation=cv2.INTER_AREA) for image in images]).astype(np.float32) / 255.0
+    has_pose = np.isfinite(w2c).all(axis=(1, 2))
+    usable = np.asarray(registered, bool) & has_pose
+    observed = observed_point_depths(points, np.where(has_pose[:, None, None], w2c, np.eye(4)), num_frames)
+    all_z = np.concatenate([o[:, 2] for o in observed]) if observed else np.zeros(0)
+    if all_z.size < MIN_RANGE_POINTS:
+        raise InputError(f"the cameras stage gave only {all_z.size} observed 3D points; the sfm depth "
+                         "backend needs them for its depth range",
+                         "check the cameras stage output (cameras/points.npz), or use --set depth.backend=transformers")
+    global_range = np.percentile(all_z, [2, 98])
+    scene_depth = np.array([np.median(o[:, 2]) if len(o) >= MIN_RANGE_POINTS else np.median(all_z) for o in observed])
+    neighbors = choose_neighbors(w2c, usable, scene_depth, num_neighbors, max_gap, target_baseline)
+
+    raw = np.zeros((num_frames,) + small, np.float32)
+    for frame in progress(range(num_frames)):
+        if not has_pose[frame] or not neighbors[frame]:
+            continue
+        z = observed[frame][:, 2]
+        near, far = np.percentile(z, [2, 98]) if len(z) >= MIN_RANGE_POINTS else global_range
+        inverse_depths = np.linspace(1.0 / (far * 1.5), 1.0 / (near / 1.5), num_planes)
+        nbrs = neighbors[frame]
+        depth, score = plane_sweep(grey[frame], [grey[j] for j in nbrs], K_small[frame], w2c[frame],
+                                   [K_small[j] for j in nbrs], [w2c[j] for j in nbrs], inverse_depths, window)
+        raw[frame] = np.where(score >= min_score, depth, 0.0)
+    if consistency > 0:
+        agreeing = consistency_count(raw, K_small, w2c, neighbors, consistency)
+        required = np.array([max(1, min(min_consistent, len(n))) for n in neighbors])[:, None, None]
+        measured = np.where(agreeing >= required, raw, 0.0)
+    else:
+        measured = raw
+
+    out = np.zeros((num_frames, height, width), np.float32)
+    for frame in range(num_frames):
+        inverse = np.where(measured[frame] > 0, 1.0 / np.maximum(measured[frame], 1e-12), 0.0).astype(np.float32)
+        weight = (measured[frame] > 0).astype(np.float32)
+        sparse = observed[frame] if has_pose[frame] else np.zeros((0, 3))
+        if len(sparse):
+            sx, sy = pixel_indices(K_small[frame], sparse)
+            inside = (sx >= 0) & (sx < small[1]) & (sy >= 0) & (sy < small[0])
+            free = weight[sy[inside], sx[inside]] == 0
+            inverse[sy[inside][free], sx[inside][free]] = 1.0 / sparse[inside][free, 2]
+            weight[sy[inside][free], sx[inside][free]] = 1.0
+        if not weight.any():
+            continue
+        filled = push_pull_fill(inverse, weight)
+        if median >= 3:
+            filled = cv2.medianBlur(filled, median if median in (3, 5) else 5)
+        depth = np.where(filled > 0, 1.0 / np.maximum(filled, 1e-12), 0.0).astype(np.float32)
+        out[frame] = cv2.resize(depth, (width, height), interpolation=cv2.INTER_LINEAR)
+    stats = {"stereo_fraction": float((measured > 0).mean()),
+             "frames_without_neighbors": int(sum(1 for n in neighbors if not n))}
+    return out, stats
