@@ -1,0 +1,134 @@
+"""Speed of the Gaussian rasterizer backends: milliseconds per forward render and per training step
+(forward with autograd + L1 loss + backward), for 1k and 10k Gaussians at 128x96 and 256x192.
+
+The scene fills the image the way a fitted scene does: Gaussians spread over the camera frustum at
+depth 2..4, sized so that their projected standard deviation is about the mean spacing between
+their centres (every pixel is covered by tens of them), random rotations, mild anisotropy,
+opacities 0.1..0.9, RGB colours. The torch backend runs on CPU; when CUDA is available the torch
+backend and gsplat (when its CUDA extension loads) also run on the GPU.
+
+Times are wall-clock medians. On a shared, busy machine use ``--threads 1``: torch's intra-op
+threads then wait on each other and several threads can be slower than one.
+
+Usage: ``python benchmarks/rasterizer_speed.py [--repeats 5] [--threads N] [--sizes 1000,10000]
+[--resolutions 128x96,256x192] [--json OUT.json]``. Prints one JSON document.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from models.rasterizer import gsplat_cuda_status, rasterization  # noqa: E402
+
+
+def make_scene(n: int, width: int, height: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """N Gaussians filling the view of an identity camera with focal length = width (pixels)."""
+    generator = torch.Generator().manual_seed(seed)
+    focal = float(width)
+    depth = 2.0 + 2.0 * torch.rand(n, generator=generator)
+    x = (torch.rand(n, generator=generator) - 0.5) * depth * width / focal
+    y = (torch.rand(n, generator=generator) - 0.5) * depth * height / focal
+    spacing_px = math.sqrt(width * height / n)
+    base_scale = spacing_px * depth / focal  # world size of one pixel spacing at that depth
+    anisotropy = torch.exp(0.4 * torch.randn(n, 3, generator=generator))
+    scene = {
+        "means": torch.stack([x, y, depth], -1),
+        "quats": torch.randn(n, 4, generator=generator),
+        "scales": base_scale[:, None] * anisotropy,
+        "opacities": 0.1 + 0.8 * torch.rand(n, generator=generator),
+        "colors": torch.rand(n, 3, generator=generator),
+        "viewmats": torch.eye(4)[None],
+        "Ks": torch.tensor([[[focal, 0.0, width / 2], [0.0, focal, height / 2], [0.0, 0.0, 1.0]]]),
+    }
+    return {name: value.to(device) for name, value in scene.items()}
+
+
+def time_ms(function, repeats: int, device: str) -> float:
+    """Median wall time of ``function()`` in milliseconds after one warm-up call."""
+    def synchronize() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    function()
+    synchronize()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        synchronize()
+        times.append(1000.0 * (time.perf_counter() - started))
+    return statistics.median(times)
+
+
+def measure(backend: str, device: str, n: int, width: int, height: int, repeats: int) -> dict:
+    """Forward (no autograd) and forward+backward times of one render of ``n`` Gaussians."""
+    scene = make_scene(n, width, height, device)
+    target = torch.rand(1, height, width, 3, generator=torch.Generator().manual_seed(1)).to(device)
+    leaves = {name: scene[name].clone().requires_grad_(True)
+              for name in ("means", "quats", "scales", "opacities", "colors")}
+
+    def forward() -> None:
+        with torch.no_grad():
+            rasterization(**scene, width=width, height=height, render_mode="RGB+ED", backend=backend)
+
+    def step() -> None:
+        colors, _, info = rasterization(**{**scene, **leaves}, width=width, height=height, render_mode="RGB+ED",
+                                        backend=backend)
+        (colors[..., :3] - target).abs().mean().backward()
+        for leaf in leaves.values():
+            leaf.grad = None
+
+    with torch.no_grad():
+        _, alphas, info = rasterization(**scene, width=width, height=height, backend=backend)
+    return {
+        "backend": backend, "device": device, "gaussians": n, "width": width, "height": height,
+        "visible_gaussians": int((info["radii"] > 0).all(-1).sum()),
+        "mean_alpha": round(float(alphas.mean()), 4),
+        "forward_ms": round(time_ms(forward, repeats, device), 2),
+        "forward_backward_ms": round(time_ms(step, repeats, device), 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sizes", default="1000,10000", help="comma-separated Gaussian counts")
+    parser.add_argument("--resolutions", default="128x96,256x192", help="comma-separated WIDTHxHEIGHT")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    sizes = [int(value) for value in args.sizes.split(",")]
+    resolutions = [tuple(int(v) for v in value.split("x")) for value in args.resolutions.split(",")]
+
+    runs = [("torch", "cpu")]
+    gsplat_available, gsplat_reason = gsplat_cuda_status()
+    if torch.cuda.is_available():
+        runs.append(("torch", "cuda"))
+        if gsplat_available:
+            runs.append(("gsplat", "cuda"))
+    results = [measure(backend, device, n, width, height, args.repeats)
+               for backend, device in runs for width, height in resolutions for n in sizes]
+    report = {
+        "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "gsplat_cuda": gsplat_reason, "results": results,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
