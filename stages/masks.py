@@ -1,0 +1,757 @@
+"""Masks stage: per-frame label maps of what moves (0 = static background, k > 0 = dynamic label k).
+
+Backends (``Params.backend``):
+
+- ``motion`` (weights-free, the CPU default; needs the flow stage): a pixel is dynamic where
+  its observed flow disagrees with the flow a rigid scene seen by a moving camera can produce.
+  Per flow pair (up to ``max_pair_offset`` frames apart) a fundamental matrix is fitted
+  robustly (OpenCV USAC MAGSAC) to a subsample of forward-backward-consistent correspondences
+  and every pixel is scored by its Sampson distance (pixels) to that epipolar geometry,
+  divided by a robust estimate of the static residual noise (optionally, for cameras turning
+  in place, the homography transfer error where a homography explains the pair as well as
+  F). A frame's score is the maximum over its pairs, averaged over ``temporal_window``
+  flow-aligned frames; regions above ``threshold`` holding a pixel above twice it are kept,
+  cut at 40 % of their own peak score (the middle of the smooth ramp optical flow makes
+  across a motion boundary) and cleaned (open, close, small regions dropped, holes filled).
+  The fits are then repeated without the pixels found (a moving object can drag a fit that
+  is nearly degenerate, as for short baselines) and the segmentation redone; last, a
+  flow-aligned majority vote over the window. Work happens at ``work_max_side``. No cameras
+  or depth are needed, so COLMAP can ignore what moves. One label: 1 = "dynamic".
+- ``file`` (needs only frames for a folder of masks; needs flow for a single first-frame mask):
+  user masks, one image per frame (in name order; or one per source frame, picked through the
+  frames stage's ``source_indices``), resized with nearest neighbour, or ONE mask of the first
+  frame propagated through the video along the flow.
+- ``sam`` / ``sam2`` (need frames; see :mod:`stages.masks_sam`): prompted segment-anything
+  with flow-guided re-prompting, or the SAM2 video model of transformers.
+
+Outputs: ``masks/000000.png`` (uint8 label map per frame), ``labels.json`` =
+``{"labels": {"0": "background", "1": ..., ...}, "backend": ...}`` and ``vis/000000.png``
+(labels drawn over the frame).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from data.errors import InputError, ParameterError
+from data.images import read_gray, write_gray, write_rgb
+from data.visualize import overlay_labels
+from stages import flow as flow_stage
+from stages import frames as frames_stage
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("motion", "file", "sam", "sam2")
+SAM_MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
+MASKS_DIR = "masks"
+VIS_DIR = "vis"
+LABELS_FILE = "labels.json"
+DYNAMIC_LABEL = 1
+MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Grey values above this in a user mask mean a binary 0/255 (or anti-aliased) mask, not label ids.
+_MAX_LABEL_VALUE = 32
+# motion backend: robust fits (inlier threshold in pixels, iterations, fewest correspondences).
+_FIT_THRESHOLD_PX = 0.75
+_FIT_ITERATIONS = 5000
+_MIN_FIT_POINTS = 16
+# A homography explains the pair when it keeps this share of the fundamental matrix's inliers.
+_HOMOGRAPHY_INLIER_SHARE = 0.9
+# Floor of the static residual noise (pixels): very accurate flow must not make noise count.
+_NOISE_FLOOR_PX = 0.3
+# A dynamic region ends where its score falls below this fraction of its peak (percentile).
+_BOUNDARY_FRACTION = 0.4
+_PEAK_PERCENTILE = 90
+# Rounds of refitting the two-view geometry without the dynamic pixels found so far.
+_REFIT_ROUNDS = 1
+# Flow pairs kept in memory by StageFlow.
+_FLOW_CACHE_PAIRS = 3
+# Morphological structuring radius as a fraction of the image diagonal (at least 1 pixel).
+_MORPH_RADIUS_FRACTION = 0.004
+
+FlowFn = Callable[[int, int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Params:
+    """Parameters of the masks stage.
+
+    backend: "motion" (flow vs. camera-induced flow, weights-free), "file" (user masks),
+        "sam" (segment-anything with prompts) or "sam2" (transformers SAM2 video with prompts).
+    threshold: motion: dynamic regions are where a pixel's epipolar/homography residual exceeds
+        this many times the static residual noise (robust sigma, at least 0.3 px) and that hold
+        a pixel above twice as many; lower finds slower motion and more false alarms.
+    min_area_fraction: connected dynamic regions smaller than this fraction of the image are
+        dropped (all backends; 0 keeps everything).
+    temporal_window: motion: frames (odd; 1 = none) over which scores are averaged and masks
+        majority-voted after aligning them with the flow.
+    dilate_px: grow every dynamic region by this many pixels at the end (a safety margin for
+        COLMAP feature masking).
+    homography_cue: motion: where a homography explains the static scene about as well as the
+        epipolar geometry, score by the homography transfer error instead. Helps for a camera
+        turning in place (no translation: F is undetermined); on scenes with a dominant plane
+        it marks static things standing off the plane, hence off by default.
+    fit_samples: motion: at most this many flow correspondences per pair for the robust fits.
+    max_pair_offset: motion: use the flow stage's pairs up to this many frames apart (longer
+        baselines show slow motion better; 1 = consecutive pairs only).
+    work_max_side: motion: score and segment at this longer image side (flows area-resized),
+        then resize the masks to the frames; 0 = full resolution (slower).
+    prompts: sam/sam2: "FRAME:x,y[,LABEL];FRAME:neg:x,y[,LABEL];FRAME:box:x0,y0,x1,y1[,LABEL]"
+        (pixels of the frames stage images; LABEL a name like "hand" or an id; default
+        "object") or the path of a JSON prompts file (see :mod:`stages.masks_sam`).
+    sam_checkpoint: sam: path of the segment-anything checkpoint (.pth).
+    sam_model_type: sam: "vit_b", "vit_l" or "vit_h" (must match the checkpoint).
+    sam2_model: sam2: Hugging Face id or local folder of a transformers SAM2 video model.
+    mask_path: file: a folder of masks (one image per frame) or one mask image of the first
+        frame (propagated with the flow).
+    device: sam/sam2: "auto" (CUDA when available), "cpu" or "cuda[:N]".
+    """
+
+    backend: str = "motion"
+    threshold: float = 2.0
+    min_area_fraction: float = 0.002
+    temporal_window: int = 3
+    dilate_px: int = 0
+    homography_cue: bool = False
+    fit_samples: int = 4000
+    max_pair_offset: int = 8
+    work_max_side: int = 480
+    prompts: str = ""
+    sam_checkpoint: str = ""
+    sam_model_type: str = "vit_b"
+    sam2_model: str = "facebook/sam2.1-hiera-tiny"
+    mask_path: str = ""
+    device: str = "auto"
+
+    def validate(self) -> None:
+        """Raise :class:`ParameterError` for values that cannot work."""
+        if self.backend not in BACKENDS:
+            raise ParameterError(f"masks.backend={self.backend!r} is not one of {', '.join(BACKENDS)}",
+                                 "use --set masks.backend=motion (weights-free) or file/sam/sam2")
+        if not self.threshold > 0:
+            raise ParameterError(f"masks.threshold={self.threshold} must be > 0",
+                                 "typical values are 1..4 (noise sigmas); raise it if static parts are marked")
+        if not 0 <= self.min_area_fraction < 0.5:
+            raise ParameterError(f"masks.min_area_fraction={self.min_area_fraction} must be in [0, 0.5)",
+                                 "use e.g. 0.002 (0.2 % of the image) or 0 to keep every region")
+        if self.temporal_window < 1 or self.temporal_window % 2 == 0:
+            raise ParameterError(f"masks.temporal_window={self.temporal_window} must be an odd number >= 1",
+                                 "use 1 (no temporal vote), 3 or 5")
+        if not 0 <= self.dilate_px <= 256:
+            raise ParameterError(f"masks.dilate_px={self.dilate_px} must be in 0..256", "use e.g. 0 or 4")
+        if self.max_pair_offset < 1:
+            raise ParameterError(f"masks.max_pair_offset={self.max_pair_offset} must be >= 1",
+                                 "use e.g. 8 (consecutive pairs only: 1)")
+        if self.work_max_side != 0 and self.work_max_side < 64:
+            raise ParameterError(f"masks.work_max_side={self.work_max_side} is too small",
+                                 "use 0 (full resolution) or at least 64, e.g. 480")
+        if self.fit_samples < 100:
+            raise ParameterError(f"masks.fit_samples={self.fit_samples} is too few for a robust fit",
+                                 "use at least 100, e.g. 4000")
+        if self.backend == "file" and not self.mask_path:
+            raise ParameterError("masks.backend=file needs masks.mask_path",
+                                 "--set masks.mask_path=DIR (one mask per frame) or FILE.png (first frame only)")
+        if self.backend in ("sam", "sam2") and not self.prompts:
+            raise ParameterError(f"masks.backend={self.backend} needs prompts",
+                                 "--set masks.prompts='0:320,240,object' (frame:x,y,label) or a prompts JSON "
+                                 "file, or use --set masks.backend=motion")
+        if self.backend == "sam":
+            if self.sam_model_type not in SAM_MODEL_TYPES:
+                raise ParameterError(f"masks.sam_model_type={self.sam_model_type!r} is not one of "
+                                     f"{', '.join(SAM_MODEL_TYPES)}", "use the type of your checkpoint, e.g. vit_b")
+            if not self.sam_checkpoint:
+                raise ParameterError("masks.backend=sam needs masks.sam_checkpoint (a segment-anything .pth)",
+                                     "--set masks.sam_checkpoint=/path/sam_vit_b_01ec64.pth, or use "
+                                     "--set masks.backend=sam2 or motion")
+        if self.backend == "sam2" and not self.sam2_model:
+            raise ParameterError("masks.backend=sam2 needs masks.sam2_model",
+                                 "--set masks.sam2_model=facebook/sam2.1-hiera-tiny (or a local folder)")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ParameterError(f"masks.device={self.device!r} is not auto, cpu, cuda or cuda:N",
+                                 "use --set masks.device=auto")
+
+    def needs_flow(self) -> bool:
+        """Whether this configuration reads the flow stage (motion, or a single file mask)."""
+        if self.backend == "motion":
+            return True
+        return self.backend == "file" and Path(self.mask_path).suffix.lower() in MASK_SUFFIXES
+
+
+# ---------------------------------------------------------------------------------------------
+# Flow access and warping
+
+
+@functools.lru_cache(maxsize=4)
+def pixel_grid(height: int, width: int) -> np.ndarray:
+    """``(H, W, 2)`` float32 pixel coordinates (x, y) of the pixels (x right, y down), read-only."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    grid = np.stack([xs, ys], axis=-1)
+    grid.flags.writeable = False
+    return grid
+
+
+def warp_backward(values: np.ndarray, flow: np.ndarray, nearest: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Sample ``values`` (``(H, W)`` or ``(H, W, C)``, of frame b) at ``x + flow(x)`` for every
+    pixel x of frame a, where ``flow`` ``(H, W, 2)`` maps a -> b. Returns the warped values and
+    ``inside (H, W) bool`` (the target fell inside frame b)."""
+    height, width = flow.shape[:2]
+    grid = pixel_grid(height, width) + flow
+    interpolation = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+    warped = cv2.remap(np.ascontiguousarray(values), grid[..., 0], grid[..., 1], interpolation,
+                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    inside = (grid[..., 0] >= -0.5) & (grid[..., 0] <= width - 0.5) & (grid[..., 1] >= -0.5) & (grid[..., 1] <= height - 0.5)
+    return warped, inside
+
+
+def resize_pair(pair: dict, scale: float) -> dict:
+    """A flow pair (``forward``/``backward`` ``(H, W, 2)`` pixels, ``valid_*`` ``(H, W)`` bool)
+    resized by ``scale``: fields area-averaged and their vectors scaled; a resized pixel is
+    valid only where all the pixels it averages were."""
+    if scale == 1.0:
+        return pair
+    height, width = pair["forward"].shape[:2]
+    size = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
+    resized = {}
+    for key in ("forward", "backward"):
+        field = cv2.resize(pair[key], size, interpolation=cv2.INTER_AREA)
+        field[..., 0] *= size[0] / width
+        field[..., 1] *= size[1] / height
+        resized[key] = field
+    for key in ("valid_forward", "valid_backward"):
+        resized[key] = cv2.resize(pair[key].astype(np.float32), size, interpolation=cv2.INTER_AREA) > 0.999
+    return resized
+
+
+class StageFlow:
+    """Dense flow between frames from the flow stage's pairs: ``flow(a, b)`` is ``(H, W, 2)``
+    float32 pixels mapping frame a to frame b (the stored pair's forward or backward field),
+    resized by ``scale`` (fields and vectors; see :func:`resize_pair`) when it is not 1.
+
+    Keeps the last few loaded pairs, so sweeps that ask for (t-1, t) and (t, t+1) read each
+    file once."""
+
+    def __init__(self, flow_dir: Path, scale: float = 1.0) -> None:
+        self.flow_dir = Path(flow_dir)
+        self.scale = float(scale)
+        self.pairs = flow_stage.list_pairs(self.flow_dir)
+        self._stored = set(self.pairs)
+        self._cache: dict[tuple[int, int], dict] = {}
+
+    def has(self, a: int, b: int) -> bool:
+        """Whether the flow stage computed the pair (a, b) in either direction."""
+        return (a, b) in self._stored or (b, a) in self._stored
+
+    def pair(self, a: int, b: int) -> dict:
+        """Pair (a, b): ``forward`` (a -> b), ``backward``, ``valid_forward``, ``valid_backward``."""
+        if not self.has(a, b):
+            raise InputError(f"the flow stage in {self.flow_dir} has no pair between frames {a} and {b}",
+                             "rerun the flow stage with its default pairs (every consecutive pair) and rerun masks")
+        key = (min(a, b), max(a, b))
+        if key not in self._cache:
+            if len(self._cache) >= _FLOW_CACHE_PAIRS:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = resize_pair(flow_stage.load_pair(self.flow_dir, *key), self.scale)
+        stored = self._cache[key]
+        if a < b:
+            return stored
+        return {"forward": stored["backward"], "backward": stored["forward"],
+                "valid_forward": stored["valid_backward"], "valid_backward": stored["valid_forward"]}
+
+    def __call__(self, a: int, b: int) -> np.ndarray:
+        return self.pair(a, b)["forward"]
+
+
+def require_consecutive_pairs(flows: StageFlow, num_frames: int) -> None:
+    """Raise :class:`InputError` unless the flow stage holds every pair (t, t+1)."""
+    missing = [t for t in range(num_frames - 1) if not flows.has(t, t + 1)]
+    if missing:
+        raise InputError(f"the flow stage output {flows.flow_dir} lacks {len(missing)} consecutive pair(s), "
+                         f"e.g. ({missing[0]}, {missing[0] + 1})",
+                         "rerun the flow stage so it computes every consecutive pair (t, t+1)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask cleaning (shared by all backends)
+
+
+def morph_radius(height: int, width: int) -> int:
+    """Radius (pixels) of the morphological cleaning, proportional to the image diagonal."""
+    return max(1, int(round(_MORPH_RADIUS_FRACTION * float(np.hypot(height, width)))))
+
+
+def _disk(radius: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+
+
+def fill_holes(binary: np.ndarray) -> np.ndarray:
+    """Fill background regions of a ``(H, W) bool`` mask that do not touch the image border."""
+    background = (~binary).astype(np.uint8)
+    count, components = cv2.connectedComponents(background, connectivity=4)
+    border = np.unique(np.concatenate([components[0], components[-1], components[:, 0], components[:, -1]]))
+    enclosed = ~np.isin(components, border) & (background > 0)
+    return binary | enclosed
+
+
+def remove_small_components(binary: np.ndarray, min_area: int) -> np.ndarray:
+    """Drop 8-connected regions of a ``(H, W) bool`` mask with fewer than ``min_area`` pixels."""
+    if min_area <= 1 or not binary.any():
+        return binary
+    count, components, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_area
+    keep[0] = False
+    return keep[components]
+
+
+def clean_binary(binary: np.ndarray, radius: int, min_area: int) -> np.ndarray:
+    """Open (drop specks) and close (bridge gaps) with a disk of ``radius`` pixels (0 = skip),
+    remove regions under ``min_area`` pixels and fill holes of a ``(H, W) bool`` mask."""
+    mask = binary.astype(np.uint8)
+    if radius > 0:
+        kernel = _disk(radius)
+        mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
+        mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
+    return fill_holes(remove_small_components(mask > 0, min_area))
+
+
+def clean_labels(labels: np.ndarray, radius: int, min_area: int) -> np.ndarray:
+    """:func:`clean_binary` applied to each label of a ``(H, W) uint8`` label map; where cleaned
+    regions overlap, the higher label id wins."""
+    out = np.zeros_like(labels)
+    for label in np.unique(labels):
+        if label == 0:
+            continue
+        out[clean_binary(labels == label, radius, min_area)] = label
+    return out
+
+
+def dilate_labels(labels: np.ndarray, pixels: int) -> np.ndarray:
+    """Grow every labelled region of a ``(H, W) uint8`` map by ``pixels`` into the background."""
+    if pixels <= 0 or not labels.any():
+        return labels
+    grown = cv2.dilate(labels, _disk(pixels))
+    return np.where(labels > 0, labels, grown).astype(np.uint8)
+
+
+def temporal_mean(values: np.ndarray, flow: FlowFn, window: int) -> np.ndarray:
+    """Average of each map of ``values (T, H, W)`` with its ``window // 2`` neighbours on
+    either side, warped into the frame along the consecutive flows (``flow(a, b)`` maps a to b,
+    bilinear sampling, steps chained). A neighbour whose warp leaves the image at a pixel
+    does not count there. Returns ``(T, H, W) float32``."""
+    radius = window // 2
+    values = values.astype(np.float32)
+    if radius == 0 or len(values) < 2:
+        return values.copy()
+    num_frames = len(values)
+    total = values.copy()
+    counts = np.ones(values.shape, np.float32)
+    # carried[d][t]: the map of frame t + step * d brought into frame t, and where it is valid
+    carried = {d: values for d in (-1, 1)}
+    valid = {d: np.ones(values.shape, np.float32) for d in (-1, 1)}
+    for step in range(1, radius + 1):
+        next_carried = {d: np.zeros_like(values) for d in (-1, 1)}
+        next_valid = {d: np.zeros_like(values) for d in (-1, 1)}
+        for t in range(num_frames):
+            for d in (-1, 1):
+                if not 0 <= t + step * d < num_frames:
+                    continue
+                step_flow = flow(t, t + d)
+                next_carried[d][t], inside = warp_backward(carried[d][t + d], step_flow)
+                kept, _ = warp_backward(valid[d][t + d], step_flow)
+                next_valid[d][t] = (inside & (kept > 0.5)).astype(np.float32)
+        carried, valid = next_carried, next_valid
+        for d in (-1, 1):
+            total += carried[d] * valid[d]
+            counts += valid[d]
+    return total / counts
+
+
+def temporal_majority(masks: np.ndarray, flow: FlowFn, window: int) -> np.ndarray:
+    """Majority vote of each binary mask ``(T, H, W) bool`` with its flow-aligned neighbours
+    (see :func:`temporal_mean`); a tie (at the clip's ends) counts as dynamic."""
+    return temporal_mean(masks, flow, window) >= 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# motion backend
+
+
+def sampson_distance(fundamental: np.ndarray, points_a: np.ndarray, points_b: np.ndarray) -> np.ndarray:
+    """First-order geometric distance (pixels) of correspondences ``points_a (..., 2)`` ->
+    ``points_b (..., 2)`` to the epipolar geometry ``points_b^T F points_a = 0``."""
+    f = fundamental.astype(np.float64)
+    xa, ya = points_a[..., 0].astype(np.float64), points_a[..., 1].astype(np.float64)
+    xb, yb = points_b[..., 0].astype(np.float64), points_b[..., 1].astype(np.float64)
+    # F a: epipolar line of a in image b; F^T b: epipolar line of b in image a
+    lb0, lb1, lb2 = (f[row, 0] * xa + f[row, 1] * ya + f[row, 2] for row in range(3))
+    la0, la1 = (f[0, col] * xb + f[1, col] * yb + f[2, col] for col in range(2))
+    algebraic = xb * lb0 + yb * lb1 + lb2
+    norm = lb0 ** 2 + lb1 ** 2 + la0 ** 2 + la1 ** 2
+    return (np.abs(algebraic) / np.sqrt(np.maximum(norm, 1e-24))).astype(np.float32)
+
+
+def transfer_error(homography: np.ndarray, points_a: np.ndarray, points_b: np.ndarray) -> np.ndarray:
+    """Distance (pixels) between ``points_b (..., 2)`` and ``points_a`` mapped by the 3x3 homography."""
+    mapped = cv2.perspectiveTransform(points_a.reshape(-1, 1, 2).astype(np.float64), homography)
+    return np.linalg.norm(mapped.reshape(points_a.shape) - points_b, axis=-1).astype(np.float32)
+
+
+@dataclass
+class PairGeometry:
+    """Robust two-view fit of one flow pair (i, j): ``fundamental`` (``x_j^T F x_i = 0``, None
+    when the fit failed), ``homography`` i -> j (None when not fitted or failed) and whether the
+    homography explains the static scene as well as F (then its transfer error is the residual)."""
+
+    fundamental: np.ndarray | None
+    homography: np.ndarray | None
+    use_homography: bool
+
+
+def fit_pair_geometry(forward: np.ndarray, usable: np.ndarray, num_samples: int, homography_cue: bool,
+                      rng: np.random.Generator) -> PairGeometry:
+    """Fit F (and H) with USAC MAGSAC to at most ``num_samples`` correspondences ``x -> x +
+    forward(x)`` drawn from the ``usable (H, W)`` pixels of ``forward (H, W, 2)`` (i -> j)."""
+    height, width = usable.shape
+    grid = pixel_grid(height, width)
+    target = grid + forward
+    inside = (target[..., 0] >= 0) & (target[..., 0] <= width - 1) & (target[..., 1] >= 0) & (target[..., 1] <= height - 1)
+    candidates = np.flatnonzero(usable & inside)
+    if candidates.size < _MIN_FIT_POINTS:
+        return PairGeometry(None, None, False)
+    chosen = rng.choice(candidates, size=min(num_samples, candidates.size), replace=False)
+    points_a = grid.reshape(-1, 2)[chosen].astype(np.float64)
+    points_b = target.reshape(-1, 2)[chosen].astype(np.float64)
+    fundamental, f_inliers = cv2.findFundamentalMat(points_a, points_b, cv2.USAC_MAGSAC, _FIT_THRESHOLD_PX,
+                                                    0.999, _FIT_ITERATIONS)
+    if fundamental is None or fundamental.shape != (3, 3):
+        fundamental, f_inliers = None, None
+    homography, h_inliers = None, None
+    if homography_cue or fundamental is None:
+        homography, h_inliers = cv2.findHomography(points_a, points_b, cv2.USAC_MAGSAC, _FIT_THRESHOLD_PX,
+                                                   maxIters=_FIT_ITERATIONS, confidence=0.999)
+    f_count = int(f_inliers.sum()) if f_inliers is not None else 0
+    h_count = int(h_inliers.sum()) if homography is not None else 0
+    use_homography = homography is not None and h_count >= _HOMOGRAPHY_INLIER_SHARE * f_count
+    return PairGeometry(fundamental, homography, use_homography)
+
+
+def geometric_residual(geometry: PairGeometry, flow: np.ndarray, from_i: bool) -> np.ndarray:
+    """Residual (pixels) of every pixel's flow against the pair geometry: ``flow (H, W, 2)`` is
+    the forward field i -> j when ``from_i`` and the backward field j -> i otherwise. NaN when
+    the pair has no geometry."""
+    height, width = flow.shape[:2]
+    grid = pixel_grid(height, width)
+    points_i, points_j = (grid, grid + flow) if from_i else (grid + flow, grid)
+    if geometry.use_homography:
+        return transfer_error(geometry.homography, points_i, points_j)
+    if geometry.fundamental is None:
+        return np.full((height, width), np.nan, np.float32)
+    return sampson_distance(geometry.fundamental, points_i, points_j)
+
+
+def noise_sigma(residual: np.ndarray, static: np.ndarray) -> float:
+    """Robust standard deviation (1.4826 x median absolute value, pixels) of the residuals at
+    the ``static`` pixels, at least the noise floor."""
+    values = residual[static & np.isfinite(residual)]
+    if values.size == 0:
+        return _NOISE_FLOOR_PX
+    return max(_NOISE_FLOOR_PX, 1.4826 * float(np.median(np.abs(values))))
+
+
+def motion_pairs(flows: StageFlow, max_offset: int) -> list[tuple[int, int]]:
+    """The flow stage's pairs (i, j), i < j, at most ``max_offset`` frames apart."""
+    return sorted({(min(i, j), max(i, j)) for i, j in flows.pairs if 0 < abs(j - i) <= max_offset})
+
+
+def motion_scores(flows: StageFlow, pairs: list[tuple[int, int]], shape: tuple[int, int, int],
+                  params: Params, dynamic: np.ndarray | None = None) -> np.ndarray:
+    """Per-frame motion score ``(T, H, W) float32``: the largest noise-normalised residual of a
+    pixel's flow against the camera-induced two-view geometry, over the ``pairs`` the frame
+    belongs to (0 where no pair has a valid flow). ``dynamic (T, H, W) bool``, when given, is
+    kept out of the fits and the noise estimates (a previous round's dilated masks)."""
+    rng = np.random.default_rng(0)
+    scores = np.full(shape, -np.inf, np.float32)
+    no_prior = np.zeros(shape[1:], bool)
+    for i, j in tqdm(pairs, desc="masks: epipolar residuals", unit="pair", leave=False):
+        pair = flows.pair(i, j)
+        prior_i = no_prior if dynamic is None else dynamic[i]
+        geometry = fit_pair_geometry(pair["forward"], pair["valid_forward"] & ~prior_i, params.fit_samples,
+                                     params.homography_cue, rng)
+        for frame, flow, valid, from_i in ((i, pair["forward"], pair["valid_forward"], True),
+                                           (j, pair["backward"], pair["valid_backward"], False)):
+            residual = geometric_residual(geometry, flow, from_i)
+            prior = no_prior if dynamic is None else dynamic[frame]
+            normalised = residual / noise_sigma(residual, valid & ~prior)
+            usable = valid & np.isfinite(normalised)
+            scores[frame] = np.where(usable, np.maximum(scores[frame], normalised), scores[frame])
+    return np.where(np.isfinite(scores), scores, 0.0).astype(np.float32)
+
+
+def segment_scores(score: np.ndarray, threshold: float, radius: int, min_area: int) -> np.ndarray:
+    """Dynamic pixels ``(H, W) bool`` of one score map: regions above ``threshold`` that hold a
+    pixel above twice the threshold (hysteresis), each cut at a fixed fraction of its own peak
+    score (the half-way point of the flow's smooth ramp across a motion boundary), then cleaned."""
+    weak = (score > threshold).astype(np.uint8)
+    count, components = cv2.connectedComponents(weak, connectivity=8)
+    result = np.zeros(score.shape, bool)
+    for component in np.unique(components[score > 2 * threshold]):
+        if component == 0:
+            continue
+        region = components == component
+        peak = float(np.percentile(score[region], _PEAK_PERCENTILE))
+        result |= region & (score >= _BOUNDARY_FRACTION * peak)
+    return clean_binary(result, radius, min_area)
+
+
+def work_scale(height: int, width: int, max_side: int) -> float:
+    """Factor that brings the longer side to at most ``max_side`` (0 = no limit; never > 1)."""
+    return 1.0 if max_side <= 0 or max(height, width) <= max_side else max_side / max(height, width)
+
+
+def motion_masks(flow_dir: Path, num_frames: int, height: int, width: int, params: Params) -> np.ndarray:
+    """Dynamic masks ``(T, H, W) uint8`` (0 static, 1 dynamic) from the flow stage output alone
+    (no cameras), computed at ``params.work_max_side`` and resized to the frames.
+
+    Scores (averaged over ``temporal_window`` flow-aligned frames), segments, then refits the
+    two-view geometry without the dynamic pixels found (dilated) and segments again, which
+    frees the fits from moving objects that dragged them; last, a flow-aligned majority vote
+    over the same window."""
+    scale = work_scale(height, width, params.work_max_side)
+    flows = StageFlow(flow_dir, scale)
+    require_consecutive_pairs(flows, num_frames)
+    pairs = motion_pairs(flows, params.max_pair_offset)
+    work_height, work_width = flows.pair(0, 1)["forward"].shape[:2]
+    shape = (num_frames, work_height, work_width)
+    radius = morph_radius(work_height, work_width)
+    min_area = int(round(params.min_area_fraction * work_height * work_width))
+    dynamic = None
+    for _ in range(1 + _REFIT_ROUNDS):
+        prior = None if dynamic is None else np.stack([cv2.dilate(mask.astype(np.uint8), _disk(3 * radius)) > 0
+                                                       for mask in dynamic])
+        scores = temporal_mean(motion_scores(flows, pairs, shape, params, prior), flows, params.temporal_window)
+        dynamic = np.stack([segment_scores(score, params.threshold, radius, min_area) for score in scores])
+    if params.temporal_window > 1:
+        dynamic = temporal_majority(dynamic, flows, params.temporal_window)
+        dynamic = np.stack([clean_binary(mask, radius, min_area) for mask in dynamic])
+    if scale != 1.0:
+        dynamic = np.stack([cv2.resize(mask.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR) >= 0.5
+                            for mask in dynamic])
+    return dynamic.astype(np.uint8) * DYNAMIC_LABEL
+
+
+# ---------------------------------------------------------------------------------------------
+# file backend
+
+
+def read_user_mask(path: Path, palette: dict[tuple[int, int, int], int]) -> np.ndarray:
+    """A user mask as a ``(H, W) uint8`` label map. Grey masks: when the largest value is above
+    32 the mask is binary (0/255, anti-aliased or JPEG): label 1 where >= half the largest
+    value; otherwise the values are label ids. Colour masks: each non-black colour is a label,
+    numbered 1, 2, ... through ``palette`` (colour -> id, shared by the frames of a video and
+    extended here), so ids stay the same across frames."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise InputError(f"cannot read mask image {path}", "masks must be PNG/JPEG images, 0 = static")
+    if image.ndim == 3 and image.shape[2] >= 3 and not (np.array_equal(image[..., 0], image[..., 1])
+                                                         and np.array_equal(image[..., 1], image[..., 2])):
+        colors, inverse = np.unique(image[..., :3].reshape(-1, 3), axis=0, return_inverse=True)
+        ids = np.zeros(len(colors), np.uint8)
+        for index, color in enumerate(map(tuple, colors.tolist())):
+            if any(color):
+                if color not in palette:
+                    if len(palette) >= 255:
+                        raise InputError(f"the colour masks use more than 255 colours (at {path})",
+                                         "give label-id masks (0 = static, 1..255) or binary 0/255 masks")
+                    palette[color] = len(palette) + 1
+                ids[index] = palette[color]
+        return ids[inverse.reshape(-1)].reshape(image.shape[:2])
+    gray = image[..., 0] if image.ndim == 3 else image
+    if float(gray.max()) > _MAX_LABEL_VALUE:
+        return (gray >= float(gray.max()) / 2).astype(np.uint8)
+    return gray.astype(np.uint8)
+
+
+def resize_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize of a label map to ``(height, width)``."""
+    if labels.shape == (height, width):
+        return labels
+    return cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST)
+
+
+def list_mask_files(folder: Path) -> list[Path]:
+    """Image files of a mask folder, sorted by name."""
+    return sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in MASK_SUFFIXES)
+
+
+def match_mask_files(files: list[Path], frames_meta: dict) -> list[Path]:
+    """Pick one mask file per frame from ``files`` (sorted by name): with as many files as
+    frames, in order; with masks for every source frame (more files than the frames stage's
+    largest ``source_indices`` entry), the ones of the picked source frames. Raises
+    :class:`InputError` otherwise."""
+    num_frames = int(frames_meta["num_frames"])
+    if len(files) == num_frames:
+        return files
+    source_indices = [int(index) for index in frames_meta["source_indices"]]
+    if source_indices and len(files) > max(source_indices):
+        return [files[index] for index in source_indices]
+    raise InputError(f"the mask folder has {len(files)} image(s) but the video has {num_frames} frame(s) "
+                     f"(picked from {max(source_indices) + 1 if source_indices else 0} source frames)",
+                     "give one mask per extracted frame (sorted by name like frames/images/), one per source "
+                     "frame, or a single first-frame mask file")
+
+
+def folder_masks(folder: Path, frames_meta: dict) -> np.ndarray:
+    """User masks ``(T, H, W) uint8`` read from ``folder`` and resized to the frames."""
+    files = list_mask_files(folder)
+    if not files:
+        raise InputError(f"the mask folder {folder} holds no images ({', '.join(MASK_SUFFIXES)})",
+                         "put one mask PNG per frame there (0 = static, 255 or label ids = dynamic)")
+    chosen = match_mask_files(files, frames_meta)
+    height, width = int(frames_meta["height"]), int(frames_meta["width"])
+    palette: dict[tuple[int, int, int], int] = {}
+    return np.stack([resize_labels(read_user_mask(path, palette), height, width) for path in chosen])
+
+
+def propagate_first_mask(first: np.ndarray, flows: StageFlow, num_frames: int, radius: int,
+                         min_area: int) -> np.ndarray:
+    """Carry a first-frame label map ``(H, W) uint8`` through the video: frame t+1 samples the
+    map of frame t at ``x + flow(t+1 -> t)(x)`` (per label, bilinear, >= 0.5); pixels whose
+    flow fails the forward-backward check (revealed background, whose flow is dragged along by
+    the object that uncovered it) are left out, then the map is cleaned (which closes such gaps
+    inside objects). Returns ``(T, H, W) uint8``."""
+    masks = np.zeros((num_frames,) + first.shape, np.uint8)
+    masks[0] = first
+    label_ids = [int(label) for label in np.unique(first) if label]
+    for t in tqdm(range(num_frames - 1), desc="masks: propagating", unit="frame"):
+        step = flows.pair(t + 1, t)
+        warped = np.zeros_like(first)
+        for label in label_ids:
+            soft, _ = warp_backward((masks[t] == label).astype(np.float32), step["forward"])
+            warped[(soft >= 0.5) & step["valid_forward"]] = label
+        masks[t + 1] = clean_labels(warped, radius, min_area)
+    return masks
+
+
+def file_masks(mask_path: Path, frames_meta: dict, flow_dir: Path | None, params: Params) -> np.ndarray:
+    """The ``file`` backend: ``(T, H, W) uint8`` label maps from a mask folder or one
+    first-frame mask propagated along the flow stage's consecutive flows."""
+    if not mask_path.exists():
+        raise InputError(f"masks.mask_path {mask_path} does not exist",
+                         "give a folder of per-frame masks or one mask image of the first frame")
+    if mask_path.is_dir():
+        return folder_masks(mask_path, frames_meta)
+    if mask_path.suffix.lower() not in MASK_SUFFIXES:
+        raise InputError(f"masks.mask_path {mask_path} is neither a folder nor an image",
+                         f"give a folder of masks or one mask image ({', '.join(MASK_SUFFIXES)})")
+    if flow_dir is None:
+        raise InputError("a single first-frame mask is propagated with the flow, but no flow stage output was given",
+                         "run the masks stage through the pipeline (it adds the flow stage for a mask file)")
+    height, width = int(frames_meta["height"]), int(frames_meta["width"])
+    first = resize_labels(read_user_mask(mask_path, {}), height, width)
+    if not first.any():
+        raise InputError(f"the mask {mask_path} marks nothing (all pixels are 0)",
+                         "draw the moving object(s) as non-zero (e.g. 255) in the first frame's mask")
+    flows = StageFlow(flow_dir)
+    num_frames = int(frames_meta["num_frames"])
+    require_consecutive_pairs(flows, num_frames)
+    return propagate_first_mask(first, flows, num_frames, morph_radius(height, width),
+                                int(round(params.min_area_fraction * height * width)))
+
+
+def file_label_names(masks: np.ndarray) -> dict[int, str]:
+    """Names of the labels found in user masks: 1 = "object" when alone, else "object<k>"."""
+    ids = [int(label) for label in np.unique(masks) if label]
+    return {label: ("object" if ids == [1] else f"object{label}") for label in ids}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage entry point, outputs and loaders
+
+
+def write_outputs(out_dir: Path, masks: np.ndarray, frames: np.ndarray, names: dict[int, str], backend: str) -> None:
+    """Write ``masks/``, ``vis/`` and, last, ``labels.json``."""
+    (out_dir / MASKS_DIR).mkdir(parents=True, exist_ok=True)
+    (out_dir / VIS_DIR).mkdir(parents=True, exist_ok=True)
+    for t, (mask, frame) in enumerate(tqdm(list(zip(masks, frames)), desc="masks: writing", unit="frame")):
+        write_gray(out_dir / MASKS_DIR / f"{t:06d}.png", mask)
+        write_rgb(out_dir / VIS_DIR / f"{t:06d}.png", overlay_labels(frame, mask))
+    labels = {"0": "background"}
+    labels.update({str(label): name for label, name in sorted(names.items())})
+    (out_dir / LABELS_FILE).write_text(json.dumps({"labels": labels, "backend": backend,
+                                                   "num_frames": int(len(masks))}, indent=1))
+
+
+def figures(masks: np.ndarray, names: dict[int, str], backend: str) -> dict:
+    """Key figures: frame count, mean dynamic fraction, pixel fraction per label name."""
+    result: dict = {"backend": backend, "num_frames": int(len(masks)),
+                    "dynamic_fraction_mean": round(float((masks > 0).mean()), 6)}
+    for label, name in sorted(names.items()):
+        result[f"fraction_{name}"] = round(float((masks == label).mean()), 6)
+    return result
+
+
+def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
+    """Compute the dynamic label maps of ``inputs["frames"]`` with the chosen backend
+    (``inputs["flow"]`` is read by motion and the single-mask file backend; sam/sam2 use it for
+    re-prompting when present). Writes ``masks/``, ``vis/``, ``labels.json`` into ``out_dir``."""
+    params.validate()
+    out_dir = Path(out_dir)
+    frames_dir = Path(inputs["frames"])
+    meta = frames_stage.read_frames_meta(frames_dir)
+    num_frames, height, width = int(meta["num_frames"]), int(meta["height"]), int(meta["width"])
+    flow_dir = Path(inputs["flow"]) if "flow" in inputs else None
+    notes: list[str] = []
+    if params.needs_flow() and flow_dir is None:
+        raise InputError(f"masks.backend={params.backend} needs the flow stage output, which was not given",
+                         "run the masks stage through the pipeline (it schedules flow first)")
+
+    frames = frames_stage.load_frames(frames_dir)
+    if params.backend == "motion":
+        masks = motion_masks(flow_dir, num_frames, height, width, params)
+        names = {DYNAMIC_LABEL: "dynamic"}
+    elif params.backend == "file":
+        masks = file_masks(Path(params.mask_path).expanduser(), meta, flow_dir, params)
+        names = file_label_names(masks)
+    else:
+        from stages import masks_sam
+
+        masks, names, sam_notes = masks_sam.run_prompted(frames, flow_dir, params)
+        notes.extend(sam_notes)
+    masks = np.stack([dilate_labels(mask, params.dilate_px) for mask in masks]).astype(np.uint8)
+    if masks.shape != (num_frames, height, width):
+        raise InputError(f"the {params.backend} backend produced masks of shape {masks.shape}, expected "
+                         f"{(num_frames, height, width)}", "check the mask inputs against the frames stage output")
+    if not masks.any():
+        notes.append("no dynamic pixels in any frame: the whole scene is treated as static")
+    write_outputs(out_dir, masks, frames, names, params.backend)
+    result = figures(masks, names, params.backend)
+    logger.info("masks (%s): %d frames, %.1f %% dynamic on average", params.backend, num_frames,
+                100 * result["dynamic_fraction_mean"])
+    if notes:
+        result["notes"] = notes
+    return result
+
+
+def load_masks(masks_dir: str | Path) -> np.ndarray:
+    """The masks stage's label maps as ``(T, H, W) uint8`` (0 = static, k > 0 = label k)."""
+    folder = Path(masks_dir) / MASKS_DIR
+    files = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    if not files:
+        raise InputError(f"{folder} holds no mask PNGs: {masks_dir} is not a finished masks stage output",
+                         "run the masks stage first (mono4d run INPUT --work DIR)")
+    return np.stack([read_gray(path).astype(np.uint8) for path in files])
+
+
+def load_labels(masks_dir: str | Path) -> dict[int, str]:
+    """Label id -> name from ``labels.json`` (0 is "background")."""
+    path = Path(masks_dir) / LABELS_FILE
+    if not path.is_file():
+        raise InputError(f"{path} is missing: {masks_dir} is not a finished masks stage output",
+                         "run the masks stage first")
+    return {int(key): str(name) for key, name in json.loads(path.read_text())["labels"].items()}
