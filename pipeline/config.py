@@ -31,6 +31,12 @@ PRESETS = ("cpu", "gpu")
 #: Stage name -> module, in pipeline order. The DAG itself (who needs whom) is in pipeline/tasks.py.
 STAGE_MODULES: dict[str, str] = {
     "frames": "stages.frames",
+    "flow": "stages.flow",
+    "masks": "stages.masks",
+    "cameras": "stages.cameras",
+    "depth": "stages.depth",
+    "align": "stages.align",
+    "tracks": "stages.tracks",
 }
 
 

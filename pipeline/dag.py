@@ -11,8 +11,21 @@ from pipeline.config import STAGE_MODULES, Config
 
 def upstream(stage: str, config: Config) -> list[str]:
     """Names of the stages whose outputs ``stage`` reads, for this configuration."""
+    params = config.params.get(stage)
     if stage == "frames":
         return []
+    if stage == "flow":
+        return ["frames"]
+    if stage == "masks":
+        return ["frames", "flow"] if params.needs_flow() else ["frames"]
+    if stage == "cameras":
+        return ["frames", "masks"] if params.mode == "colmap" and params.use_masks else ["frames"]
+    if stage == "depth":
+        return ["frames", "cameras"] if params.backend == "sfm" else ["frames"]
+    if stage == "align":
+        return ["depth", "cameras", "masks"] if params.use_masks else ["depth", "cameras"]
+    if stage == "tracks":
+        return ["frames", "flow", "cameras", "align"]
     raise KeyError(stage)
 
 

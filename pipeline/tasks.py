@@ -30,6 +30,14 @@ class StageTask(luigi.Task):
 
     work = luigi.Parameter(description="workspace folder")
     stage: str = ""
+    uses_gpu: bool = False  # runs learned models on CUDA under the gpu preset
+
+    @property
+    def resources(self) -> dict[str, int]:
+        """A ``gpu`` unit for GPU stages under the gpu preset, so luigid never oversubscribes a GPU."""
+        if self.uses_gpu and self.run_state().config.preset == "gpu":
+            return {"gpu": 1}
+        return {}
 
     def run_state(self) -> RunState:
         workspace = Workspace(self.work)
@@ -107,5 +115,44 @@ class Frames(StageTask):
     stage = "frames"
 
 
+class Flow(StageTask):
+    """Forward/backward optical flow over consecutive and longer-range pairs (stages/flow.py)."""
+
+    stage = "flow"
+    uses_gpu = True
+
+
+class Masks(StageTask):
+    """Dynamic-object / hand masks (stages/masks.py)."""
+
+    stage = "masks"
+    uses_gpu = True
+
+
+class Cameras(StageTask):
+    """Intrinsics and world-to-camera poses: COLMAP, static or known cameras (stages/cameras.py)."""
+
+    stage = "cameras"
+
+
+class Depth(StageTask):
+    """Per-frame monocular or multi-view depth (stages/depth.py)."""
+
+    stage = "depth"
+    uses_gpu = True
+
+
+class Align(StageTask):
+    """Depth scale/shift aligned to the SfM points, per frame (stages/align.py)."""
+
+    stage = "align"
+
+
+class Tracks(StageTask):
+    """Long-term 2D tracks and 3D flow pairs (stages/tracks.py)."""
+
+    stage = "tracks"
+
+
 #: Stage name -> task class, in pipeline order.
-TASKS: dict[str, type[StageTask]] = {task.stage: task for task in (Frames,)}
+TASKS: dict[str, type[StageTask]] = {task.stage: task for task in (Frames, Flow, Masks, Cameras, Depth, Align, Tracks)}

@@ -17,6 +17,7 @@ from data.errors import ParameterError
 from pipeline import config as config_module
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.workspace import Workspace
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -271,3 +272,67 @@ def test_synth_command_writes_a_scene(tmp_path, capsys):
     assert len(list((tmp_path / "scene" / "images").glob("*.png"))) == 6
     assert run_cli("synth", tmp_path / "bad", "--preset", "huge") == 2
     assert "unknown synthetic preset" in capsys.readouterr().err
+
+
+@pytest.fixture()
+def full_run(tmp_path):
+    """The whole DAG on the tiny synthetic scene (weights-free backends), run once."""
+    from data import synthetic
+    from pipeline.runner import run_pipeline
+
+    scene = synthetic.generate(tmp_path / "scene", preset="tiny", seed=1)
+    work = tmp_path / "ws"
+    summary = run_pipeline(work, scene.root / "video.mp4", preset="cpu")
+    return work, scene, summary
+
+
+def stage_mtimes(work: Path) -> dict[str, int]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in work.glob("*/manifest.json")}
+
+
+def test_parameter_change_reruns_exactly_the_stage_and_its_downstream(full_run):
+    from pipeline.runner import run_pipeline
+
+    work, scene, summary = full_run
+    assert summary.ran == ["frames", "flow", "masks", "cameras", "depth", "align", "tracks"]
+    before = stage_mtimes(work)
+    again = run_pipeline(work, preset="cpu", overrides=["depth.sfm_median=3"])
+    assert again.ran == ["depth", "align", "tracks"]
+    after = stage_mtimes(work)
+    for stage in ("frames", "flow", "masks", "cameras"):
+        assert after[stage] == before[stage], f"{stage} was rewritten"
+    for stage in ("depth", "align", "tracks"):
+        assert after[stage] > before[stage], f"{stage} was not rewritten"
+    assert manifest(work, "depth")["params"]["sfm_median"] == 3
+    assert manifest(work, "align")["upstream"]["depth"] == Workspace(work).manifest_hash("depth")
+    assert run_pipeline(work, preset="cpu", overrides=["depth.sfm_median=3"]).ran == []
+
+
+def test_forced_rerun_of_a_middle_stage_reruns_its_downstream(full_run, capsys):
+    from pipeline.runner import run_pipeline
+
+    work, _, _ = full_run
+    capsys.readouterr()
+    run_cli("status", work, "--preset", "cpu", "--set", "tracks.grid_step=6")
+    table = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in table.splitlines()[1:]}
+    assert "stale" in lines["tracks"] and "parameter grid_step changed: 8 -> 6" in lines["tracks"]
+    assert all("done" in lines[s] for s in ("frames", "flow", "masks", "cameras", "depth", "align"))
+    summary = run_pipeline(work, preset="cpu", rerun=["cameras"])
+    assert summary.ran == ["cameras", "depth", "align", "tracks"]
+
+
+def test_stage_edges_follow_the_configuration(tmp_path):
+    from pipeline import dag
+
+    config = load_config("cpu")
+    assert dag.upstream("masks", config) == ["frames", "flow"]
+    assert dag.upstream("cameras", config) == ["frames", "masks"]
+    assert dag.upstream("depth", config) == ["frames", "cameras"]
+    config = load_config("cpu", ["masks.backend=file", f"masks.mask_path={tmp_path}", "cameras.mode=static", "depth.backend=transformers",
+                                 "align.use_masks=false"])
+    assert dag.upstream("masks", config) == ["frames"]
+    assert dag.upstream("cameras", config) == ["frames"]
+    assert dag.upstream("depth", config) == ["frames"]
+    assert dag.upstream("align", config) == ["depth", "cameras"]
+    assert "masks" not in dag.closure("tracks", config)
