@@ -3,6 +3,8 @@
     mono4d run INPUT --work DIR [--until STAGE] [--set stage.param=value ...] [--rerun STAGE]
     mono4d status DIR [--set stage.param=value ...]
     mono4d inspect DIR [--compare OTHER_DIR]
+    mono4d export DIR --format ply,colmap,nerfstudio,tracks,depth,video
+    mono4d view DIR [--port 8080]
     mono4d synth OUT [--preset ci] [--seed 0]
 
 User errors (bad input, bad parameters, unavailable models) print a message and a hint and
@@ -78,6 +80,25 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--out", metavar="PATH", default=None, help="report folder (default: DIR/report)")
     inspect.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+    export = commands.add_parser("export", help="export results in standard formats (DIR/export/<format>/)")
+    export.add_argument("work", metavar="DIR", help="workspace folder")
+    export.add_argument("--format", dest="formats", required=True, metavar="FORMATS",
+                        help="comma-separated: ply (per-frame 3DGS PLY), colmap, nerfstudio (camera trajectory), "
+                             "tracks (npz + CSV), depth (16-bit PNG + scale), video (orbit and time-sweep MP4)")
+    export.add_argument("--out", metavar="PATH", default=None, help="output folder (default: DIR/export)")
+    export.add_argument("--frames", default="all", help="frames for ply: all, 0,5,10 or start:stop:step")
+    export.add_argument("--backend", default="auto", choices=("auto", "torch", "gsplat"),
+                        help="rasterizer for the video export")
+    export.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    view = commands.add_parser("view", help="interactive 4D viewer of the trained scene (web page, viser)")
+    view.add_argument("work", metavar="DIR", help="workspace folder")
+    view.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    view.add_argument("--port", type=int, default=8080, help="port (the next free one if taken)")
+    view.add_argument("--max-side", type=int, default=256, help="render resolution (longer side, pixels)")
+    view.add_argument("--backend", default="auto", choices=("auto", "torch", "gsplat"), help="rasterizer")
+    view.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
     synth = commands.add_parser("synth", help="write a synthetic dynamic scene with ground truth")
     synth.add_argument("out", metavar="OUT", help="output folder")
     synth.add_argument("--preset", default="ci", help="size preset: tiny, ci or bench (default ci)")
@@ -120,6 +141,27 @@ def command_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.export import export_workspace
+
+    written = export_workspace(Path(args.work), args.formats, Path(args.out) if args.out else None,
+                               frames=args.frames, backend=args.backend)
+    for fmt, paths in written.items():
+        print(f"{fmt:<10} {len(paths)} file(s) in {paths[0].parent if paths else '-'}")
+    return 0
+
+
+def command_view(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.viewer import run_viewer
+
+    run_viewer(Path(args.work), host=args.host, port=args.port, max_side=args.max_side, backend=args.backend)
+    return 0
+
+
 def command_synth(args: argparse.Namespace) -> int:
     from data import synthetic
 
@@ -134,7 +176,8 @@ def command_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "status": command_status, "inspect": command_inspect, "synth": command_synth}
+COMMANDS = {"run": command_run, "status": command_status, "inspect": command_inspect, "export": command_export,
+            "view": command_view, "synth": command_synth}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -65,6 +66,9 @@ def configure_luigi(config_files: Sequence[str | Path], rpc_retry_attempts: int 
     for path in [DEFAULT_CONFIG_FILE, *config_files]:
         luigi_config.add_config_path(str(path))
     luigi_config.set("core", "no_configure_logging", "true")
+    # Luigi warns about [core] keys its interface class does not consume (the RPC retry settings are
+    # read by the remote scheduler client instead); those warnings are noise for users.
+    warnings.filterwarnings("ignore", category=luigi.parameter.UnconsumedParameterWarning)
     if rpc_retry_attempts is not None and not luigi_config.has_option("core", "rpc-retry-attempts"):
         luigi_config.set("core", "rpc-retry-attempts", str(rpc_retry_attempts))
         luigi_config.set("core", "rpc-retry-wait", "1")
