@@ -150,9 +150,18 @@ def image_name(file: str) -> str:
     return str(path.relative_to("images")) if path.parts[:1] == ("images",) else path.name
 
 
-def posed_frames(w2c: np.ndarray) -> np.ndarray:
-    """Indices of the frames with a finite pose in ``w2c (T, 4, 4)``."""
-    return np.flatnonzero(np.isfinite(w2c).all(axis=(1, 2)))
+def posed_cameras(work: Path) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray]:
+    """The cameras stage folder, ``K (T, 3, 3)``, ``w2c (T, 4, 4)`` and the indices of the frames
+    with a finite pose; :class:`InputError` when no frame has one."""
+    from stages.cameras import load_cameras
+
+    cameras_dir = stage_output(work, "cameras", "cameras.json")
+    K, w2c, _ = load_cameras(cameras_dir)
+    posed = np.flatnonzero(np.isfinite(w2c).all(axis=(1, 2)))
+    if len(posed) == 0:
+        raise InputError(f"the cameras stage in {cameras_dir} posed no frame: there is nothing to export",
+                         f"rerun the cameras stage (see {cameras_dir / 'vis'})")
+    return cameras_dir, K, w2c, posed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,16 +282,11 @@ def export_colmap(work: Path, out: Path, final: Path) -> list[Path]:
     """COLMAP model of the posed frames and sparse points (see the module docstring); ``final``
     is where ``out`` will be renamed to (the images symlink is relative to it)."""
     from data.colmap import write_colmap_model
-    from stages.cameras import load_cameras, load_points, read_cameras_json
+    from stages.cameras import load_points, read_cameras_json
 
-    cameras_dir = stage_output(work, "cameras", "cameras.json")
+    cameras_dir, K, w2c, posed = posed_cameras(work)
     frames_dir = stage_output(work, "frames", "frames.json")
     content = read_cameras_json(cameras_dir)
-    K, w2c, _ = load_cameras(cameras_dir)
-    posed = posed_frames(w2c)
-    if len(posed) == 0:
-        raise InputError(f"the cameras stage in {cameras_dir} posed no frame: there is nothing to export",
-                         f"rerun the cameras stage (see {cameras_dir / 'vis'})")
     if len(posed) < len(w2c):
         logger.warning("COLMAP export: %d frames without a pose are left out", len(w2c) - len(posed))
     points = load_points(cameras_dir)
@@ -308,16 +312,11 @@ def export_nerfstudio(work: Path, out: Path, final: Path) -> list[Path]:
     """``transforms.json`` of the posed frames with image paths relative to ``final`` (where
     ``out`` will be renamed to) and normalised times."""
     from data.nerfstudio import write_nerfstudio_transforms
-    from stages.cameras import load_cameras, read_cameras_json
+    from stages.cameras import read_cameras_json
     from stages.frames import frame_paths
 
-    cameras_dir = stage_output(work, "cameras", "cameras.json")
+    cameras_dir, K, w2c, posed = posed_cameras(work)
     content = read_cameras_json(cameras_dir)
-    K, w2c, _ = load_cameras(cameras_dir)
-    posed = posed_frames(w2c)
-    if len(posed) == 0:
-        raise InputError(f"the cameras stage in {cameras_dir} posed no frame: there is nothing to export",
-                         f"rerun the cameras stage (see {cameras_dir / 'vis'})")
     images = frame_paths(stage_output(work, "frames", "frames.json"))
     files = [Path(os.path.relpath(images[i], final)).as_posix() for i in posed]
     times = posed / max(len(w2c) - 1, 1)
@@ -397,16 +396,11 @@ def export_video(work: Path, out: Path, backend: str) -> list[Path]:
     """``orbit.mp4`` and ``time_sweep.mp4`` rendered from the trained model (see the module
     docstring)."""
     from data.geometry import scale_intrinsics
-    from stages.cameras import load_cameras
     from stages.train import load_trained
     from stages.train_outputs import write_video
 
     model = load_trained(stage_output(work, "train", "model.pt"), model_device(backend))
-    K, w2c, _ = load_cameras(stage_output(work, "cameras", "cameras.json"))
-    posed = posed_frames(w2c)
-    if len(posed) == 0:
-        raise InputError(f"the cameras stage in {work / 'cameras'} posed no frame: there is no camera to render from",
-                         "rerun the cameras stage")
+    _, K, w2c, posed = posed_cameras(work)
     width, height = int(model.meta["width"]), int(model.meta["height"])
     video_width, video_height = video_size(width, height)
     middle = int(posed[len(posed) // 2])

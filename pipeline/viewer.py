@@ -97,8 +97,7 @@ class SceneViewer:
         except ImportError as error:
             raise ModelUnavailableError(f"the viewer needs the viser package, which cannot be imported ({error})",
                                         "pip install viser") from None
-        from pipeline.export import look_at_centre, model_device, posed_frames, scene_up, stage_output
-        from stages.cameras import load_cameras
+        from pipeline.export import look_at_centre, model_device, posed_cameras, scene_up, stage_output
         from stages.train import load_trained
 
         if not MIN_SIDE <= max_side <= MAX_SIDE:
@@ -109,8 +108,7 @@ class SceneViewer:
         work = Path(work)
         self.backend = backend
         self.model = load_trained(stage_output(work, "train", "model.pt"), model_device(backend))
-        self.K, self.w2c, _ = load_cameras(stage_output(work, "cameras", "cameras.json"))
-        self.posed = posed_frames(self.w2c)
+        _, self.K, self.w2c, self.posed = posed_cameras(work)
         self.num_frames = int(self.model.meta["num_frames"])
         self.width, self.height = int(self.model.meta["width"]), int(self.model.meta["height"])
         self.renders = 0

@@ -35,3 +35,13 @@ def synthetic_frames_dir(synthetic_scene, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("frames")
     frames.run({"source": synthetic_scene.root / "images"}, frames.Params(), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_flow_dir(synthetic_frames_dir, tmp_path_factory) -> Path:
+    """Flow stage output (DIS, default consecutive and long-range pairs) over the synthetic frames."""
+    from stages import flow
+
+    out = tmp_path_factory.mktemp("flow")
+    flow.run({"frames": synthetic_frames_dir}, flow.Params(), out)
+    return out

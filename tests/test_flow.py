@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,14 +25,6 @@ def _torchvision_imports() -> bool:
 
 
 HAS_TORCHVISION = _torchvision_imports()
-
-
-@pytest.fixture(scope="module")
-def flow_dir(synthetic_frames_dir, tmp_path_factory) -> Path:
-    """The flow stage (default parameters) run on the synthetic scene."""
-    out = tmp_path_factory.mktemp("flow")
-    flow.run({"frames": synthetic_frames_dir}, flow.Params(), out)
-    return out
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -117,38 +108,38 @@ def test_missing_inputs_and_absurd_exhaustive_are_refused(tmp_path, synthetic_fr
 
 # ----------------------------------------------------------------------------- synthetic scene
 
-def test_stage_outputs_parse(flow_dir, synthetic_scene):
-    meta = json.loads((flow_dir / flow.PAIRS_FILE).read_text())
+def test_stage_outputs_parse(synthetic_flow_dir, synthetic_scene):
+    meta = json.loads((synthetic_flow_dir / flow.PAIRS_FILE).read_text())
     assert meta["backend"] == "dis"
-    pairs = flow.list_pairs(flow_dir)
+    pairs = flow.list_pairs(synthetic_flow_dir)
     num_frames = synthetic_scene.num_frames
     assert pairs == flow.select_pairs(num_frames, flow.Params().max_offset)
-    with np.load(flow_dir / flow.PAIRS_DIR / "000000_000001.npz") as data:
+    with np.load(synthetic_flow_dir / flow.PAIRS_DIR / "000000_000001.npz") as data:
         assert data["forward"].dtype == np.float16 and data["backward"].dtype == np.float16
         assert data["forward"].shape == (synthetic_scene.height, synthetic_scene.width, 2)
         assert data["valid_forward"].dtype == bool and data["valid_backward"].dtype == bool
-    consecutive = sorted(path.name for path in (flow_dir / flow.VIS_DIR).glob("*.png"))
+    consecutive = sorted(path.name for path in (synthetic_flow_dir / flow.VIS_DIR).glob("*.png"))
     assert consecutive == [f"{flow.pair_name(t, t + 1)}.png" for t in range(num_frames - 1)]
-    assert read_rgb(flow_dir / flow.VIS_DIR / consecutive[0]).shape == (synthetic_scene.height, synthetic_scene.width, 3)
+    assert read_rgb(synthetic_flow_dir / flow.VIS_DIR / consecutive[0]).shape == (synthetic_scene.height, synthetic_scene.width, 3)
 
 
-def test_load_pair_swaps_directions(flow_dir):
-    pair = flow.load_pair(flow_dir, 2, 4)
-    swapped = flow.load_pair(flow_dir, 4, 2)
+def test_load_pair_swaps_directions(synthetic_flow_dir):
+    pair = flow.load_pair(synthetic_flow_dir, 2, 4)
+    swapped = flow.load_pair(synthetic_flow_dir, 4, 2)
     assert pair["forward"].dtype == np.float32
     np.testing.assert_array_equal(swapped["forward"], pair["backward"])
     np.testing.assert_array_equal(swapped["valid_backward"], pair["valid_forward"])
     with pytest.raises(InputError):
-        flow.load_pair(flow_dir, 0, 3)
+        flow.load_pair(synthetic_flow_dir, 0, 3)
 
 
-def test_dis_epe_and_occlusion_recall_against_ground_truth(flow_dir, synthetic_scene):
+def test_dis_epe_and_occlusion_recall_against_ground_truth(synthetic_flow_dir, synthetic_scene):
     """Consecutive pairs: EPE on valid pixels < 1 px for every pair; the validity mask flags
     >= 70% of the pixels GT marks occluded (pooled over all pairs)."""
     scene = synthetic_scene
     occluded_total = occluded_flagged = 0
     for t in range(scene.num_frames - 1):
-        pair = flow.load_pair(flow_dir, t, t + 1)
+        pair = flow.load_pair(synthetic_flow_dir, t, t + 1)
         valid, occluded = pair["valid_forward"], scene.flow_occluded[t]
         epe = np.linalg.norm(pair["forward"] - scene.flow[t], axis=-1)
         assert epe[valid].mean() < 1.0, f"pair {t}: EPE {epe[valid].mean():.3f} px"
@@ -159,10 +150,10 @@ def test_dis_epe_and_occlusion_recall_against_ground_truth(flow_dir, synthetic_s
     assert occluded_flagged / occluded_total >= 0.7
 
 
-def test_long_range_pairs_are_usable(flow_dir, synthetic_scene):
+def test_long_range_pairs_are_usable(synthetic_flow_dir, synthetic_scene):
     """Offset-8 pairs: valid pixels still have sub-2-pixel EPE against the exact flow."""
     gt_flow, _ = synthetic_scene.flow_between(0, 8)
-    pair = flow.load_pair(flow_dir, 0, 8)
+    pair = flow.load_pair(synthetic_flow_dir, 0, 8)
     epe = np.linalg.norm(pair["forward"] - gt_flow, axis=-1)
     assert np.median(epe[pair["valid_forward"]]) < 2.0
     assert pair["valid_forward"].mean() > 0.5

@@ -29,14 +29,6 @@ def mean_iou(predicted: np.ndarray, truth: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def synthetic_flow_dir(synthetic_frames_dir, tmp_path_factory) -> Path:
-    """Flow stage output (DIS, default pairs) over the synthetic scene's frames."""
-    out = tmp_path_factory.mktemp("flow")
-    flow_stage.run({"frames": synthetic_frames_dir}, flow_stage.Params(), out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def motion_run(synthetic_frames_dir, synthetic_flow_dir, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("masks_motion")
     result = masks.run({"frames": synthetic_frames_dir, "flow": synthetic_flow_dir}, masks.Params(), out)

@@ -18,18 +18,10 @@ WINDOW = 16  # frames on either side of the query frame over which 2D tracks are
 
 
 @pytest.fixture(scope="module")
-def flow_dir(synthetic_frames_dir, tmp_path_factory) -> Path:
-    """The flow stage (default parameters: consecutive and long-range pairs) on the synthetic scene."""
-    out = tmp_path_factory.mktemp("flow")
-    flow.run({"frames": synthetic_frames_dir}, flow.Params(), out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tracks_dir(synthetic_frames_dir, flow_dir, tmp_path_factory) -> tuple[Path, dict]:
+def tracks_dir(synthetic_frames_dir, synthetic_flow_dir, tmp_path_factory) -> tuple[Path, dict]:
     """The tracks stage (2D only: no align/cameras inputs) and its figures."""
     out = tmp_path_factory.mktemp("tracks")
-    figures = tracks.run({"frames": synthetic_frames_dir, "flow": flow_dir}, tracks.Params(), out)
+    figures = tracks.run({"frames": synthetic_frames_dir, "flow": synthetic_flow_dir}, tracks.Params(), out)
     return out, figures
 
 
@@ -147,12 +139,12 @@ def test_missing_inputs_are_refused(tmp_path, synthetic_frames_dir):
 
 # ----------------------------------------------------------------------------- synthetic scene
 
-def test_tracking_masks_flag_occlusions_inside_the_image(flow_dir, synthetic_scene):
+def test_tracking_masks_flag_occlusions_inside_the_image(synthetic_flow_dir, synthetic_scene):
     """Forward-backward consistency alone misses most occlusions inside the image (DIS smooths
     flow across the thin occluded bands); with motion boundaries the masks tracks use flag most
     of them while keeping most pixels."""
     scene = synthetic_scene
-    load = tracks.tracking_pair_loader(flow_dir, tracks.Params())
+    load = tracks.tracking_pair_loader(synthetic_flow_dir, tracks.Params())
     rows, cols = np.mgrid[0:scene.height, 0:scene.width]
     occluded_total = flagged = valid_total = 0
     for t in range(scene.num_frames - 1):
@@ -168,7 +160,7 @@ def test_tracking_masks_flag_occlusions_inside_the_image(flow_dir, synthetic_sce
     assert valid_total / ((scene.num_frames - 1) * scene.height * scene.width) > 0.8
 
 
-def test_tracks_from_ground_truth_queries(flow_dir, synthetic_scene):
+def test_tracks_from_ground_truth_queries(synthetic_flow_dir, synthetic_scene):
     """Seeded at the GT tracks' query points: median error < 2 px within 16 frames of the query
     frame where both agree the point is visible; tracks rarely claim occluded points."""
     scene = synthetic_scene
@@ -180,7 +172,7 @@ def test_tracks_from_ground_truth_queries(flow_dir, synthetic_scene):
     def seeder(t: int, live: np.ndarray, seedable: np.ndarray) -> np.ndarray:
         return queries[order[query_frame[order] == t]]
 
-    load = tracks.tracking_pair_loader(flow_dir, tracks.Params())
+    load = tracks.tracking_pair_loader(synthetic_flow_dir, tracks.Params())
     xy, visible, seeded_frame = tracks.chain_flow_tracks(load, scene.num_frames, seeder, 10 * count)
     assert len(xy) == count
     inverse = np.argsort(order)
@@ -239,11 +231,11 @@ def test_stage_writes_parseable_tracks_video_and_still(tracks_dir, synthetic_sce
     assert not (out / tracks.PAIRS3D_FILE).exists()  # no align/cameras inputs: 2D only
 
 
-def test_lifted_pairs_match_ground_truth_motion(flow_dir, synthetic_scene):
+def test_lifted_pairs_match_ground_truth_motion(synthetic_flow_dir, synthetic_scene):
     """GT depth and cameras; with the exact flow the endpoints are exact, with the DIS flow of
     the flow stage (tracking masks) the median error stays far below 3% of the scene extent."""
     scene = synthetic_scene
-    load = tracks.tracking_pair_loader(flow_dir, tracks.Params())
+    load = tracks.tracking_pair_loader(synthetic_flow_dir, tracks.Params())
     rng = np.random.default_rng(0)
     for source in ("exact", "dis"):
         errors = []
@@ -283,7 +275,7 @@ def _write_ground_truth_align_and_cameras(scene, root: Path) -> tuple[Path, Path
     return align_dir, cameras_dir
 
 
-def test_stage_writes_3d_pairs_with_align_and_cameras(synthetic_frames_dir, flow_dir, synthetic_scene, tmp_path):
+def test_stage_writes_3d_pairs_with_align_and_cameras(synthetic_frames_dir, synthetic_flow_dir, synthetic_scene, tmp_path):
     pytest.importorskip("stages.align")
     pytest.importorskip("stages.cameras")
     scene = synthetic_scene
@@ -291,14 +283,14 @@ def test_stage_writes_3d_pairs_with_align_and_cameras(synthetic_frames_dir, flow
     out = tmp_path / "tracks"
     out.mkdir()
     params = tracks.Params(points_per_pair=300, make_video=False)
-    figures = tracks.run({"frames": synthetic_frames_dir, "flow": flow_dir, "align": align_dir,
+    figures = tracks.run({"frames": synthetic_frames_dir, "flow": synthetic_flow_dir, "align": align_dir,
                           "cameras": cameras_dir}, params, out)
     pairs3d = tracks.load_pairs3d(out)
     total = len(pairs3d["src_xyz"])
     assert figures["num_pairs3d"] == total
     counts = json.loads((out / tracks.PAIRS3D_COUNTS_FILE).read_text())
     assert counts["total"] == total == sum(sum(both) for both in counts["counts"].values())
-    lifted_pairs = [pair for pair in flow.list_pairs(flow_dir) if 3 not in pair]
+    lifted_pairs = [pair for pair in flow.list_pairs(synthetic_flow_dir) if 3 not in pair]
     assert sorted(counts["counts"]) == sorted(flow.pair_name(i, j) for i, j in lifted_pairs)
     assert all(0 < count <= 300 for both in counts["counts"].values() for count in both)
     assert any("not registered" in note for note in figures["notes"])
