@@ -1,0 +1,175 @@
+"""The dynamic Gaussian scene: canonical 3D Gaussians, a static/dynamic split and a deformation.
+
+State is kept the way Dynamic 3D Gaussians and gsplat keep it:
+
+- ``params``: the optimised per-Gaussian tensors (``torch.nn.Parameter``, first dimension N,
+  the names gsplat's densification strategies expect): ``means (N, 3)`` canonical positions
+  (world units), ``quats (N, 4)`` canonical rotations (wxyz, not necessarily normalised),
+  ``scales (N, 3)`` log of the standard deviations, ``opacities (N,)`` logits, ``sh0 (N, 1, 3)``
+  and ``shN (N, K - 1, 3)`` spherical-harmonics colour coefficients (``K = (degree + 1)^2``; the
+  DC term of colour ``c`` in [0, 1] is ``(c - 0.5) / SH_C0``).
+- ``variables``: non-optimised per-Gaussian state, the dict gsplat's ``DefaultStrategy`` keeps
+  its running statistics in (so densification duplicates, splits and prunes it along with the
+  parameters): ``is_dynamic (N,)`` bool, plus the strategy's ``grad2d``/``count``/``scene_scale``.
+- ``field``: the :class:`~models.deformation.DeformationField` (an ``nn.Module`` with its own
+  optimiser) that moves the dynamic Gaussians. Static Gaussians never move.
+
+Cameras follow OpenCV (x right, y down, z forward); ``w2c`` is 4x4 world-to-camera and ``K``
+3x3 pixel intrinsics with pixel centres at half-integers. Time is normalised, ``t = i / (T - 1)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field as dataclass_field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.deformation import DeformationField, quaternion_multiply
+
+#: Zeroth-order spherical-harmonics basis constant, 1 / (2 sqrt(pi)).
+SH_C0 = 0.28209479177387814
+#: Version of the checkpoint layout written by :func:`save_model`.
+CHECKPOINT_FORMAT = 1
+
+
+def num_sh_bases(degree: int) -> int:
+    """Number of SH coefficients per channel for a degree: ``(degree + 1)^2``."""
+    return (degree + 1) ** 2
+
+
+def rgb_to_sh0(rgb: Tensor) -> Tensor:
+    """DC SH coefficient of colours in [0, 1] (any shape)."""
+    return (rgb - 0.5) / SH_C0
+
+
+def sh0_to_rgb(sh0: Tensor) -> Tensor:
+    """Colour in [0, 1] (unclamped) of a DC SH coefficient (any shape)."""
+    return sh0 * SH_C0 + 0.5
+
+
+def create_params(means: Tensor, rgb: Tensor, scales: Tensor, is_dynamic: Tensor, sh_degree: int,
+                  opacity: float) -> tuple[dict[str, torch.nn.Parameter], dict]:
+    """Fresh ``params`` and ``variables`` for Gaussians at ``means (N, 3)`` with colours
+    ``rgb (N, 3)`` in [0, 1], isotropic or anisotropic standard deviations ``scales (N, 3)``
+    (world units, > 0), identity rotations and the same ``opacity`` in (0, 1)."""
+    count = len(means)
+    quats = torch.zeros(count, 4, dtype=torch.float32, device=means.device)
+    quats[:, 0] = 1.0
+    params = {
+        "means": means.float(),
+        "quats": quats,
+        "scales": torch.log(scales.float()),
+        "opacities": torch.full((count,), float(np.log(opacity / (1.0 - opacity))), device=means.device),
+        "sh0": rgb_to_sh0(rgb.float())[:, None, :],
+        "shN": torch.zeros(count, num_sh_bases(sh_degree) - 1, 3, device=means.device),
+    }
+    params = {name: torch.nn.Parameter(value.contiguous()) for name, value in params.items()}
+    return params, {"is_dynamic": is_dynamic.bool().to(means.device)}
+
+
+def gaussians_at(params: dict[str, Tensor], variables: dict, field: DeformationField,
+                 time: float) -> dict[str, Tensor]:
+    """The Gaussians at normalised ``time``, activated: ``means (N, 3)`` world, ``quats (N, 4)``
+    unit wxyz, ``scales (N, 3)`` standard deviations, ``opacities (N,)`` in (0, 1) and
+    ``sh (N, K, 3)`` colour coefficients. Dynamic Gaussians are moved, turned and rescaled by
+    the deformation field; static ones are returned as they are. Also ``dynamic (D,)``, the
+    indices of the dynamic Gaussians, and their ``rotation_delta (D, 4)`` (unit wxyz, canonical
+    -> ``time``) for the physical priors. Differentiable."""
+    dynamic = torch.nonzero(variables["is_dynamic"], as_tuple=True)[0]
+    means, quats, log_scales = params["means"], torch.nn.functional.normalize(params["quats"], dim=-1), params["scales"]
+    rotation_delta = quats.new_zeros(0, 4)
+    if len(dynamic):
+        canonical = means[dynamic]
+        rotation_delta, log_scale_delta = field.shape_deltas(canonical, time)
+        means = means.index_put((dynamic,), field.to_time(canonical, time))
+        quats = quats.index_put((dynamic,), quaternion_multiply(rotation_delta, quats[dynamic]))
+        log_scales = log_scales.index_put((dynamic,), log_scales[dynamic] + log_scale_delta)
+    return {"means": means, "quats": quats, "scales": torch.exp(log_scales),
+            "opacities": torch.sigmoid(params["opacities"]),
+            "sh": torch.cat([params["sh0"], params["shN"]], dim=1),
+            "dynamic": dynamic, "rotation_delta": rotation_delta}
+
+
+def render(params: dict[str, Tensor], variables: dict, field: DeformationField, time: float, K: Tensor,
+           w2c: Tensor, width: int, height: int, sh_degree: int, background: Tensor | None = None,
+           backend: str = "auto") -> dict:
+    """Render one camera at normalised ``time``.
+
+    ``K (3, 3)``, ``w2c (4, 4)`` float32 tensors on the model's device; ``sh_degree`` is the
+    degree used now (<= the stored one); ``background (3,)`` RGB in [0, 1] (None: black).
+    Returns ``rgb (H, W, 3)``, ``depth (H, W)`` expected z-depth (world units; meaningless where
+    ``alpha`` is ~0), ``alpha (H, W)``, the rasterizer's gsplat-compatible ``info`` dict
+    (``means2d`` keeps its gradient for densification) and ``gaussians``, the output of
+    :func:`gaussians_at` (for the priors).
+    """
+    from models.rasterizer import rasterization
+
+    gaussians = gaussians_at(params, variables, field, time)
+    sh = gaussians["sh"][:, :num_sh_bases(sh_degree)]
+    colors, alphas, info = rasterization(
+        means=gaussians["means"], quats=gaussians["quats"], scales=gaussians["scales"],
+        opacities=gaussians["opacities"], colors=sh, viewmats=w2c[None], Ks=K[None], width=width, height=height,
+        sh_degree=sh_degree, backgrounds=None if background is None else background[None],
+        render_mode="RGB+ED", backend=backend)
+    return {"rgb": colors[0, ..., :3], "depth": colors[0, ..., 3], "alpha": alphas[0, ..., 0], "info": info,
+            "gaussians": gaussians}
+
+
+@dataclass
+class SceneModel:
+    """A loaded model: ``params``, ``variables`` and ``field`` as described in the module
+    docstring, and ``meta``, the plain-data description written with it (frame count, image
+    size, held-out frames, the parameters of the stage that wrote it...)."""
+
+    params: dict[str, torch.nn.Parameter]
+    variables: dict
+    field: DeformationField
+    meta: dict = dataclass_field(default_factory=dict)
+
+    @property
+    def num_gaussians(self) -> int:
+        """Number of Gaussians N."""
+        return int(self.params["means"].shape[0])
+
+    @property
+    def num_dynamic(self) -> int:
+        """Number of dynamic Gaussians."""
+        return int(self.variables["is_dynamic"].sum())
+
+    @property
+    def sh_degree(self) -> int:
+        """The highest SH degree the colour coefficients hold."""
+        return int(round(np.sqrt(self.params["shN"].shape[1] + 1))) - 1
+
+
+def save_model(path: str | Path, model: SceneModel, extra: dict | None = None) -> None:
+    """Write a model (and optional ``extra`` plain data / tensors, e.g. optimiser states) to
+    ``path`` with ``torch.save``; the file is replaced atomically."""
+    path = Path(path)
+    content = {
+        "format": CHECKPOINT_FORMAT,
+        "params": {name: value.detach().cpu() for name, value in model.params.items()},
+        "is_dynamic": model.variables["is_dynamic"].cpu(),
+        "field_config": model.field.export_config(),
+        "field_state": {name: value.cpu() for name, value in model.field.state_dict().items()},
+        "meta": model.meta,
+        "extra": extra or {},
+    }
+    temporary = path.with_name(path.name + ".partial")
+    torch.save(content, temporary)
+    temporary.replace(path)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[SceneModel, dict]:
+    """Read a file written by :func:`save_model`. Returns the model on ``device`` (parameters
+    requiring gradients) and the ``extra`` dict. Raises ``ValueError`` for another layout."""
+    content = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(content, dict) or content.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a mono4d Gaussian checkpoint (format {CHECKPOINT_FORMAT})")
+    params = {name: torch.nn.Parameter(value.to(device)) for name, value in content["params"].items()}
+    field = DeformationField.from_export(content["field_config"])
+    field.load_state_dict(content["field_state"])
+    variables = {"is_dynamic": content["is_dynamic"].to(device)}
+    return SceneModel(params, variables, field.to(device), content["meta"]), content["extra"]
