@@ -47,13 +47,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
 from data.errors import InputError, ParameterError
 from data.geometry import intrinsics_matrix, project_points
 from data.images import read_rgb, write_rgb
+from data.video import write_video
 
 logger = logging.getLogger(__name__)
 
@@ -701,7 +701,8 @@ def generate(out_dir: str | Path, preset: str = "ci", seed: int = 0, **overrides
     tracks_xy, tracks_visible, tracks_xyz = _tracks(model, queries, query_frames)
     extent = float(np.linalg.norm(high - low))
 
-    _write_video(root / "video.mp4", images, config.fps)
+    write_video(root / "video.mp4", images, config.fps)
+    logger.info("wrote %s", root / "video.mp4")
     cameras = {
         "width": width, "height": height, "fps": config.fps, "num_frames": frames,
         "model": "PINHOLE", "units": "metric", "convention": CONVENTIONS["camera"] + "; " + CONVENTIONS["pixels"],
@@ -731,20 +732,6 @@ def generate(out_dir: str | Path, preset: str = "ci", seed: int = 0, **overrides
     return SyntheticScene(root, preset, seed, config, images, model.K.copy(), model.w2c.copy(), depth, masks,
                           flow, occluded, tracks_xy, tracks_visible, tracks_xyz, query_frames, extent,
                           dict(LABELS), model)
-
-
-def _write_video(path: Path, images: np.ndarray, fps: float) -> None:
-    """Write ``(T, H, W, 3)`` uint8 RGB frames as an mp4v video."""
-    height, width = images.shape[1:3]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))
-    if not writer.isOpened():
-        raise OSError(f"could not open an mp4v video writer for {path}")
-    try:
-        for image in images:
-            writer.write(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    finally:
-        writer.release()
-    logger.info("wrote %s", path)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -323,3 +323,25 @@ def iter_frames(source: FrameSource, indices: Sequence[int] | None = None) -> It
             yield int(index), float(source.timestamps[index]), frame
     finally:
         capture.release()
+
+
+def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float) -> int:
+    """Write ``(H, W, 3)`` uint8 RGB frames (an array ``(T, H, W, 3)`` or any iterable, consumed
+    lazily) as an mp4v MP4; the size is taken from the first frame. Returns the frame count.
+    Raises OSError when OpenCV cannot open a writer."""
+    writer = None
+    count = 0
+    try:
+        for frame in frames:
+            if writer is None:
+                height, width = frame.shape[:2]
+                writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), max(float(fps), 1.0),
+                                         (width, height))
+                if not writer.isOpened():
+                    raise OSError(f"could not open an mp4v video writer for {path}")
+            writer.write(cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2BGR))
+            count += 1
+    finally:
+        if writer is not None:
+            writer.release()
+    return count

@@ -37,6 +37,8 @@ STAGE_MODULES: dict[str, str] = {
     "depth": "stages.depth",
     "align": "stages.align",
     "tracks": "stages.tracks",
+    "init": "stages.init",
+    "train": "stages.train",
 }
 
 

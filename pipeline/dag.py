@@ -26,6 +26,11 @@ def upstream(stage: str, config: Config) -> list[str]:
         return ["depth", "cameras", "masks"] if params.use_masks else ["depth", "cameras"]
     if stage == "tracks":
         return ["frames", "flow", "cameras", "align"]
+    if stage == "init":
+        return ["frames", "cameras", "align", "masks", "tracks"]
+    if stage == "train":
+        needed = ["init", "frames", "cameras", "align", "masks"]
+        return needed + ["tracks"] if params.reprojection_weight > 0 else needed
     raise KeyError(stage)
 
 

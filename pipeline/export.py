@@ -397,7 +397,7 @@ def export_video(work: Path, out: Path, backend: str) -> list[Path]:
     docstring)."""
     from data.geometry import scale_intrinsics
     from stages.train import load_trained
-    from stages.train_outputs import write_video
+    from data.video import write_video
 
     model = load_trained(stage_output(work, "train", "model.pt"), model_device(backend))
     _, K, w2c, posed = posed_cameras(work)

@@ -154,5 +154,20 @@ class Tracks(StageTask):
     stage = "tracks"
 
 
+class Init(StageTask):
+    """Stage 1 of the optimizer: deformation fitted to the 3D flow pairs, canonical Gaussians (stages/init.py)."""
+
+    stage = "init"
+    uses_gpu = True
+
+
+class Train(StageTask):
+    """Stage 2: photometric + ordinal depth + priors optimisation, renders, exports (stages/train.py)."""
+
+    stage = "train"
+    uses_gpu = True
+
+
 #: Stage name -> task class, in pipeline order.
-TASKS: dict[str, type[StageTask]] = {task.stage: task for task in (Frames, Flow, Masks, Cameras, Depth, Align, Tracks)}
+TASKS: dict[str, type[StageTask]] = {task.stage: task for task in (Frames, Flow, Masks, Cameras, Depth, Align, Tracks,
+                                                                    Init, Train)}

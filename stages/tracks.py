@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from data.errors import InputError, ParameterError
 from data.images import read_rgb, write_rgb
+from data.video import write_video
 from stages import flow as flow_stage
 
 logger = logging.getLogger(__name__)
@@ -409,15 +410,12 @@ def write_pictures(out_dir: Path, images: Callable[[int], np.ndarray], xy: np.nd
     window = (max(0, middle - 2 * _TAIL_FRAMES), min(num_frames - 1, middle + 2 * _TAIL_FRAMES))
     write_rgb(out_dir / STILL_FILE, draw_tracks(images(middle), xy, visible, colors, *window, middle))
     if make_video:
-        writer = cv2.VideoWriter(str(out_dir / VIDEO_FILE), cv2.VideoWriter_fourcc(*"mp4v"), max(fps, 1.0),
-                                 (width, height))
-        if not writer.isOpened():
-            notes.append("OpenCV could not open an mp4v video writer: tracks.mp4 was not written")
-        else:
-            for t in tqdm(range(num_frames), desc="tracks video", unit="frame", leave=False):
-                frame = draw_tracks(images(t), xy, visible, colors, max(0, t - _TAIL_FRAMES), t, t)
-                writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-            writer.release()
+        frames = (draw_tracks(images(t), xy, visible, colors, max(0, t - _TAIL_FRAMES), t, t)
+                  for t in tqdm(range(num_frames), desc="tracks video", unit="frame", leave=False))
+        try:
+            write_video(out_dir / VIDEO_FILE, frames, fps)
+        except OSError as error:
+            notes.append(f"{error}: {VIDEO_FILE} was not written")
     return notes
 
 

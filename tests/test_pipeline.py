@@ -276,13 +276,14 @@ def test_synth_command_writes_a_scene(tmp_path, capsys):
 
 @pytest.fixture()
 def full_run(tmp_path):
-    """The whole DAG on the tiny synthetic scene (weights-free backends), run once."""
+    """The DAG up to tracks on the tiny synthetic scene (weights-free backends); init and train
+    have their own tests (they take minutes at a useful budget)."""
     from data import synthetic
     from pipeline.runner import run_pipeline
 
     scene = synthetic.generate(tmp_path / "scene", preset="tiny", seed=1)
     work = tmp_path / "ws"
-    summary = run_pipeline(work, scene.root / "video.mp4", preset="cpu")
+    summary = run_pipeline(work, scene.root / "video.mp4", until="tracks", preset="cpu")
     return work, scene, summary
 
 
@@ -296,7 +297,7 @@ def test_parameter_change_reruns_exactly_the_stage_and_its_downstream(full_run):
     work, scene, summary = full_run
     assert summary.ran == ["frames", "flow", "masks", "cameras", "depth", "align", "tracks"]
     before = stage_mtimes(work)
-    again = run_pipeline(work, preset="cpu", overrides=["depth.sfm_median=3"])
+    again = run_pipeline(work, until="tracks", preset="cpu", overrides=["depth.sfm_median=3"])
     assert again.ran == ["depth", "align", "tracks"]
     after = stage_mtimes(work)
     for stage in ("frames", "flow", "masks", "cameras"):
@@ -305,7 +306,7 @@ def test_parameter_change_reruns_exactly_the_stage_and_its_downstream(full_run):
         assert after[stage] > before[stage], f"{stage} was not rewritten"
     assert manifest(work, "depth")["params"]["sfm_median"] == 3
     assert manifest(work, "align")["upstream"]["depth"] == Workspace(work).manifest_hash("depth")
-    assert run_pipeline(work, preset="cpu", overrides=["depth.sfm_median=3"]).ran == []
+    assert run_pipeline(work, until="tracks", preset="cpu", overrides=["depth.sfm_median=3"]).ran == []
 
 
 def test_forced_rerun_of_a_middle_stage_reruns_its_downstream(full_run, capsys):
@@ -318,7 +319,7 @@ def test_forced_rerun_of_a_middle_stage_reruns_its_downstream(full_run, capsys):
     lines = {line.split()[0]: line for line in table.splitlines()[1:]}
     assert "stale" in lines["tracks"] and "parameter grid_step changed: 8 -> 6" in lines["tracks"]
     assert all("done" in lines[s] for s in ("frames", "flow", "masks", "cameras", "depth", "align"))
-    summary = run_pipeline(work, preset="cpu", rerun=["cameras"])
+    summary = run_pipeline(work, until="tracks", preset="cpu", rerun=["cameras"])
     assert summary.ran == ["cameras", "depth", "align", "tracks"]
 
 

@@ -14,7 +14,6 @@ import urllib.parse
 from html.parser import HTMLParser
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -22,6 +21,7 @@ from PIL import Image
 from data.errors import ParameterError, StageFailure
 from data.images import read_gray, read_rgb, write_gray, write_rgb
 from data.visualize import colorize, colorize_depth, flow_to_color, overlay_labels
+from data.video import write_video
 from pipeline.config import STAGE_MODULES
 from pipeline.report import collect_series, line_chart, video_to_gif, write_report
 from pipeline.runner import run_pipeline
@@ -42,15 +42,6 @@ def write_manifest(stage_dir: Path, stage: str, params: dict, figures: dict, not
                 "finished_at": "2025-01-01T00:00:01+00:00", "wall_time_s": 1.25, "figures": figures,
                 "notes": notes or []}
     (stage_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
-
-
-def write_video(path: Path, images: np.ndarray, fps: float = 8.0) -> None:
-    """An mp4v video of ``(T, H, W, 3)`` RGB images (what the stages write; browsers may not play it)."""
-    height, width = images.shape[1:3]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-    for image in images:
-        writer.write(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    writer.release()
 
 
 def handmade_stages(work: Path, scene, flow_offsets: tuple[int, ...] = (1, 2), dynamic_params: int = 1) -> None:
