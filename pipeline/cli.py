@@ -23,12 +23,25 @@ from pipeline.config import PRESETS, STAGE_MODULES
 logger = logging.getLogger("mono4d")
 
 
+class StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever ``sys.stderr`` is when a record is emitted
+    (test runners and notebooks swap it; a handler bound to an old, closed stream would fail)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property ignores it
+        pass
+
+
 def configure_logging(verbose: bool) -> None:
     """mono4d messages at INFO (DEBUG with --verbose); Luigi's own chatter only with --verbose."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname).1s %(name)s: %(message)s" if verbose else "%(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -119,7 +119,7 @@ def handmade_stages(work: Path, scene, flow_offsets: tuple[int, ...] = (1, 2), d
     np.savez_compressed(tracks_dir / "tracks.npz", xy=scene.tracks_xy.astype(np.float32),
                         visible=scene.tracks_visible, query_frame=np.zeros(len(scene.tracks_xy), np.int32))
     write_rgb(tracks_dir / "tracks.png", scene.images[T // 2])
-    write_video(tracks_dir / "tracks.mp4", scene.images)
+    write_video(tracks_dir / "tracks.mp4", scene.images, fps=8.0)
     write_manifest(tracks_dir, "tracks", {"grid_step": 8}, {"num_tracks": len(scene.tracks_xy)})
 
     train_dir = work / "train"
@@ -133,7 +133,7 @@ def handmade_stages(work: Path, scene, flow_offsets: tuple[int, ...] = (1, 2), d
         write_rgb(train_dir / "eval" / "gt" / f"{names[t]}.png", scene.images[t])
         noisy = np.clip(scene.images[t].astype(np.int16) + rng.integers(-20, 21, scene.images[t].shape), 0, 255)
         write_rgb(train_dir / "eval" / "renders" / f"{names[t]}.png", noisy.astype(np.uint8))
-    write_video(train_dir / "novel_view.mp4", scene.images[::-1])
+    write_video(train_dir / "novel_view.mp4", scene.images[::-1], fps=8.0)
     write_manifest(train_dir, "train", {"iterations": 200}, {"psnr": 29.5})
 
 
