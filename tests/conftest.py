@@ -45,3 +45,15 @@ def synthetic_flow_dir(synthetic_frames_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("flow")
     flow.run({"frames": synthetic_frames_dir}, flow.Params(), out)
     return out
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """One torch thread for a module's tests: on the shared 2-core machines a second thread
+    mostly waits (several times slower when other processes run); restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,6 +16,8 @@ from data.images import write_gray
 PAIR_OFFSETS = (1, 2, 4, 8)
 PAIRS_PER_DIRECTION = 600
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 
 def write_ground_truth_stages(scene, frames_dir: Path, root: Path, seed: int = 0) -> dict[str, Path]:
     """Write the synthetic scene's ground truth as the outputs of the cameras, align, masks and
@@ -61,18 +63,6 @@ def write_ground_truth_stages(scene, frames_dir: Path, root: Path, seed: int = 0
     np.savez_compressed(dirs["tracks"] / "tracks.npz", xy=scene.tracks_xy.astype(np.float32),
                         visible=scene.tracks_visible, query_frame=np.zeros(len(scene.tracks_xy), np.int32))
     return {"frames": frames_dir, **dirs}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    """One torch thread: on the shared 2-core machines a second thread mostly waits (several
-    times slower when other processes run); restored afterwards."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

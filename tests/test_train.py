@@ -19,17 +19,7 @@ from tests.test_init import write_ground_truth_stages
 TEST_INIT = dict(max_static=12000, max_dynamic=4000, fit_iterations=200, fit_batch=2048, sh_degree=1)
 QUICK = dict(make_videos=False, export_ply=False, eval_every=0, refine_start=100, refine_every=100)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    """One torch thread: on the shared 2-core machines a second thread mostly waits (several
-    times slower when other processes run); restored afterwards."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
