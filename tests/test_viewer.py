@@ -18,6 +18,8 @@ pytest.importorskip("viser")
 #: Upper bound (seconds) of every wait on the server.
 WAIT_S = 30.0
 
+from tests.test_report_browser import browser  # noqa: F401  (the shared headless-Chromium fixture)
+
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
@@ -44,7 +46,7 @@ def render_from(viewer, frame: int, w2c: np.ndarray, width: int, height: int, ti
 
 
 class BrowserStandIn:
-    """What a browser does over viser's websocket: send camera / GUI messages, read the windows
+    """What a client does over viser's websocket: send camera / GUI messages, read the windows
     of messages the server pushes."""
 
     def __init__(self, port: int) -> None:
@@ -158,29 +160,29 @@ def test_viewer_serves_the_page_and_renders_for_a_browser_camera(viewer, workspa
         assert response.status == 200
     assert "<title>Viser</title>" in page and 'id="root"' in page
 
-    browser = BrowserStandIn(viewer.port)
+    client = BrowserStandIn(viewer.port)
     try:
-        browser.send_camera(scene.w2c[0], viewer.fov_y(0), scene.width, scene.height)
-        label = browser.wait_for(lambda m: m["type"] == "SetGuiPanelLabelMessage")
+        client.send_camera(scene.w2c[0], viewer.fov_y(0), scene.width, scene.height)
+        label = client.wait_for(lambda m: m["type"] == "SetGuiPanelLabelMessage")
         assert label["label"] == "mono4d"
-        slider = browser.wait_for(lambda m: m["type"] == "GuiSliderMessage" and m["props"]["label"] == "time")
+        slider = client.wait_for(lambda m: m["type"] == "GuiSliderMessage" and m["props"]["label"] == "time")
         expected = render_from(viewer, 0, scene.w2c[0], scene.width, scene.height, 0.0)
-        first = browser.wait_for_image(expected)
+        first = client.wait_for_image(expected)
         assert first.shape == (scene.height, scene.width, 3)
 
-        # Moving the time slider (as the browser does) renders the scene at the new time.
-        browser.send(_messages.GuiUpdateMessage(uuid=slider["uuid"], updates={"value": 1.0}))
+        # Moving the time slider (as the client does) renders the scene at the new time.
+        client.send(_messages.GuiUpdateMessage(uuid=slider["uuid"], updates={"value": 1.0}))
         expected_later = render_from(viewer, 0, scene.w2c[0], scene.width, scene.height, 1.0)
         assert np.abs(expected_later.astype(float) - expected).mean() > 1.0  # the dynamic Gaussians move
-        browser.wait_for_image(expected_later)
+        client.wait_for_image(expected_later)
         assert float(viewer.time.value) == 1.0
 
         # A camera move renders from the new camera (at the slider's time), at most max_side = 96 wide.
-        browser.send_camera(scene.w2c[11], viewer.fov_y(11), 2 * scene.width, 2 * scene.height)
-        browser.wait_for_image(render_from(viewer, 11, scene.w2c[11], scene.width, scene.height, 1.0))
+        client.send_camera(scene.w2c[11], viewer.fov_y(11), 2 * scene.width, 2 * scene.height)
+        client.wait_for_image(render_from(viewer, 11, scene.w2c[11], scene.width, scene.height, 1.0))
         assert viewer.renders >= 3
     finally:
-        browser.close()
+        client.close()
     viewer.stop()
     assert all(not thread.is_alive() for thread in viewer._threads)
     with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
@@ -211,25 +213,12 @@ def test_viewer_reports_missing_stages_and_bad_options(workspace, tmp_path):
         serve_viewer(work, port=0, backend="vulkan")
 
 
-def test_viewer_in_headless_chromium(workspace, tmp_path):
+def test_viewer_in_headless_chromium(workspace, browser, tmp_path):
     """viser's own web client (headless Chromium) connects, shows the render as the background,
     and shows the new render after the time changes."""
     from data.images import read_rgb
     from pipeline.viewer import serve_viewer
-    from tests.test_report_browser import CHROMIUM_ARGS, WebDriver, find_executable
 
-    chromium = find_executable("MONO4D_CHROMIUM", "chromium", "chromium-browser")
-    chromedriver = find_executable("MONO4D_CHROMEDRIVER", "chromedriver")
-    if chromium is None or chromedriver is None:
-        pytest.skip("headless Chromium is not installed (Debian: apt-get install chromium chromium-driver)")
-    import socket
-    import subprocess
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        driver_port = probe.getsockname()[1]
-    driver = subprocess.Popen([chromedriver, f"--port={driver_port}"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
     viewer = serve_viewer(workspace[0], port=0, max_side=128, backend="torch")
 
     def wait_until(condition, what: str) -> None:
@@ -241,36 +230,19 @@ def test_viewer_in_headless_chromium(workspace, tmp_path):
 
     def settled_screenshot(name: str) -> np.ndarray:
         time.sleep(2.0)  # let the browser fade in the picture it received
-        web.screenshot(tmp_path / name)
+        browser.screenshot(tmp_path / name)
         return read_rgb(tmp_path / name)[200:-200, 100:-400].astype(float)  # away from the GUI panels
 
     try:
-        def driver_ready() -> bool:
-            try:
-                WebDriver.call(f"http://127.0.0.1:{driver_port}/status", timeout=2)
-                return True
-            except (OSError, AssertionError):
-                return False
-
-        wait_until(driver_ready, "chromedriver")
-        capabilities = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
-            "binary": chromium, "args": [*CHROMIUM_ARGS, f"--user-data-dir={tmp_path / 'profile'}"]}}}}
-        session = WebDriver.call(f"http://127.0.0.1:{driver_port}/session", "POST", capabilities)
-        web = WebDriver(driver_port, session["sessionId"])
-        try:
-            web.call(f"{web.base}/url", "POST", {"url": viewer.url})
-            wait_until(lambda: viewer.renders >= 1, "the first render")
-            first = settled_screenshot("first.png")
-            saturation = first.max(axis=2) - first.min(axis=2)
-            assert (saturation > 20).mean() > 0.5  # the rendered scene in colour, not viser's empty grey page
-            rendered = viewer.renders
-            viewer.time.value = 1.0
-            wait_until(lambda: viewer.renders > rendered, "the render at the new time")
-            later = settled_screenshot("later.png")
-            assert np.abs(later - first).mean() > 3.0  # the dynamic Gaussians moved on screen
-        finally:
-            WebDriver.call(web.base, "DELETE")
+        browser.call(f"{browser.base}/url", "POST", {"url": viewer.url})
+        wait_until(lambda: viewer.renders >= 1, "the first render")
+        first = settled_screenshot("first.png")
+        saturation = first.max(axis=2) - first.min(axis=2)
+        assert (saturation > 20).mean() > 0.5  # the rendered scene in colour, not viser's empty grey page
+        rendered = viewer.renders
+        viewer.time.value = 1.0
+        wait_until(lambda: viewer.renders > rendered, "the render at the new time")
+        later = settled_screenshot("later.png")
+        assert np.abs(later - first).mean() > 3.0  # the dynamic Gaussians moved on screen
     finally:
         viewer.stop()
-        driver.terminate()
-        driver.wait(timeout=20)
