@@ -374,6 +374,19 @@ def write_scatter(path: Path, sfm_depth: np.ndarray, aligned: np.ndarray, inlier
     write_rgb(path, canvas)
 
 
+def read_depth_kind(align_dir: Path) -> str | None:
+    """The depth stage's kind ("relative_inverse", "metric", "sfm") the align stage recorded in
+    ``alignment.json``; None when the file is absent (e.g. aligned depth written by other tools)."""
+    path = Path(align_dir) / "alignment.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("depth_kind")
+    except (json.JSONDecodeError, AttributeError) as error:
+        raise InputError(f"{path} is not a valid alignment record ({error})",
+                         "rerun the align stage (delete the folder or change an align parameter)") from None
+
+
 def load_aligned_depth(align_dir: Path) -> np.ndarray:
     """Read the align stage's output: ``(T, H, W)`` float32 z-depth in the cameras' units, 0 = invalid."""
     align_dir = Path(align_dir)

@@ -9,7 +9,8 @@ or fixed background and minimises
 - ``ordinal_weight`` x the ordinal depth loss (MoDGS): random pixel pairs whose aligned (prior)
   depths differ by more than ``ordinal_min_gap`` of the frame's depth range are penalised by
   ``|tanh(ordinal_alpha * (R_a - R_b) / range) - sign(D_a - D_b)|`` (R rendered depth), so only
-  the prior's depth *order* is trusted;
+  the prior's depth *order* is trusted; pixels of moving objects are left out when the prior
+  cannot measure them (``prior_on_dynamic``: the weights-free ``sfm`` depth);
 - ``depth_l1_weight`` x mean ``|R - D| / median(D)`` (off by default: mono depth is rarely metric);
 - ``reprojection_weight`` x the track reprojection error (needs the tracks stage): track points
   lifted with the rendered depth, moved by the deformation to another training frame and
@@ -65,6 +66,9 @@ logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 BACKGROUNDS = ("random", "black", "white")
+PRIOR_ON_DYNAMIC = ("auto", "use", "ignore")
+#: Depth kinds (``alignment.json``'s ``depth_kind``) measured under a static-scene assumption.
+STATIC_SCENE_DEPTH_KINDS = ("sfm",)
 #: Candidate pixel pairs drawn per step for the ordinal loss (those with too close prior depths are dropped).
 ORDINAL_CANDIDATES_FACTOR = 2
 #: Reprojection errors are capped at this fraction of the image's larger side (outlier tracks).
@@ -90,6 +94,11 @@ class Params:
     ordinal_min_gap: pairs whose prior depths differ by less than this fraction of the frame's
         depth range are not used.
     depth_l1_weight: weight of the L1 loss to the aligned depth (0 = off).
+    prior_on_dynamic: whether the depth-prior losses (ordinal, depth L1) use the pixels the masks
+        stage marks dynamic: "use", "ignore", or "auto" = ignore them when the aligned depth comes
+        from the ``sfm`` depth backend (multi-view stereo cannot measure moving objects; its depth
+        there is interpolated from the surrounding background, so its order is wrong exactly
+        where an object stands in front of the background) and use them otherwise.
     reprojection_weight: weight of the track reprojection loss (0 = off; needs the tracks stage).
     reprojection_tracks: tracks per step in that loss.
     rigidity_weight, rotation_weight, isometry_weight: weights of Dynamic 3D Gaussians' local
@@ -131,6 +140,7 @@ class Params:
     ordinal_pairs: int = 4096
     ordinal_min_gap: float = 0.05
     depth_l1_weight: float = 0.0
+    prior_on_dynamic: str = "auto"
     reprojection_weight: float = 0.0
     reprojection_tracks: int = 1024
     rigidity_weight: float = 0.0
@@ -187,6 +197,9 @@ class Params:
                                  "use e.g. ordinal_alpha=50, ordinal_min_gap=0.05")
         if not 0 < self.refine_stop_fraction <= 1:
             raise ParameterError(f"train.refine_stop_fraction={self.refine_stop_fraction} is not in (0, 1]", "use 0.75")
+        if self.prior_on_dynamic not in PRIOR_ON_DYNAMIC:
+            raise ParameterError(f"train.prior_on_dynamic={self.prior_on_dynamic!r} is unknown",
+                                 f"use one of {', '.join(PRIOR_ON_DYNAMIC)}")
         if self.background not in BACKGROUNDS:
             raise ParameterError(f"train.background={self.background!r} is unknown", f"use one of {', '.join(BACKGROUNDS)}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -389,6 +402,11 @@ def track_reprojection(model, data: TrainingData, frame: int, rendered_depth, pa
                              float(data.times[target]), REPROJECTION_CAP * max(data.width, data.height))
 
 
+def ignores_dynamic_prior(setting: str, depth_kind: str | None) -> bool:
+    """Whether the depth-prior losses leave out dynamic pixels (``Params.prior_on_dynamic``)."""
+    return setting == "ignore" or (setting == "auto" and depth_kind in STATIC_SCENE_DEPTH_KINDS)
+
+
 def needs_priors(params: Params) -> bool:
     """Whether any physical prior is on."""
     return params.rigidity_weight > 0 or params.rotation_weight > 0 or params.isometry_weight > 0
@@ -569,7 +587,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
 
     from stages import init as init_stage
     from stages import train_outputs
-    from stages.align import load_aligned_depth
+    from stages.align import load_aligned_depth, read_depth_kind
     from stages.cameras import load_cameras
     from stages.frames import load_frames, read_frames_meta
     from stages.masks import load_masks
@@ -599,6 +617,11 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
         if tuple(shape) != expected:
             raise InputError(f"{what} {tuple(shape)} do not match the init stage's frames {expected}",
                              "rerun init and train on the same upstream outputs")
+    depth_kind = read_depth_kind(inputs["align"])
+    if ignores_dynamic_prior(params.prior_on_dynamic, depth_kind):
+        depth = np.where(masks > 0, 0.0, depth).astype(np.float32)
+        notes.append(f"depth-prior losses skip the dynamic pixels of the masks stage (aligned depth kind "
+                     f"{depth_kind!r}; train.prior_on_dynamic={params.prior_on_dynamic})")
     tracks = None
     if "tracks" in inputs and params.reprojection_weight > 0:
         from stages.tracks import load_tracks

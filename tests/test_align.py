@@ -150,6 +150,7 @@ def test_alignment_json_records_every_frame_and_flags_outliers(synthetic_scene, 
     out, _ = aligned
     meta = json.loads((out / "alignment.json").read_text())
     assert meta["depth_kind"] == "relative_inverse" and meta["fit_space"] == "inverse_depth"
+    assert align.read_depth_kind(out) == "relative_inverse"
     assert meta["masks_used"] is True and meta["invalid"] == "0"
     frames = meta["frames"]
     assert [f["index"] for f in frames] == list(range(synthetic_scene.num_frames))
@@ -197,6 +198,15 @@ def test_metric_depth_is_fitted_in_depth_space(synthetic_scene, geometry, tmp_pa
     np.testing.assert_allclose(shifts, -0.2 / 1.3, atol=0.02)
     depth = align.load_aligned_depth(tmp_path / "out")
     assert abs_rel(depth, synthetic_scene.depth, synthetic_scene.masks == 0) < 0.01
+
+
+def test_depth_kind_of_a_foreign_or_broken_align_folder(tmp_path):
+    from data.errors import InputError
+
+    assert align.read_depth_kind(tmp_path) is None  # aligned depth written by other tools
+    (tmp_path / "alignment.json").write_text("{not json")
+    with pytest.raises(InputError, match="not a valid alignment record"):
+        align.read_depth_kind(tmp_path)
 
 
 def test_robust_fit_rejects_gross_outliers():

@@ -153,10 +153,19 @@ def test_reprojection_and_priors_run(stage_inputs, tmp_path):
     assert math.isfinite(figures["psnr_heldout"])
 
 
+def test_prior_on_dynamic_follows_the_depth_kind():
+    from stages.train import ignores_dynamic_prior
+
+    assert ignores_dynamic_prior("auto", "sfm")  # stereo interpolates moving objects from the background
+    assert not ignores_dynamic_prior("auto", "relative_inverse") and not ignores_dynamic_prior("auto", None)
+    assert ignores_dynamic_prior("ignore", "metric") and not ignores_dynamic_prior("use", "sfm")
+
+
 def test_train_rejects_bad_params_and_inputs(stage_inputs, tmp_path):
     from stages import train
 
-    for bad in (dict(iterations=0), dict(background="green"), dict(ssim_weight=2.0), dict(downscale=1.5)):
+    for bad in (dict(iterations=0), dict(background="green"), dict(ssim_weight=2.0), dict(downscale=1.5),
+                dict(prior_on_dynamic="sometimes")):
         with pytest.raises(ParameterError):
             train.Params(**bad).validate()
     without_tracks = {key: value for key, value in stage_inputs.items() if key != "tracks"}
