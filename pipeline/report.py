@@ -79,6 +79,9 @@ ERROR_VMAX = 0.2
 CURVE_FILE = re.compile(r"curve|loss|metric|histor", re.IGNORECASE)
 STEP_KEYS = ("step", "steps", "iteration", "iterations", "iter", "epoch")
 GROUND_TRUTH_DIRS = ("gt", "ground_truth", "groundtruth", "target", "targets", "reference")
+#: Sibling folders of a ground-truth folder whose name holds one of these are not colour renders
+#: of it (depth pictures, side-by-side composites, error maps) and are not scored against it.
+NOT_COLOUR_RENDERS = ("depth", "compare", "error", "mask", "alpha")
 CHART_COLORS = ("#1a67d2", "#e37400", "#1e8e3e", "#9334e6", "#c5221f", "#12a4af")
 
 
@@ -730,9 +733,14 @@ def curves_views(page: StagePage) -> list[View]:
         groups: dict[str, dict[str, list[float]]] = {}
         collect_series(read_json(path), "", groups)
         charts = []
+        top_step_key = next((key for key in STEP_KEYS if key in groups.get("", {})), None)
+        top_steps = list(groups[""][top_step_key]) if top_step_key else None
         for group, series in groups.items():
             step_key = next((key for key in STEP_KEYS if key in series), None)
             steps = series.pop(step_key) if step_key else None
+            if steps is None and top_steps is not None and all(len(v) == len(top_steps) for v in series.values()):
+                # a nested group (e.g. loss parts) recorded at the top level's steps
+                step_key, steps = top_step_key, top_steps
 
             def xy(values: list[float]) -> tuple[Sequence[float], list[float]]:
                 return (steps if steps is not None and len(steps) == len(values) else range(len(values))), values
@@ -762,7 +770,8 @@ def render_views(page: StagePage) -> list[View]:
                         if path.is_dir() and path.name.lower() in GROUND_TRUTH_DIRS)
     for truth_dir in truth_dirs:
         truths = image_files(truth_dir)
-        for render_dir in sorted(path for path in truth_dir.parent.iterdir() if path.is_dir() and path != truth_dir):
+        for render_dir in sorted(path for path in truth_dir.parent.iterdir() if path.is_dir() and path != truth_dir
+                                 and not any(word in path.name.lower() for word in NOT_COLOUR_RENDERS)):
             renders = image_files(render_dir)
             common = sorted(set(truths) & set(renders))
             if not common:
@@ -1022,7 +1031,7 @@ def navigation(stages: Sequence[str], runs: Sequence[Run], current: str | None) 
 
 
 def stage_page(stage: str, runs: Sequence[Run], stages: Sequence[str], report_dir: Path) -> str:
-    """The page of one stage: state, figures, notes, parameters, views, provenance, log."""
+    """The page of one stage: state, figures, notes, views (pictures first), parameters, provenance, log."""
     parts = [f"<h1>{esc(stage)}</h1>", side_by_side(runs, [state_block(run, stage) for run in runs])]
     manifests = [run.manifest(stage) for run in runs]
     figures = [manifest.get("figures") or {} for manifest in manifests]
@@ -1032,6 +1041,11 @@ def stage_page(stage: str, runs: Sequence[Run], stages: Sequence[str], report_di
     if any(notes):
         parts += ["<h2>Notes</h2>", side_by_side(runs, [reasons_list(note) or '<p class="muted">none</p>'
                                                         for note in notes])]
+    all_views = [build_views(StagePage(run, stage, report_dir)) for run in runs]
+    for title in dict.fromkeys(view.title for views in all_views for view in views):
+        cells = ["".join(view.body for view in views if view.title == title)
+                 or '<p class="muted">not in this run</p>' for views in all_views]
+        parts += [f"<h2>{esc(title)}</h2>", side_by_side(runs, cells)]
     params = [run.params(stage) for run in runs]
     parts.append("<h2>Parameters</h2>")
     for run, (_, ran) in zip(runs, params):
@@ -1040,11 +1054,6 @@ def stage_page(stage: str, runs: Sequence[Run], stages: Sequence[str], report_di
                          "the recorded run configuration.</p>")
     parts.append(key_value_table([values for values, _ in params], runs, "parameter",
                                  sources=[lambda key, run=run: run.param_source(stage, key) for run in runs]))
-    all_views = [build_views(StagePage(run, stage, report_dir)) for run in runs]
-    for title in dict.fromkeys(view.title for views in all_views for view in views):
-        cells = ["".join(view.body for view in views if view.title == title)
-                 or '<p class="muted">not in this run</p>' for views in all_views]
-        parts += [f"<h2>{esc(title)}</h2>", side_by_side(runs, cells)]
     if any(manifests):
         parts += ["<h2>Provenance</h2>", key_value_table([provenance(m) for m in manifests], runs, "fingerprint part"),
                   "<details><summary>library versions</summary>",

@@ -10,7 +10,8 @@ Files under the stage folder:
 - ``curves.json`` / ``curves.png``: loss terms and training-step PSNR every ``log_every`` steps,
   held-out PSNR/SSIM every ``eval_every`` steps, Gaussian counts.
 - ``renders/heldout`` and ``renders/train``: ``rgb/{i:06d}.png``, ``depth/{i:06d}.npy`` (float32
-  expected z-depth, world units), ``depth_vis/{i:06d}.png``; ``renders/heldout/compare`` puts
+  expected z-depth, world units), ``depth_vis/{i:06d}.png``, ``gt/{i:06d}.png`` (the frame at
+  training resolution, what ``rgb`` is scored against); ``renders/heldout/compare`` puts
   frame | render | rendered depth side by side.
 - ``novel_view.mp4``: the input trajectory swaying sideways by ``novel_offset`` x scene scale, time
   following the frames; ``time_sweep.mp4``: the middle training camera fixed, time 0 -> 1.
@@ -63,7 +64,7 @@ def score_frames(model, data, frames: list[int], params, render_dir: Path | None
 
     per_frame: dict[int, dict] = {}
     if render_dir is not None:
-        for sub in ("rgb", "depth", "depth_vis") + (("compare",) if compare else ()):
+        for sub in ("rgb", "depth", "depth_vis", "gt") + (("compare",) if compare else ()):
             (render_dir / sub).mkdir(parents=True, exist_ok=True)
     for frame in frames:
         view = render_view(model, data, float(data.times[frame]), data.K[frame], data.w2c[frame], params)
@@ -84,8 +85,9 @@ def score_frames(model, data, frames: list[int], params, render_dir: Path | None
             np.save(render_dir / "depth" / f"{name}.npy", view["depth"])
             depth_picture = colorize_depth(view["depth"], view["alpha"] > 0.5)
             write_rgb(render_dir / "depth_vis" / f"{name}.png", depth_picture)
+            frame_image = data.images[frame].cpu().numpy()
+            write_rgb(render_dir / "gt" / f"{name}.png", frame_image)
             if compare:
-                frame_image = data.images[frame].cpu().numpy()
                 write_rgb(render_dir / "compare" / f"{name}.png",
                           np.concatenate([frame_image, view["rgb"], depth_picture], axis=1))
     keys = sorted({key for scores in per_frame.values() for key in scores})

@@ -5,6 +5,7 @@ with the ordinal depth loss off, to measure what the loss does to the depth orde
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -82,3 +83,32 @@ def test_ordinal_depth_loss_improves_depth_order_of_the_renders(runs, synthetic_
     static = {name: order_accuracy(work, synthetic_scene, dynamic=False) for name, work in runs.items()}
     assert static["on"] > static["off"] + 0.006, static
     assert whole["on"] > whole["off"] + 0.003, whole
+
+
+def test_report_of_the_trained_runs_and_their_comparison(runs, tmp_path):
+    """``mono4d inspect`` on real train outputs: renders next to their ground truth with error maps
+    (only the colour renders, not the depth pictures), loss parts plotted against steps, and the
+    two runs side by side with the changed parameter."""
+    from tests.test_report import local_target, parse, text_of
+
+    assert main(["inspect", str(runs["on"])]) == 0
+    page = runs["on"] / "report" / "train.html"
+    text = text_of(page)
+    for split in ("heldout", "train"):
+        assert f"Renders vs ground truth: renders/{split}/rgb" in text
+        assert f"Renders vs ground truth: renders/{split}/depth_vis" not in text
+    heldout_psnr = figures(runs["on"], "train")["psnr_heldout"]
+    shown = [float(value) for value in re.findall(r"rgb \d{6}\.png · PSNR ([\d.]+) dB", text)]
+    assert len(shown) >= 3 and abs(np.mean(shown[:3]) - heldout_psnr) < 3.0, (shown, heldout_psnr)
+    links = parse(page).images
+    assert sum("error_rgb_" in link for link in links) >= 3
+    assert all(local_target(page, link).is_file() for link in links if local_target(page, link))
+    assert "parts ordinal" in text and "parts photometric" in text
+    assert text.index("Renders vs ground truth") < text.index("Parameters")  # pictures before the tables
+
+    out = tmp_path / "comparison"
+    assert main(["inspect", str(runs["on"]), "--compare", str(runs["off"]), "--out", str(out)]) == 0
+    compared = (out / "train.html").read_text()
+    assert '<tr class="diff"><th>ordinal_weight</th><td class="num">0.1' in compared
+    for stage in ("frames", "flow", "init"):  # shared upstream: nothing differs
+        assert '<tr class="diff">' not in (out / f"{stage}.html").read_text().split("<h2>Provenance</h2>")[0]
