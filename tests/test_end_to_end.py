@@ -4,7 +4,6 @@ torch rasterizer), scored against the scene's ground truth; then the train stage
 with the ordinal depth loss off, to measure what the loss does to the depth order of the renders."""
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
+from pipeline.workspace import Workspace
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -22,7 +22,7 @@ ORDER_PAIRS = 50000
 
 
 def figures(work: Path, stage: str) -> dict:
-    return json.loads((work / stage / "manifest.json").read_text())["figures"]
+    return Workspace(work).read_manifest(stage)["figures"]
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +64,14 @@ def test_cpu_preset_reaches_22db_on_held_out_frames(runs):
     assert train["psnr_heldout"] > 22.0, train
     assert train["ssim_heldout"] > 0.8 and train["psnr_train"] > 22.0
     assert train["psnr_dynamic_heldout"] > 17.0  # the moving cube and blob, not only the background
-    config = json.loads((runs["on"] / "config.json").read_text())
-    stage_params = {stage: json.loads((runs["on"] / stage / "manifest.json").read_text())["params"]
+    workspace = Workspace(runs["on"])
+    config = workspace.read_config()
+    stage_params = {stage: workspace.read_manifest(stage)["params"]
                     for stage in ("flow", "masks", "depth", "train")}
     assert (stage_params["flow"]["backend"], stage_params["masks"]["backend"], stage_params["depth"]["backend"],
             stage_params["train"]["backend"]) == ("dis", "motion", "sfm", "torch"), config
     assert (runs["on"] / "train" / "novel_view.mp4").is_file()
-    notes = json.loads((runs["on"] / "train" / "manifest.json").read_text())["notes"]
+    notes = workspace.read_manifest("train")["notes"]
     assert any("skip the dynamic pixels" in note for note in notes), notes  # sfm depth: prior_on_dynamic=auto
 
 
