@@ -18,7 +18,8 @@ import sys
 from typing import Sequence
 
 from data.errors import Mono4dError, ParameterError
-from pipeline.config import PRESETS, STAGE_MODULES
+from pipeline.config import PRESETS
+from pipeline.registry import STAGES
 
 logger = logging.getLogger("mono4d")
 
@@ -45,6 +46,9 @@ def configure_logging(verbose: bool) -> None:
     handler.setFormatter(logging.Formatter("%(levelname).1s %(name)s: %(message)s" if verbose else "%(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # A stage's log file on a full or read-only disk must not print logging's own tracebacks; the
+    # stage reports the failed write itself.
+    logging.raiseExceptions = verbose
     for name in ("luigi", "luigi-interface", "luigi.scheduler"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     for name in ("PIL", "matplotlib", "urllib3", "filelock", "httpx", "huggingface_hub"):
@@ -70,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the pipeline (only what is missing or stale)")
     run.add_argument("input", nargs="?", help="video file or folder of images (default: the workspace's recorded input)")
     run.add_argument("--work", required=True, metavar="DIR", help="workspace folder (created if missing)")
-    run.add_argument("--until", choices=list(STAGE_MODULES), metavar="STAGE",
-                     help=f"stop after this stage (one of: {', '.join(STAGE_MODULES)})")
+    run.add_argument("--until", choices=list(STAGES), metavar="STAGE",
+                     help=f"stop after this stage (one of: {', '.join(STAGES)})")
     run.add_argument("--rerun", action="append", default=[], metavar="STAGE",
                      help="recompute this stage and everything downstream even if cached (repeatable)")
     run.add_argument("--workers", type=int, default=1, help="Luigi worker processes (default 1)")

@@ -14,10 +14,11 @@ import luigi.rpc
 
 from data.errors import InputError, ModelUnavailableError, Mono4dError, ParameterError, StageFailure
 from pipeline import dag
-from pipeline.config import DEFAULT_CONFIG_FILE, STAGE_MODULES, load_config
+from pipeline.config import DEFAULT_CONFIG_FILE, load_config
+from pipeline.registry import STAGES
 from pipeline.state import RunState
-from pipeline.tasks import TASKS
-from pipeline.workspace import Workspace
+from pipeline.tasks import task_class
+from pipeline.workspace import WRITE_FAILURE_HINT, Workspace
 
 logger = logging.getLogger("mono4d")
 
@@ -42,8 +43,8 @@ class RunSummary:
 
 
 def check_stage_name(name: str, option: str) -> str:
-    if name not in STAGE_MODULES:
-        raise ParameterError(f"{option}: unknown stage {name!r}", f"stages are: {', '.join(STAGE_MODULES)}")
+    if name not in STAGES:
+        raise ParameterError(f"{option}: unknown stage {name!r}", f"stages are: {', '.join(STAGES)}")
     return name
 
 
@@ -84,6 +85,7 @@ def run_pipeline(work: str | Path, input_path: str | Path | None = None, until: 
     exception) when a stage fails; everything completed before it stays cached.
     """
     workspace = Workspace(work)
+    workspace.check_usable()
     source = resolve_input(workspace, input_path)
     config = load_config(preset, overrides, config_files)
     target = check_stage_name(until, "--until") if until else dag.final_stage()
@@ -94,7 +96,7 @@ def run_pipeline(work: str | Path, input_path: str | Path | None = None, until: 
     with workspace.lock():
         workspace.clean_temp()
         workspace.clear_errors()
-        run_config = {
+        run_config: dict[str, Any] = {
             "input": str(source),
             "config": config.to_json(),
             "run_id": uuid.uuid4().hex,
@@ -102,7 +104,11 @@ def run_pipeline(work: str | Path, input_path: str | Path | None = None, until: 
             "target": target,
             "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        workspace.write_config(run_config)
+        try:
+            workspace.write_config(run_config)
+        except OSError as error:
+            raise ParameterError(f"cannot write in the workspace {workspace.root}: {error.strerror or error}",
+                                 WRITE_FAILURE_HINT) from None
         state = RunState(workspace, run_config)
         stages = dag.closure(target, config)
         todo = [name for name in stages if state.state(name).status != "done"]
@@ -115,7 +121,7 @@ def run_pipeline(work: str | Path, input_path: str | Path | None = None, until: 
         if todo:
             configure_luigi(config_files, rpc_retry_attempts=1 if scheduler_host else None)
             try:
-                luigi.build([TASKS[target](work=str(workspace.root))], workers=workers, **scheduler)
+                luigi.build([task_class(target)(work=str(workspace.root))], workers=workers, **scheduler)
             except luigi.rpc.RPCError:
                 raise ParameterError(f"cannot reach the Luigi scheduler at {scheduler_host}:{scheduler_port}",
                                      "start it with `luigid --port PORT` on that host, or drop --scheduler-host "
@@ -140,6 +146,11 @@ def run_pipeline(work: str | Path, input_path: str | Path | None = None, until: 
         raise error_from_record(workspace, *failure)
     not_run = [o.stage for o in outcomes if o.action == "not run"]
     if not_run:
+        # A stage that could not even record its error: most likely the workspace refused writes.
+        problem = workspace.probe_write()
+        if problem is not None:
+            raise StageFailure(f"stage {not_run[0]} could not finish: the workspace {workspace.root} cannot be "
+                               f"written: {problem.strerror or problem}", WRITE_FAILURE_HINT)
         raise StageFailure(f"stages did not run: {', '.join(not_run)}",
                            "run again with --verbose to see the scheduler's log")
     return summary
