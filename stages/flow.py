@@ -47,6 +47,12 @@ BACKENDS = ("dis", "raft")
 DIS_PRESETS = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST, "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
                "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}
 DEVICES = ("auto", "cpu", "cuda")
+#: Smallest frame side (pixels) OpenCV DIS accepts: it refuses smaller frames, and crashes (segfault)
+#: when its finest pyramid level is smaller than this (measured with OpenCV 5.1).
+DIS_MIN_SIDE = 12
+#: Smallest frame side (pixels) RAFT accepts: frames are padded to multiples of 8 and its 4-level
+#: correlation pyramid needs feature maps (1/8 resolution) of at least 16 on each side.
+RAFT_MIN_SIDE = 121
 # DIS's auto finest level keeps at least this many pixels on the longer side of the working image.
 _DIS_MIN_WORKING_SIDE = 480
 # cv2.remap refuses maps with a side of 32767 or more: point sets are sampled in rows of this length.
@@ -218,11 +224,15 @@ class DisFlow:
         self.blur = float(blur)
 
     def finest_level(self, height: int, width: int) -> int:
-        """The finest pyramid level for frames of this size (resolves ``finest_scale`` -1 = auto)."""
+        """The finest pyramid level for frames of this size (resolves ``finest_scale`` -1 = auto),
+        coarsened no further than a working image of :data:`DIS_MIN_SIDE` pixels on its shorter side."""
         if self.finest_scale >= 0:
-            return self.finest_scale
-        level = self.preset_finest_scale
-        while level > 0 and max(height, width) / 2 ** level < _DIS_MIN_WORKING_SIDE:
+            level = self.finest_scale
+        else:
+            level = self.preset_finest_scale
+            while level > 0 and max(height, width) / 2 ** level < _DIS_MIN_WORKING_SIDE:
+                level -= 1
+        while level > 0 and min(height, width) / 2 ** level < DIS_MIN_SIDE:
             level -= 1
         return level
 
@@ -297,6 +307,13 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
             f"(limit: flow.exhaustive_max_frames={params.exhaustive_max_frames})",
             "turn flow.exhaustive off (offsets 1, 2, 4 ... up to flow.max_offset scale to long clips), "
             "or raise flow.exhaustive_max_frames")
+    meta = frames.read_frames_meta(inputs["frames"])
+    minimum = RAFT_MIN_SIDE if params.backend == "raft" else DIS_MIN_SIDE
+    if min(int(meta["width"]), int(meta["height"])) < minimum:
+        raise InputError(f"the frames are {meta['width']}x{meta['height']} pixels: flow.backend={params.backend} "
+                         f"needs at least {minimum} pixels on each side",
+                         "use flow.backend=dis (from 12 pixels) or larger frames (frames.max_side, a larger source)"
+                         if params.backend == "raft" else "use larger frames (frames.max_side, a larger source)")
     pairs = select_pairs(num_frames, params.max_offset, params.sparse_long_range, params.exhaustive)
     engine, batch_size = make_backend(params)
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from data import video
 from data.errors import InputError, ParameterError
 from data.images import read_rgb, write_rgb
+from stages.flow import DIS_MIN_SIDE, RAFT_MIN_SIDE
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +148,23 @@ def resize_to_max_side(image: np.ndarray, max_side: int) -> np.ndarray:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
+def check_frame_size(width: int, height: int, source_size: tuple[int, int], params: Params, source: Path) -> None:
+    """Raise :class:`InputError` when frames of ``width`` x ``height`` pixels (after the resize
+    of ``params.max_side``; ``source_size`` (width, height) before it) are smaller than the flow
+    stage's backends accept: :data:`~stages.flow.DIS_MIN_SIDE` pixels on each side."""
+    if min(width, height) >= DIS_MIN_SIDE:
+        return
+    resized = (width, height) != tuple(source_size)
+    what = (f"{source_size[0]}x{source_size[1]} pixels, {width}x{height} after frames.max_side={params.max_side}"
+            if resized else f"{width}x{height} pixels")
+    raise InputError(
+        f"the frames of {source} are {what}: optical flow needs at least {DIS_MIN_SIDE} pixels on each side "
+        f"(OpenCV DIS; RAFT needs {RAFT_MIN_SIDE})",
+        "raise frames.max_side (0 keeps the source size)" if resized and min(source_size) >= DIS_MIN_SIDE else
+        f"give a video or images of at least {DIS_MIN_SIDE}x{DIS_MIN_SIDE} pixels (a few hundred per side for a "
+        "useful reconstruction)")
+
+
 def _selection_error(source: video.FrameSource, params: Params, selected: int) -> InputError:
     """The error for a selection of fewer than :data:`MIN_FRAMES` frames."""
     length = (f"the clip is {source.duration_s:.2f} s long" if source.complete
@@ -191,8 +209,11 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     size: tuple[int, int] = (0, 0)
     decoded = video.iter_frames(source, selected)
     for number, (_, _, frame) in enumerate(tqdm(decoded, total=int(selected.size), desc="frames", unit="frame")):
+        source_size = (frame.shape[1], frame.shape[0])
         frame = resize_to_max_side(frame, params.max_side)
         size = (frame.shape[1], frame.shape[0])
+        if number == 0:
+            check_frame_size(*size, source_size, params, source_path)
         relative = f"{IMAGES_DIR}/{number:06d}.{params.format}"
         write_rgb(Path(out_dir) / relative, frame, jpeg_quality=params.jpeg_quality)
         files.append(relative)

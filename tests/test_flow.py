@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from data.errors import InputError, ModelUnavailableError, ParameterError
-from data.images import read_rgb
+from data.images import read_rgb, write_rgb
 from models import raft
-from stages import flow
+from stages import flow, frames
 from tests.conftest import SHARED_MODELS, shared_path
 
 
@@ -95,6 +95,27 @@ def test_dis_auto_finest_scale_keeps_detail_on_small_frames():
     assert engine.finest_level(144, 192) == 0
     assert engine.finest_level(540, 960) == 1
     assert flow.DisFlow("medium", finest_scale=2).finest_level(144, 192) == 2
+
+
+def test_dis_finest_level_never_shrinks_the_working_image_below_the_minimum():
+    # OpenCV DIS crashes (segfault) when its finest level is smaller than 12 pixels on a side.
+    assert flow.DisFlow("ultrafast", finest_scale=2).finest_level(12, 40) == 0
+    assert flow.DisFlow("medium", finest_scale=8).finest_level(50, 400) == 2
+    rng = np.random.default_rng(0)
+    first = rng.integers(0, 255, (12, 40), dtype=np.uint8)
+    forward, backward = flow.DisFlow("ultrafast", finest_scale=2)([(first, np.roll(first, 1, axis=1))])[0]
+    assert forward.shape == (12, 40, 2) and np.isfinite(forward).all() and np.isfinite(backward).all()
+
+
+def test_frames_too_small_for_raft_are_refused_before_loading_it(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(2):
+        write_rgb(images / f"{index}.png", np.full((64, 96, 3), 40 * index, np.uint8))
+    frames.run({"source": images}, frames.Params(), tmp_path / "frames")
+    with pytest.raises(InputError, match="96x64 pixels: flow.backend=raft needs at least 121") as error:
+        flow.run({"frames": tmp_path / "frames"}, flow.Params(backend="raft"), tmp_path / "flow")
+    assert "flow.backend=dis" in error.value.hint
 
 
 def test_missing_inputs_and_absurd_exhaustive_are_refused(tmp_path, synthetic_frames_dir):

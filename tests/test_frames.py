@@ -278,6 +278,25 @@ def test_selection_too_small(tmp_path):
     assert not (out / "frames.json").exists()
 
 
+@pytest.mark.parametrize("size", [(1, 1), (11, 40), (200, 8)])
+def test_frames_smaller_than_the_flow_backends_accept_are_rejected(tmp_path, size):
+    folder = _write_folder(tmp_path / "tiny", ["a.png", "b.png", "c.png"], size)
+    out = tmp_path / "out"
+    error = _assert_error(InputError, f"{size[0]}x{size[1]} pixels: optical flow needs at least 12 pixels on each side",
+                          lambda: _run(folder, out))
+    assert "at least 12x12 pixels" in error.hint
+    assert not (out / "frames.json").exists() and not list(out.rglob("*.png"))
+    _run(_write_folder(tmp_path / "smallest", ["a.png", "b.png"], (12, 12)), tmp_path / "ok")  # the minimum works
+
+
+def test_a_resize_below_the_flow_minimum_names_max_side(tmp_path):
+    folder = _write_folder(tmp_path / "strip", ["a.png", "b.png"], (400, 20))
+    error = _assert_error(InputError, "400x20 pixels, 192x10 after frames.max_side=192",
+                          lambda: _run(folder, tmp_path / "out", max_side=192))
+    assert "frames.max_side" in error.hint
+    assert _run(folder, tmp_path / "ok", max_side=240)["height"] == 12
+
+
 @pytest.mark.parametrize("params, match", [
     ({"fps": -1.0}, "fps must be >= 0"),
     ({"fps": float("nan")}, "fps must be >= 0"),
