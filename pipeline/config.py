@@ -2,7 +2,8 @@
 
 Precedence, lowest first:
 
-1. the ``Params`` dataclass defaults of each stage module (``stages/<name>.py``);
+1. the ``Params`` dataclass defaults of each stage module (``stages/<name>.py``, declared in
+   :data:`pipeline.registry.STAGES`);
 2. the stage sections of ``luigi.cfg`` files: the repository's own, then ``./luigi.cfg`` in the
    working directory, then any ``--config FILE`` given on the command line;
 3. the chosen preset (``[preset.cpu]`` / ``[preset.gpu]`` sections, ``stage.param = value``);
@@ -16,50 +17,16 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import difflib
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Mapping, Sequence
 
 from data.errors import ParameterError
+from pipeline.registry import STAGES, cuda_available
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG_FILE = REPO_ROOT / "luigi.cfg"
 PRESETS = ("cpu", "gpu")
-
-#: Stage name -> module, in pipeline order. The DAG itself (who needs whom) is in pipeline/tasks.py.
-STAGE_MODULES: dict[str, str] = {
-    "frames": "stages.frames",
-    "flow": "stages.flow",
-    "masks": "stages.masks",
-    "cameras": "stages.cameras",
-    "depth": "stages.depth",
-    "align": "stages.align",
-    "tracks": "stages.tracks",
-    "init": "stages.init",
-    "train": "stages.train",
-}
-
-
-def stage_module(stage: str) -> ModuleType:
-    """The ``stages.<name>`` module of a stage (with its ``Params`` and ``run``)."""
-    return importlib.import_module(STAGE_MODULES[stage])
-
-
-def cuda_available() -> bool:
-    """Whether a CUDA device can be used.
-
-    Machines without an NVIDIA device node answer at once; only where one exists is torch
-    imported (seconds) to ask it, so CPU-only runs and no-op reruns start fast.
-    """
-    if not any(Path("/dev").glob("nvidia[0-9]*")):
-        return False
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
 
 
 def default_preset() -> str:
@@ -111,10 +78,10 @@ def parse_assignment(text: str) -> tuple[str, str, str]:
 
 def check_key(stage: str, param: str) -> None:
     """Raise a ParameterError with a suggestion when ``stage.param`` does not exist."""
-    if stage not in STAGE_MODULES:
+    if stage not in STAGES:
         raise ParameterError(f"unknown stage {stage!r}",
-                             f"{_suggest(stage, list(STAGE_MODULES))}stages are: {', '.join(STAGE_MODULES)}")
-    names = _field_types(stage_module(stage).Params)
+                             f"{_suggest(stage, list(STAGES))}stages are: {', '.join(STAGES)}")
+    names = _field_types(STAGES[stage].params_class)
     if param not in names:
         raise ParameterError(f"stage {stage!r} has no parameter {param!r}",
                              f"{_suggest(param, list(names))}its parameters are: {', '.join(names)}")
@@ -137,8 +104,8 @@ class Config:
     def from_json(cls, data: Mapping[str, Any]) -> "Config":
         params = {}
         for name, values in data["stages"].items():
-            if name in STAGE_MODULES:
-                params_cls = stage_module(name).Params
+            if name in STAGES:
+                params_cls = STAGES[name].params_class
                 known = {f.name for f in dataclasses.fields(params_cls)}
                 params[name] = params_cls(**{k: v for k, v in values.items() if k in known})
         return cls(preset=data["preset"], params=params, sources=dict(data.get("sources", {})))
@@ -172,16 +139,16 @@ def load_config(preset: str | None = None, overrides: Sequence[str] = (),
     if chosen not in PRESETS:
         raise ParameterError(f"unknown preset {chosen!r}", f"choose one of: {', '.join(PRESETS)}")
 
-    values: dict[str, dict[str, Any]] = {name: {} for name in STAGE_MODULES}
+    values: dict[str, dict[str, Any]] = {name: {} for name in STAGES}
     sources: dict[str, str] = {}
 
     def assign(stage: str, param: str, text: str, source: str) -> None:
         check_key(stage, param)
-        kind = _field_types(stage_module(stage).Params)[param]
+        kind = _field_types(STAGES[stage].params_class)[param]
         values[stage][param] = parse_value(text, kind, f"{stage}.{param}")
         sources[f"{stage}.{param}"] = source
 
-    for stage in STAGE_MODULES:
+    for stage in STAGES:
         if parser.has_section(stage):
             for param, text in parser.items(stage):
                 assign(stage, param, text, "luigi.cfg")
@@ -197,7 +164,7 @@ def load_config(preset: str | None = None, overrides: Sequence[str] = (),
     params = {}
     for stage, stage_values in values.items():
         try:
-            params[stage] = stage_module(stage).Params(**stage_values)
+            params[stage] = STAGES[stage].params_class(**stage_values)
         except TypeError as exc:  # a dataclass rejecting a value
             raise ParameterError(f"invalid parameters for stage {stage!r}: {exc}", "check luigi.cfg and --set values") from None
         params[stage].validate()

@@ -50,7 +50,7 @@ import numpy as np
 from data.errors import Mono4dError, ParameterError
 from data.images import read_gray, read_rgb, write_gray, write_rgb
 from data.visualize import LABEL_COLORS, color_bar, colorize, flow_to_color, overlay_labels
-from pipeline.config import STAGE_MODULES
+from pipeline.registry import STAGES
 from pipeline.report_assets import REPORT_JS, STYLE_CSS
 from pipeline.state import StageState
 from pipeline.status import format_figures, workspace_states
@@ -58,9 +58,6 @@ from pipeline.workspace import MANIFEST, Workspace, read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-#: Display order of stage folders (../shared/DESIGN.md "What flows where"); stages not listed
-#: follow in pipeline order, then by name.
-DISPLAY_ORDER = ("frames", "flow", "masks", "cameras", "depth", "align", "tracks", "init", "train")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".svg")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 MARKER_FILE = ".mono4d-report.json"
@@ -152,11 +149,10 @@ def load_run(work: Path, key: str, label: str, report_dir: Path) -> Run:
     return Run(key, label, workspace, config, states)
 
 
-def stage_rank(stage: str) -> tuple[int, int, str]:
-    if stage in DISPLAY_ORDER:
-        return 0, DISPLAY_ORDER.index(stage), stage
-    pipeline_order = list(STAGE_MODULES)
-    return 1, pipeline_order.index(stage) if stage in pipeline_order else len(pipeline_order), stage
+def stage_rank(stage: str) -> tuple[int, str]:
+    """Sort key of stage folders: the registry's pipeline order, then unknown folders by name."""
+    order = list(STAGES)
+    return (order.index(stage), "") if stage in order else (len(order), stage)
 
 
 @dataclass

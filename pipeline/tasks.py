@@ -3,13 +3,15 @@
 Every task has one Luigi parameter, the workspace folder; the run configuration (input,
 parameters, forced stages) is read from ``DIR/config.json``, written by the CLI before the
 build. ``requires()`` follows :mod:`pipeline.dag`, ``complete()`` follows :mod:`pipeline.state`.
-GPU stages declare a ``gpu`` resource so a luigid-scheduled machine never runs more GPU tasks
-than ``[resources] gpu`` allows.
+One task class per stage of :data:`pipeline.registry.STAGES` is derived from its declaration
+(:func:`task_class`). A stage whose chosen backend runs on CUDA holds a ``gpu`` resource unit,
+so a luigid-scheduled machine never runs more CUDA tasks than ``[resources] gpu`` allows.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import shutil
 import time
 from datetime import datetime, timezone
@@ -18,7 +20,7 @@ from typing import Any, Iterator
 
 import luigi
 
-from pipeline import config as config_module
+from pipeline.registry import STAGES, Stage
 from pipeline.state import RunState
 from pipeline.workspace import Workspace, library_versions
 
@@ -30,12 +32,12 @@ class StageTask(luigi.Task):
 
     work = luigi.Parameter(description="workspace folder")
     stage: str = ""
-    uses_gpu: bool = False  # runs learned models on CUDA under the gpu preset
 
     @property
     def resources(self) -> dict[str, int]:
-        """A ``gpu`` unit for GPU stages under the gpu preset, so luigid never oversubscribes a GPU."""
-        if self.uses_gpu and self.run_state().config.preset == "gpu":
+        """A ``gpu`` unit when the stage's chosen backend runs on CUDA, so luigid never
+        oversubscribes a GPU (CPU backends, e.g. motion masks, never hold it)."""
+        if STAGES[self.stage].uses_cuda(self.run_state().config.params[self.stage]):
             return {"gpu": 1}
         return {}
 
@@ -44,7 +46,7 @@ class StageTask(luigi.Task):
         return RunState(workspace, workspace.read_config())
 
     def requires(self) -> list["StageTask"]:
-        return [TASKS[name](work=self.work) for name in self.run_state().upstream(self.stage)]
+        return [task_class(name)(work=self.work) for name in self.run_state().upstream(self.stage)]
 
     def output(self) -> luigi.LocalTarget:
         return luigi.LocalTarget(str(Workspace(self.work).manifest_path(self.stage)))
@@ -67,7 +69,7 @@ class StageTask(luigi.Task):
         logger.info("%s: running", self.stage)
         try:
             with stage_log(temp_dir / "log.txt"):
-                figures = config_module.stage_module(self.stage).run(state.stage_inputs(self.stage), params, temp_dir) or {}
+                figures = STAGES[self.stage].run(state.stage_inputs(self.stage), params, temp_dir) or {}
         except BaseException as error:
             workspace.record_error(self.stage, error)
             shutil.rmtree(temp_dir, ignore_errors=True)
@@ -109,65 +111,18 @@ def _format_figures(figures: dict[str, Any]) -> str:
     return "(" + ", ".join(shown) + ")" if shown else ""
 
 
-class Frames(StageTask):
-    """Decode the input video or image folder into frames (stages/frames.py)."""
-
-    stage = "frames"
+#: Stage name -> its task class (created on first use; rebuilt when the declaration is replaced).
+_TASK_CLASSES: dict[str, tuple[Stage, type[StageTask]]] = {}
 
 
-class Flow(StageTask):
-    """Forward/backward optical flow over consecutive and longer-range pairs (stages/flow.py)."""
+def task_class(stage: str) -> type[StageTask]:
+    """The Luigi task class of a registered stage: ``depth`` -> ``Depth`` (its Luigi task family),
+    with the declaration's description as docstring."""
+    declared = STAGES[stage]
+    known = _TASK_CLASSES.get(stage)
+    if known is None or known[0] is not declared:
+        name = "".join(part.capitalize() for part in re.split(r"[^0-9A-Za-z]+", stage) if part)
+        cls = type(name, (StageTask,), {"stage": stage, "__doc__": declared.description, "__module__": __name__})
+        known = _TASK_CLASSES[stage] = (declared, cls)
+    return known[1]
 
-    stage = "flow"
-    uses_gpu = True
-
-
-class Masks(StageTask):
-    """Dynamic-object / hand masks (stages/masks.py)."""
-
-    stage = "masks"
-    uses_gpu = True
-
-
-class Cameras(StageTask):
-    """Intrinsics and world-to-camera poses: COLMAP, static or known cameras (stages/cameras.py)."""
-
-    stage = "cameras"
-
-
-class Depth(StageTask):
-    """Per-frame monocular or multi-view depth (stages/depth.py)."""
-
-    stage = "depth"
-    uses_gpu = True
-
-
-class Align(StageTask):
-    """Depth scale/shift aligned to the SfM points, per frame (stages/align.py)."""
-
-    stage = "align"
-
-
-class Tracks(StageTask):
-    """Long-term 2D tracks and 3D flow pairs (stages/tracks.py)."""
-
-    stage = "tracks"
-
-
-class Init(StageTask):
-    """Stage 1 of the optimizer: deformation fitted to the 3D flow pairs, canonical Gaussians (stages/init.py)."""
-
-    stage = "init"
-    uses_gpu = True
-
-
-class Train(StageTask):
-    """Stage 2: photometric + ordinal depth + priors optimisation, renders, exports (stages/train.py)."""
-
-    stage = "train"
-    uses_gpu = True
-
-
-#: Stage name -> task class, in pipeline order.
-TASKS: dict[str, type[StageTask]] = {task.stage: task for task in (Frames, Flow, Masks, Cameras, Depth, Align, Tracks,
-                                                                    Init, Train)}

@@ -17,6 +17,7 @@ from data.errors import ParameterError
 from pipeline import config as config_module
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.registry import STAGES
 from pipeline.workspace import Workspace
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -160,8 +161,8 @@ def test_bad_inputs_are_reported_without_traceback(tmp_path, capsys):
 
 def test_luigi_cfg_lists_every_parameter_with_its_default():
     parser = config_module.read_config_files([config_module.DEFAULT_CONFIG_FILE])
-    for stage in config_module.STAGE_MODULES:
-        params = config_module.stage_module(stage).Params()
+    for stage, declared in STAGES.items():
+        params = declared.params_class()
         assert parser.has_section(stage), f"luigi.cfg lacks [{stage}]"
         written = dict(parser.items(stage))
         expected = {k: v for k, v in vars(params).items()}

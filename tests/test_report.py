@@ -22,7 +22,7 @@ from data.errors import ParameterError, StageFailure
 from data.images import read_gray, read_rgb, write_gray, write_rgb
 from data.visualize import colorize, colorize_depth, flow_to_color, overlay_labels
 from data.video import write_video
-from pipeline.config import STAGE_MODULES
+from pipeline.registry import STAGES
 from pipeline.report import collect_series, line_chart, video_to_gif, write_report
 from pipeline.runner import run_pipeline
 from pipeline.workspace import Workspace
@@ -246,7 +246,7 @@ def test_index_lists_stages_with_states_times_and_figures(report):
     assert "frames done" in text
     assert "num_frames=12" in text
     for stage in HANDMADE_STAGES:
-        expected = "stale" if stage in STAGE_MODULES else "unchecked"
+        expected = "stale" if stage in STAGES else "unchecked"
         assert f"{stage} {expected}" in text, stage
     assert "1.2 s" in text  # hand-made wall times
     assert "preset cpu" in text and "target stage frames" in text
