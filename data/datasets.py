@@ -2,7 +2,9 @@
 
 Formats (one module each): D-NeRF / Blender ``transforms_*.json`` (:mod:`data.dnerf`),
 Panoptic as prepared by Dynamic 3D Gaussians ``train_meta.json`` (:mod:`data.panoptic`),
-nerfstudio ``transforms.json`` (:mod:`data.nerfstudio`) and COLMAP models (:mod:`data.colmap`).
+nerfstudio ``transforms.json`` (:mod:`data.nerfstudio`), COLMAP models (:mod:`data.colmap`),
+Nerfies / HyperNeRF ``dataset.json`` + ``camera/*.json`` (:mod:`data.hypernerf`), DyCheck iPhone
+(:mod:`data.dycheck`) and DyNeRF / Neu3D ``poses_bounds.npy`` + ``camXX.mp4`` (:mod:`data.dynerf`).
 Every reader returns :class:`DatasetFrames` with OpenCV cameras.
 """
 from __future__ import annotations
@@ -16,14 +18,15 @@ import numpy as np
 from data.errors import InputError
 
 #: The formats :func:`read_dataset` recognises.
-FORMATS = ("dnerf", "panoptic", "nerfstudio", "colmap")
+FORMATS = ("dnerf", "panoptic", "nerfstudio", "colmap", "hypernerf", "dycheck", "dynerf")
 
 
 @dataclass(frozen=True)
 class DatasetFrames:
     """The frames of one camera stream with known cameras.
 
-    ``image_paths``: T image files in frame order; ``K`` ``(T, 3, 3)`` float64 pixel intrinsics
+    ``image_paths``: T image files in frame order, or empty when the frames are the decoded frames
+    ``0 .. T-1`` of the video file ``video`` (DyNeRF); ``K`` ``(T, 3, 3)`` float64 pixel intrinsics
     for images of ``width`` x ``height``; ``w2c`` ``(T, 4, 4)`` float64 OpenCV world-to-camera;
     ``times`` ``(T,)`` float64 normalised time in [0, 1] (from the dataset where it has one, else
     ``i / (T - 1)``); ``units`` is ``"dataset"`` (the dataset's own world scale) or ``"sfm"``
@@ -40,11 +43,12 @@ class DatasetFrames:
     units: str
     format: str
     notes: tuple[str, ...] = ()
+    video: Path | None = None
 
     @property
     def num_frames(self) -> int:
         """Number of frames T."""
-        return len(self.image_paths)
+        return len(self.times)
 
 
 def linear_times(count: int) -> np.ndarray:
@@ -68,9 +72,11 @@ def detect_format(path: str | Path) -> str:
     """Name the format (one of :data:`FORMATS`) of a camera file or folder.
 
     A folder holding ``cameras.bin``/``cameras.txt`` (directly or under ``sparse/0`` or
-    ``sparse``) is COLMAP; a folder holding ``transforms_train.json`` is D-NeRF; a JSON with
-    ``k``/``w2c``/``fn`` is Panoptic; one with ``fl_x`` (top level or per frame) is nerfstudio;
-    one with ``camera_angle_x`` is D-NeRF/Blender.
+    ``sparse``) is COLMAP; a folder holding ``transforms_train.json`` is D-NeRF; one holding
+    ``poses_bounds.npy`` (or that file itself) is DyNeRF; one holding ``dataset.json`` and a
+    ``camera/`` folder (or that ``dataset.json``) is DyCheck iPhone when ``splits/train.json``
+    exists, else Nerfies/HyperNeRF; a JSON with ``k``/``w2c``/``fn`` is Panoptic; one with
+    ``fl_x`` (top level or per frame) is nerfstudio; one with ``camera_angle_x`` is D-NeRF/Blender.
     """
     from data.colmap import find_model_dir
 
@@ -80,12 +86,21 @@ def detect_format(path: str | Path) -> str:
             return "colmap"
         if (path / "transforms_train.json").is_file():
             return "dnerf"
+        if (path / "poses_bounds.npy").is_file():
+            return "dynerf"
+        if (path / "dataset.json").is_file() and (path / "camera").is_dir():
+            return "dycheck" if (path / "splits" / "train.json").is_file() else "hypernerf"
         if (path / "transforms.json").is_file():
             return detect_format(path / "transforms.json")
         raise InputError(f"{path} holds no known camera format",
-                         "point to a COLMAP model folder, a D-NeRF folder or a transforms/meta JSON file")
+                         "point to a COLMAP model folder, a D-NeRF, Nerfies/HyperNeRF, DyCheck or DyNeRF "
+                         "folder, or a transforms/meta JSON file")
     if not path.is_file():
         raise InputError(f"camera file {path} does not exist", "check the path given as cameras.known_path")
+    if path.name == "poses_bounds.npy":
+        return "dynerf"
+    if path.name == "dataset.json" and (path.parent / "camera").is_dir():
+        return detect_format(path.parent)
     content = read_json(path)
     frames = content.get("frames")
     first_frame = frames[0] if isinstance(frames, list) and frames and isinstance(frames[0], dict) else {}
@@ -97,16 +112,19 @@ def detect_format(path: str | Path) -> str:
         return "dnerf"
     raise InputError(f"{path} is not a D-NeRF, Panoptic or nerfstudio camera file",
                      "expected keys: camera_angle_x + frames (D-NeRF), k/w2c/fn (Panoptic), "
-                     "fl_x/fl_y/cx/cy + frames (nerfstudio)")
+                     "fl_x/fl_y/cx/cy + frames (nerfstudio); for Nerfies/HyperNeRF, DyCheck and DyNeRF "
+                     "give the dataset folder")
 
 
 def read_dataset(path: str | Path, camera: int = -1, split: str = "train") -> DatasetFrames:
     """Read the cameras (and image list) of any supported dataset.
 
-    ``camera`` picks one camera id of a multi-camera Panoptic file (-1: the file must hold a
-    single camera); ``split`` picks the D-NeRF split when ``path`` is the dataset folder.
+    ``camera`` picks one camera id of a multi-camera Panoptic file or DyNeRF folder (-1: there
+    must be a single camera) or of a Nerfies/HyperNeRF/DyCheck split (-1: every frame of the
+    split); ``split`` picks the D-NeRF split when ``path`` is the dataset folder, and the
+    Nerfies/HyperNeRF/DyCheck split (``train`` or ``val``).
     """
-    from data import colmap, dnerf, nerfstudio, panoptic
+    from data import colmap, dnerf, dycheck, dynerf, hypernerf, nerfstudio, panoptic
 
     kind = detect_format(path)
     if kind == "colmap":
@@ -115,6 +133,13 @@ def read_dataset(path: str | Path, camera: int = -1, split: str = "train") -> Da
         return dnerf.read_dnerf(path, split=split)
     if kind == "panoptic":
         return panoptic.read_panoptic(path, camera=camera)
+    if kind == "dynerf":
+        return dynerf.read_dynerf(path, camera=camera)
+    root = Path(path) if Path(path).is_dir() else Path(path).parent
+    if kind == "hypernerf":
+        return hypernerf.read_hypernerf(root, split=split, camera=camera)
+    if kind == "dycheck":
+        return dycheck.read_dycheck(root, split=split, camera=camera)
     return nerfstudio.read_nerfstudio(path)
 
 
