@@ -74,12 +74,12 @@ def dycheck_camera_ids(root: str | Path, split: str = "train") -> list[int]:
     return sorted({int(camera) for camera in read_split(root, split)[2]})
 
 
-def read_dycheck(root: str | Path, split: str = "train", factor: int = 1, camera: int = -1) -> DatasetFrames:
+def read_dycheck(root: str | Path, split: str = "train", factor: int = 0, camera: int = -1) -> DatasetFrames:
     """The frames of one split of a DyCheck iPhone scene, in the split file's order.
 
-    ``factor`` picks ``rgb/<factor>x`` (cameras scaled to match); ``camera`` keeps one camera id
-    (-1: every frame of the split; a note says when it holds several cameras). ``times`` are
-    ``time_id / (num_time_steps - 1)``, shared by train and val frames.
+    ``factor`` picks ``rgb/<factor>x`` (cameras scaled to match; 0: the smallest factor present);
+    ``camera`` keeps one camera id (-1: every frame of the split; a note says when it holds
+    several cameras). ``times`` are ``time_id / (num_time_steps - 1)``, shared by train and val.
     """
     root = Path(root)
     names, time_ids, camera_ids = read_split(root, split)

@@ -106,15 +106,29 @@ def read_nerfies_camera(path: str | Path) -> NerfiesCamera:
                          distortion=np.concatenate([radial, tangential]))
 
 
+def image_factors(root: Path) -> list[int]:
+    """The downsampling factors ``f`` with an ``rgb/<f>x`` folder, ascending."""
+    folders = (root / "rgb").glob("*x") if (root / "rgb").is_dir() else []
+    return sorted(int(folder.name[:-1]) for folder in folders if folder.is_dir() and folder.name[:-1].isdigit())
+
+
 def nerfies_frames(root: Path, names: Sequence[str], times: np.ndarray, factor: int, kind: str,
                    notes: Sequence[str] = ()) -> DatasetFrames:
     """Frames ``names`` of a Nerfies-layout folder: ``camera/<name>.json`` and ``rgb/<factor>x/<name>.png``.
 
-    ``times`` ``(T,)`` in [0, 1]; ``kind`` the :data:`data.datasets.FORMATS` name. All frames must share one image size, and the images must have the cameras' size divided
-    by ``factor``. Distortion is left out of ``K`` and noted.
+    ``times`` ``(T,)`` in [0, 1]; ``kind`` the :data:`data.datasets.FORMATS` name; ``factor`` 0
+    picks the smallest factor present. All frames must share one image size, and the images
+    must have the cameras' size divided by ``factor``. Distortion is left out of ``K`` and noted.
     """
+    factors = image_factors(root)
+    if factor == 0:
+        if not factors:
+            raise InputError(f"{root} has no rgb/<f>x image folder",
+                             "a Nerfies-layout scene keeps its images in rgb/1x, rgb/2x, ...")
+        factor = factors[0]
     if factor < 1:
-        raise InputError(f"image downsampling factor {factor} is not a positive integer", "use 1, 2, 4, ...")
+        raise InputError(f"image downsampling factor {factor} is not a positive integer",
+                         "use 1, 2, 4, ... (0: the smallest present)")
     cameras = []
     for name in names:
         camera_path = root / "camera" / f"{name}.json"
@@ -130,9 +144,8 @@ def nerfies_frames(root: Path, names: Sequence[str], times: np.ndarray, factor: 
     image_paths = [image_dir / f"{name}.png" for name in names]
     missing = [str(path) for path in image_paths if not path.is_file()]
     if missing:
-        available = sorted(path.name for path in (root / "rgb").glob("*x")) if (root / "rgb").is_dir() else []
         raise InputError(f"{len(missing)} of {len(names)} images are missing, e.g. {missing[0]}",
-                         f"pick a downsampling factor whose rgb/<f>x folder is complete (present: {available})")
+                         f"pick a downsampling factor whose rgb/<f>x folder is complete (present: {factors})")
     found = image_size(image_paths[0])
     if found != (width, height):
         raise InputError(f"{image_paths[0]} is {found[0]}x{found[1]} but its camera at factor {factor} is "
@@ -189,10 +202,11 @@ def hypernerf_camera_ids(root: str | Path, split: str = "train") -> list[int]:
     return sorted({int(camera) for camera in read_metadata(root, chosen)[1]})
 
 
-def read_hypernerf(root: str | Path, split: str = "train", factor: int = 1, camera: int = -1) -> DatasetFrames:
+def read_hypernerf(root: str | Path, split: str = "train", factor: int = 0, camera: int = -1) -> DatasetFrames:
     """The frames of one split of a Nerfies / HyperNeRF scene, in ``dataset.json`` order.
 
-    ``factor`` picks the images ``rgb/<factor>x`` (cameras scaled to match); ``camera`` keeps one
+    ``factor`` picks the images ``rgb/<factor>x`` (cameras scaled to match; 0: the smallest
+    factor present, i.e. the largest images); ``camera`` keeps one
     ``camera_id`` (-1: every frame of the split; a note says when it mixes cameras). ``times``
     are the time steps divided by the largest time step of the whole scene.
     """
