@@ -1,6 +1,7 @@
 """The pipeline core: caching, reruns, status, atomic writes, configuration and CLI errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -296,7 +297,8 @@ def test_parameter_change_reruns_exactly_the_stage_and_its_downstream(full_run):
     from pipeline.runner import run_pipeline
 
     work, scene, summary = full_run
-    assert summary.ran == ["frames", "flow", "masks", "cameras", "depth", "align", "tracks"]
+    stages = list(STAGES)
+    assert summary.ran == stages[:stages.index("tracks") + 1]  # every stage up to tracks, in pipeline order
     before = stage_mtimes(work)
     again = run_pipeline(work, until="tracks", preset="cpu", overrides=["depth.sfm_median=3"])
     assert again.ran == ["depth", "align", "tracks"]
@@ -308,6 +310,10 @@ def test_parameter_change_reruns_exactly_the_stage_and_its_downstream(full_run):
     assert manifest(work, "depth")["params"]["sfm_median"] == 3
     assert manifest(work, "align")["upstream"]["depth"] == Workspace(work).manifest_hash("depth")
     assert run_pipeline(work, until="tracks", preset="cpu", overrides=["depth.sfm_median=3"]).ran == []
+    # depth.backend is sfm: the transformers backend's parameters do not count
+    inactive = ["depth.sfm_median=3", "depth.model=some/other-model", "depth.batch_size=9", "flow.raft_iterations=3"]
+    assert run_pipeline(work, until="tracks", preset="cpu", overrides=inactive).ran == []
+    assert "model" not in manifest(work, "depth")["params"] and "raft_iterations" not in manifest(work, "flow")["params"]
 
 
 def test_forced_rerun_of_a_middle_stage_reruns_its_downstream(full_run, capsys):
@@ -338,3 +344,177 @@ def test_stage_edges_follow_the_configuration(tmp_path):
     assert dag.upstream("depth", config) == ["frames"]
     assert dag.upstream("align", config) == ["depth", "cameras"]
     assert "masks" not in dag.closure("tracks", config)
+
+
+def test_registry_declarations_name_real_parameters():
+    """Every backend, path and backend-choosing parameter a stage declares exists in its Params."""
+    for name, declared in STAGES.items():
+        fields = {f.name for f in dataclasses.fields(declared.params_class)}
+        named = set(declared.path_params) | {p for group in declared.backends.values() for p in group}
+        if declared.backend_param is not None:
+            named.add(declared.backend_param)
+        assert named <= fields, f"{name}: {sorted(named - fields)} are not parameters of {declared.module}.Params"
+        assert callable(declared.run)
+
+
+def test_only_the_active_backends_parameters_count():
+    depth = STAGES["depth"]
+    sfm = depth.active_params(load_config("cpu").params["depth"])
+    assert sfm["backend"] == "sfm" and "sfm_median" in sfm and "model" not in sfm and "file_path" not in sfm
+    learned = depth.active_params(load_config("cpu", ["depth.backend=transformers"]).params["depth"])
+    assert "model" in learned and "fp16" in learned and "sfm_median" not in learned
+    cameras = STAGES["cameras"].active_params(load_config("cpu", ["cameras.mode=static"]).params["cameras"])
+    assert "focal_px" in cameras and "matcher" not in cameras and "known_path" not in cameras
+
+
+def test_code_hash_covers_every_imported_project_module():
+    """Module-level and function-level imports, transitively; nothing outside the project."""
+    from pipeline.state import code_files
+
+    train = code_files("stages.train")
+    for path in ("stages/train.py", "stages/train_outputs.py", "stages/init.py", "models/losses.py",
+                 "models/rasterizer_torch.py", "models/gaussians.py", "data/geometry.py", "data/dnerf.py",
+                 "data/errors.py", "stages/__init__.py"):
+        assert path in train, path
+    assert all(len(digest) == 64 for digest in train.values())
+    frames = code_files("stages.frames")
+    assert "data/video.py" in frames and "stages/frames.py" in frames
+    assert "models/losses.py" not in frames and "stages/train.py" not in frames  # only what frames imports
+    assert all(path.split("/")[0] in ("data", "models", "stages", "pipeline") for path in train)
+
+
+def test_gpu_resource_follows_the_chosen_backend(tmp_path):
+    """Only stages whose chosen backend runs on CUDA hold the gpu unit, whatever the preset."""
+    from pipeline.tasks import task_class
+
+    def resources(stage: str, overrides: list[str]) -> dict:
+        work = tmp_path / f"ws{len(list(tmp_path.iterdir()))}"
+        Workspace(work).write_config({"input": str(tmp_path), "config": load_config("gpu", overrides).to_json()})
+        return task_class(stage)(work=str(work)).resources
+
+    assert resources("masks", []) == {}  # motion masks are CPU code even under --preset gpu
+    assert resources("frames", []) == {} and resources("cameras", []) == {}
+    assert resources("depth", ["depth.backend=transformers", "depth.device=cuda"]) == {"gpu": 1}
+    assert resources("depth", ["depth.backend=transformers", "depth.device=cpu"]) == {}
+    assert resources("depth", ["depth.backend=sfm", "depth.device=cuda"]) == {}
+    assert resources("flow", ["flow.backend=raft", "flow.device=cuda"]) == {"gpu": 1}
+    assert resources("flow", ["flow.backend=dis", "flow.device=cuda"]) == {}
+    assert resources("train", ["train.backend=gsplat"]) == {"gpu": 1}
+    assert resources("train", ["train.backend=torch", "train.device=cpu"]) == {}
+
+
+def test_stage_states_are_evaluated_once_per_run_state(video, tmp_path, monkeypatch):
+    from pipeline import state as state_module
+    from pipeline.status import workspace_states
+
+    run_cli("run", video, "--work", tmp_path / "ws", "--until", "frames")
+    evaluated = []
+    original = state_module.RunState._evaluate
+    monkeypatch.setattr(state_module.RunState, "_evaluate",
+                        lambda self, stage: evaluated.append(stage) or original(self, stage))
+    states = workspace_states(tmp_path / "ws")
+    assert [s.stage for s in states] == list(STAGES)
+    assert sorted(evaluated) == sorted(STAGES)  # each stage once, though most are upstream of several
+    assert states[0].status == "done" and all(s.status == "missing" for s in states[1:])
+
+
+TOY_STAGE = '''"""A toy stage: counts the frames, times ``factor``."""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Params:
+    factor: int = 1
+    data_path: str = ""
+    label: str = ""
+
+    def validate(self) -> None:
+        from data.errors import ParameterError
+
+        if self.factor < 1:
+            raise ParameterError("toy.factor must be >= 1", "use 1")
+
+
+def run(inputs, params, out_dir):
+    from toy_mono4d import helper
+
+    count = helper.scaled(len(list((inputs["frames"] / "images").glob("*.png"))), params.factor)
+    (out_dir / "count.txt").write_text(str(count))
+    return {"count": count}
+'''
+
+
+@pytest.fixture()
+def toy_stage(tmp_path, monkeypatch):
+    """A stage added through the registry alone: its module (a package outside the repository,
+    registered as a project source root so its code counts), one registry entry, and its
+    luigi.cfg-style section."""
+    from pipeline import registry, state
+
+    package = tmp_path / "src" / "toy_mono4d"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "stage.py").write_text(TOY_STAGE)
+    (package / "helper.py").write_text("def scaled(count, factor):\n    return count * factor\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    monkeypatch.setitem(state.SOURCE_ROOTS, "toy_mono4d", tmp_path / "src")
+    monkeypatch.setitem(registry.STAGES, "toy", registry.Stage(
+        "toy", "toy_mono4d.stage", "Count the frames (a test stage).", upstream=lambda p: ["frames"],
+        path_params=("data_path",)))
+    section = tmp_path / "toy.cfg"
+    section.write_text("[toy]\nfactor = 3\n")
+    yield package, section
+    for name in [m for m in sys.modules if m.split(".")[0] == "toy_mono4d"]:
+        del sys.modules[name]
+
+
+def test_a_stage_added_through_the_registry_runs_caches_and_explains(toy_stage, video, tmp_path, capsys):
+    from pipeline.runner import run_pipeline
+
+    package, section = toy_stage
+    work = tmp_path / "ws"
+    data_file, label_file = tmp_path / "data.txt", tmp_path / "label.txt"
+    data_file.write_text("one")
+    label_file.write_text("one")
+    paths = [f"toy.data_path={data_file}", f"toy.label={label_file}"]
+    summary = run_pipeline(work, video, preset="cpu", overrides=paths, config_files=[section])
+    assert summary.target == "toy" and summary.ran == ["frames", "toy"]  # the last registered stage
+    assert (work / "toy" / "count.txt").read_text() == "36"  # 12 frames x factor 3 from the section
+    record = manifest(work, "toy")
+    assert record["params"]["factor"] == 3 and set(record["inputs"]) == {"data_path"}
+    assert set(record["code_files"]) == {"toy_mono4d/__init__.py", "toy_mono4d/stage.py", "toy_mono4d/helper.py",
+                                         "data/__init__.py", "data/errors.py"}
+    assert run_pipeline(work, video, preset="cpu", overrides=paths, config_files=[section]).ran == []
+
+    label_file.write_text("two")  # a string parameter that happens to name a file is not an input
+    assert run_pipeline(work, video, preset="cpu", overrides=paths, config_files=[section]).ran == []
+    data_file.write_text("two")  # a declared path parameter is
+    capsys.readouterr()
+    assert run_cli("status", work) == 0
+    assert "input data_path changed" in capsys.readouterr().out
+    assert run_pipeline(work, video, preset="cpu", overrides=paths, config_files=[section]).ran == ["toy"]
+
+    (package / "helper.py").write_text("def scaled(count, factor):\n    return count * factor  # edited\n")
+    capsys.readouterr()
+    assert run_cli("status", work) == 0
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("toy")][0]
+    assert "stale" in line and "code changed: toy_mono4d/helper.py" in line, line
+    assert run_pipeline(work, video, preset="cpu", overrides=paths, config_files=[section]).ran == ["toy"]
+
+
+def test_manifest_without_per_file_code_hashes_is_stale_with_a_reason(toy_stage, video, tmp_path, capsys):
+    from pipeline.runner import run_pipeline
+
+    _, section = toy_stage
+    work = tmp_path / "ws"
+    run_pipeline(work, video, preset="cpu", config_files=[section])
+    path = work / "toy" / "manifest.json"
+    record = json.loads(path.read_text())
+    del record["code_files"]
+    record.update(code="an older code hash", fingerprint="an older fingerprint")
+    path.write_text(json.dumps(record))
+    capsys.readouterr()
+    run_cli("status", work)
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("toy")][0]
+    assert "stale" in line and "predates per-file code hashes" in line, line
+    assert run_pipeline(work, video, preset="cpu", config_files=[section]).ran == ["toy"]
