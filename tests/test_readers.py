@@ -170,6 +170,14 @@ def test_hypernerf_splits_cameras_factors(tmp_path):
     write_json(tmp_path / "metadata.json", metadata)
     with pytest.raises(InputError, match="malformed .*metadata.json"):
         read_hypernerf(tmp_path)
+    dataset = json.loads((tmp_path / "dataset.json").read_text())
+    write_json(tmp_path / "dataset.json", {**dataset, "val_ids": []})
+    with pytest.raises(InputError, match="has no val frames"):
+        read_hypernerf(tmp_path, split="val")
+    del dataset["train_ids"]
+    write_json(tmp_path / "dataset.json", dataset)
+    with pytest.raises(InputError, match="malformed .*dataset.json: 'train_ids'"):
+        read_hypernerf(tmp_path)
 
 
 def write_dycheck(root: Path, factor: int = 1) -> None:
