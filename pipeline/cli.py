@@ -1,6 +1,7 @@
 """The ``mono4d`` command line.
 
     mono4d run INPUT --work DIR [--until STAGE] [--set stage.param=value ...] [--rerun STAGE]
+    mono4d batch INPUT... --work ROOT [--workers N] [--scheduler-host HOST]
     mono4d status DIR [--set stage.param=value ...]
     mono4d inspect DIR [--compare OTHER_DIR]
     mono4d export DIR --format ply,colmap,nerfstudio,tracks,depth,video
@@ -85,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     add_config_options(run)
 
+    batch = commands.add_parser("batch", help="run many inputs in one Luigi build, each in ROOT/<stem>")
+    batch.add_argument("inputs", nargs="+", metavar="INPUT", help="video files or folders of images")
+    batch.add_argument("--work", required=True, metavar="ROOT", help="folder of the workspaces (ROOT/<stem>)")
+    batch.add_argument("--until", choices=list(STAGES), metavar="STAGE", help="stop after this stage")
+    batch.add_argument("--workers", type=int, default=1, help="Luigi worker processes (default 1)")
+    batch.add_argument("--scheduler-host", default=None, help="central Luigi scheduler (luigid) host")
+    batch.add_argument("--scheduler-port", type=int, default=8082, help="port of the central scheduler")
+    batch.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    add_config_options(batch)
+
     status = commands.add_parser("status", help="show each stage: done / stale (why) / missing")
     status.add_argument("work", metavar="DIR", help="workspace folder")
     status.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -140,6 +151,17 @@ def command_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_batch(args: argparse.Namespace) -> int:
+    """Exit code 0 when every input is done, else the highest exit code of the failures."""
+    from pipeline.batch import format_results, run_batch
+
+    results = run_batch(args.inputs, args.work, until=args.until, preset=args.preset, overrides=args.overrides,
+                        config_files=args.config_files, workers=args.workers, scheduler_host=args.scheduler_host,
+                        scheduler_port=args.scheduler_port)
+    print(format_results(results))
+    return max([r.error.exit_code for r in results if r.error is not None], default=0)
+
+
 def command_status(args: argparse.Namespace) -> int:
     from pipeline.status import format_status, workspace_states
 
@@ -193,8 +215,8 @@ def command_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "status": command_status, "inspect": command_inspect, "export": command_export,
-            "view": command_view, "synth": command_synth}
+COMMANDS = {"run": command_run, "batch": command_batch, "status": command_status, "inspect": command_inspect,
+            "export": command_export, "view": command_view, "synth": command_synth}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import luigi.rpc
 
 from data.errors import InputError, ModelUnavailableError, Mono4dError, ParameterError, StageFailure
 from pipeline import dag
-from pipeline.config import DEFAULT_CONFIG_FILE, load_config
+from pipeline.config import DEFAULT_CONFIG_FILE, Config, load_config
 from pipeline.registry import STAGES
 from pipeline.state import RunState
 from pipeline.tasks import task_class
@@ -94,39 +94,60 @@ def run_pipeline(work: str | Path, input_path: str | Path | None = None, until: 
         raise ParameterError(f"--workers must be at least 1, got {workers}", "use --workers 1 for a single process")
 
     with workspace.lock():
-        workspace.clean_temp()
-        workspace.clear_errors()
-        run_config: dict[str, Any] = {
-            "input": str(source),
-            "config": config.to_json(),
-            "run_id": uuid.uuid4().hex,
-            "force": forced,
-            "target": target,
-            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        try:
-            workspace.write_config(run_config)
-        except OSError as error:
-            raise ParameterError(f"cannot write in the workspace {workspace.root}: {error.strerror or error}",
-                                 WRITE_FAILURE_HINT) from None
-        state = RunState(workspace, run_config)
-        stages = dag.closure(target, config)
-        todo = [name for name in stages if state.state(name).status != "done"]
+        run_config, stages, todo = prepare_run(workspace, source, config, target, forced)
         if todo:
-            logger.info("stages to run: %s", ", ".join(todo))
-        else:
-            logger.info("everything up to %s is up to date", target)
-        scheduler = {"local_scheduler": True} if not scheduler_host else {
-            "scheduler_host": scheduler_host, "scheduler_port": scheduler_port}
-        if todo:
-            configure_luigi(config_files, rpc_retry_attempts=1 if scheduler_host else None)
-            try:
-                luigi.build([task_class(target)(work=str(workspace.root))], workers=workers, **scheduler)
-            except luigi.rpc.RPCError:
-                raise ParameterError(f"cannot reach the Luigi scheduler at {scheduler_host}:{scheduler_port}",
-                                     "start it with `luigid --port PORT` on that host, or drop --scheduler-host "
-                                     "to use the local scheduler") from None
+            build([task_class(target)(work=str(workspace.root))], workers, scheduler_host, scheduler_port,
+                  config_files)
+    return summarize_run(workspace, run_config, stages, todo)
 
+
+def prepare_run(workspace: Workspace, source: Path, config: Config, target: str,
+                forced: Sequence[str]) -> tuple[dict[str, Any], list[str], list[str]]:
+    """Under the workspace lock: drop what an earlier run left, record this run's configuration
+    (``DIR/config.json``) and find what to do. Returns the run configuration, the stages the
+    target needs (pipeline order) and those of them not done."""
+    workspace.clean_temp()
+    workspace.clear_errors()
+    run_config: dict[str, Any] = {
+        "input": str(source),
+        "config": config.to_json(),
+        "run_id": uuid.uuid4().hex,
+        "force": list(forced),
+        "target": target,
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        workspace.write_config(run_config)
+    except OSError as error:
+        raise ParameterError(f"cannot write in the workspace {workspace.root}: {error.strerror or error}",
+                             WRITE_FAILURE_HINT) from None
+    state = RunState(workspace, run_config)
+    stages = dag.closure(target, config)
+    todo = [name for name in stages if state.state(name).status != "done"]
+    if todo:
+        logger.info("%s: stages to run: %s", workspace.root.name, ", ".join(todo))
+    else:
+        logger.info("%s: everything up to %s is up to date", workspace.root.name, target)
+    return run_config, stages, todo
+
+
+def build(tasks: Sequence[luigi.Task], workers: int, scheduler_host: str | None, scheduler_port: int,
+          config_files: Sequence[str | Path]) -> None:
+    """One Luigi build of ``tasks`` (and what they require) with ``workers`` worker processes, on
+    the in-process scheduler or a central ``luigid``; a failing task does not stop the others."""
+    scheduler = {"local_scheduler": True} if not scheduler_host else {
+        "scheduler_host": scheduler_host, "scheduler_port": scheduler_port}
+    configure_luigi(config_files, rpc_retry_attempts=1 if scheduler_host else None)
+    try:
+        luigi.build(list(tasks), workers=workers, **scheduler)
+    except luigi.rpc.RPCError:
+        raise ParameterError(f"cannot reach the Luigi scheduler at {scheduler_host}:{scheduler_port}",
+                             "start it with `luigid --port PORT` on that host, or drop --scheduler-host "
+                             "to use the local scheduler") from None
+
+
+def summarize_run(workspace: Workspace, run_config: dict[str, Any], stages: list[str], todo: list[str]) -> RunSummary:
+    """What became of each stage after the build; raises the first failed stage's error."""
     outcomes = []
     failure = None
     for name in stages:
@@ -141,7 +162,7 @@ def run_pipeline(work: str | Path, input_path: str | Path | None = None, until: 
             outcomes.append(StageOutcome(name, "cached", manifest.get("wall_time_s"), manifest.get("figures", {})))
         else:
             outcomes.append(StageOutcome(name, "not run"))
-    summary = RunSummary(workspace.root, target, outcomes)
+    summary = RunSummary(workspace.root, run_config["target"], outcomes)
     if failure is not None:
         raise error_from_record(workspace, *failure)
     not_run = [o.stage for o in outcomes if o.action == "not run"]

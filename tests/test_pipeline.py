@@ -234,38 +234,46 @@ def test_console_script_runs(video, tmp_path):
     assert result.returncode == 0 and "done" in result.stdout
 
 
-def test_central_scheduler(video, tmp_path, capsys):
-    """Runs through a real luigid on loopback, as a multi-machine setup would."""
+def start_luigid(folder: Path) -> tuple[subprocess.Popen, int]:
+    """A real luigid on a free loopback port, listening; its logs and state in ``folder``."""
     import socket
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    (tmp_path / "luigid").mkdir()
+    folder.mkdir(parents=True, exist_ok=True)
     luigid = subprocess.Popen([str(Path(sys.executable).parent / "luigid"), "--address", "127.0.0.1", "--port", str(port),
-                               "--logdir", str(tmp_path / "luigid")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+                               "--logdir", str(folder), "--state-path", str(folder / "state.pickle")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=folder)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return luigid, port
+        except OSError:
+            time.sleep(0.1)
+    luigid.terminate()
+    pytest.fail("luigid did not start listening within 20 s")
+
+
+def stop_luigid(luigid: subprocess.Popen) -> None:
+    luigid.terminate()
+    luigid.wait(timeout=10)
+
+
+def test_central_scheduler(video, tmp_path, capsys):
+    """Runs through a real luigid on loopback, as a multi-machine setup would."""
+    luigid, port = start_luigid(tmp_path / "luigid")
     try:
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("luigid did not start listening within 20 s")
         code = run_cli("run", video, "--work", tmp_path / "ws", "--until", "frames", "--scheduler-host", "127.0.0.1",
                        "--scheduler-port", port)
         assert code == 0
         assert manifest(tmp_path / "ws", "frames")["figures"]["num_frames"] == 12
     finally:
-        luigid.terminate()
-        luigid.wait(timeout=10)
+        stop_luigid(luigid)
     capsys.readouterr()
     assert run_cli("run", video, "--work", tmp_path / "ws2", "--scheduler-host", "127.0.0.1", "--scheduler-port", port) == 2
     assert "cannot reach the Luigi scheduler" in capsys.readouterr().err
-
 
 
 def test_synth_command_writes_a_scene(tmp_path, capsys):
