@@ -1,12 +1,15 @@
-"""Gaussian rasterization with interchangeable backends: gsplat's CUDA kernels or a pure-PyTorch
-compositor (``models.rasterizer_torch``) that runs anywhere, CPU included.
+"""Gaussian rasterization with interchangeable backends: gsplat's CUDA kernels, a compiled
+multi-threaded tile-based CPU compositor (``models.rasterizer_numba``, numba) and the pure-PyTorch
+reference (``models.rasterizer_torch``) that runs on any torch device.
 
-Both take and return what ``gsplat.rasterization`` does, so the training code (and gsplat's
-``DefaultStrategy``) is the same for either. Conventions: OpenCV cameras (x right, y down,
+All take and return what ``gsplat.rasterization`` does, so the training code (and gsplat's
+``DefaultStrategy``) is the same for each. The numba backend shares the torch backend's projection
+and spherical harmonics (torch autograd) and replaces only its compositing, so their outputs and
+``info`` agree to float rounding. Conventions: OpenCV cameras (x right, y down,
 z forward), ``viewmats`` world-to-camera 4x4, ``Ks`` 3x3 pixel intrinsics with pixel centres at
 half-integers (as gsplat and COLMAP), quaternions wxyz, linear scales, opacities in [0, 1].
 
-torch and gsplat are imported inside the functions, so importing this module is cheap.
+torch, numba and gsplat are imported inside the functions, so importing this module is cheap.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "gsplat", "torch")
+BACKENDS = ("auto", "gsplat", "numba", "torch")
 
 GSPLAT_BUILD_HINT = (
     "use the pure-PyTorch rasterizer (backend 'torch', e.g. --preset cpu), or build gsplat's CUDA "
@@ -34,9 +37,10 @@ TORCH_BACKEND_OPTIONS = ("eps2d", "radius_clip", "rasterize_mode", "camera_model
 """gsplat keyword arguments the torch backend implements (``max_pairs`` is its own memory bound)."""
 TORCH_BACKEND_NEUTRAL = {"packed": False, "absgrad": False, "sparse_grad": False, "distributed": False,
                          "with_ut": False, "with_eval3d": False}
-"""gsplat keyword arguments the torch backend accepts only at these values."""
+"""gsplat keyword arguments the torch (and numba) backend accepts only at these values."""
 TORCH_BACKEND_IGNORED = ("tile_size", "channel_chunk", "segmented")
-"""gsplat keyword arguments that only tune gsplat's kernels and do not change the result."""
+"""gsplat keyword arguments that only tune gsplat's kernels and do not change the result (the numba
+backend uses ``tile_size`` for its own tiles and ignores ``max_pairs``, the torch backend's memory bound)."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -60,16 +64,23 @@ def gsplat_cuda_status() -> tuple[bool, str]:
 
 
 def resolve_backend(backend: str, device: Any) -> str:
-    """Pick the backend ("gsplat" or "torch") for tensors on ``device`` (a torch.device).
+    """Pick the backend ("gsplat", "numba" or "torch") for tensors on ``device`` (a torch.device).
 
-    "auto" means gsplat when the tensors are on CUDA and gsplat's CUDA code loads, else torch;
-    "gsplat" raises ModelUnavailableError when that is impossible.
+    "auto" means numba for CPU tensors, gsplat for CUDA tensors when gsplat's CUDA code loads, and
+    torch otherwise (other devices, or CUDA without gsplat). "gsplat" raises ModelUnavailableError
+    when that is impossible; "numba" raises ParameterError for tensors that are not on the CPU.
     """
     if backend not in BACKENDS:
         raise ParameterError(f"unknown rasterizer backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
     if backend == "torch":
         return "torch"
-    on_cuda = getattr(device, "type", str(device)) == "cuda"
+    device_type = getattr(device, "type", str(device))
+    if backend == "numba" or (backend == "auto" and device_type == "cpu"):
+        if device_type != "cpu":
+            raise ParameterError(f"the numba rasterizer renders CPU tensors, these are on {device}",
+                                 "use backend 'auto' (gsplat on CUDA) or 'torch', or move the tensors to the CPU")
+        return "numba"
+    on_cuda = device_type == "cuda"
     available, reason = gsplat_cuda_status() if on_cuda else (False, f"the tensors are on {device}, not CUDA")
     if available:
         return "gsplat"
@@ -102,13 +113,16 @@ def rasterization(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tenso
         backgrounds: [C, D] optional background colour.
         render_mode: "RGB", "D" (accumulated depth), "ED" (expected depth), "RGB+D", "RGB+ED"
             (depth as the last channel).
-        backend: "auto" (gsplat on CUDA tensors when its CUDA code loads, else torch), "gsplat", "torch".
+        backend: "auto" (numba on CPU tensors; gsplat on CUDA tensors when its CUDA code loads, else
+            torch), "gsplat", "numba" (compiled CPU compositor), "torch" (pure-PyTorch reference).
         **gsplat_kwargs: further ``gsplat.rasterization`` arguments. The gsplat backend defaults to
             ``packed=False`` so that ``info`` has the same [C, N, ...] layout as the torch backend
             (call ``DefaultStrategy.step_post_backward(..., packed=False)``). The torch backend
             implements eps2d, radius_clip, rasterize_mode, camera_model (pinhole, ortho, fisheye),
             covars and its own ``max_pairs``; it ignores tile_size, channel_chunk, segmented, and
             raises ParameterError for packed/absgrad/sparse_grad/distributed/with_ut/with_eval3d.
+            The numba backend takes the same arguments, renders in ``tile_size`` tiles (default
+            16) and ignores ``max_pairs``.
 
     Returns:
         ``render_colors`` [C, H, W, X] (X = D, 1 or D + 1 by render_mode), ``render_alphas``
@@ -130,18 +144,28 @@ def rasterization(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tenso
 
     from models import rasterizer_torch
 
-    options = {}
+    options, tile_size = {}, 16
     for name, value in gsplat_kwargs.items():
-        if name in TORCH_BACKEND_OPTIONS:
+        if name == "tile_size":
+            tile_size = value
+        elif name in TORCH_BACKEND_OPTIONS:
             options[name] = value
         elif name in TORCH_BACKEND_NEUTRAL:
             if value != TORCH_BACKEND_NEUTRAL[name]:
-                raise ParameterError(f"the torch rasterizer does not support {name}={value!r}",
+                raise ParameterError(f"the {chosen} rasterizer does not support {name}={value!r}",
                                      f"leave {name}={TORCH_BACKEND_NEUTRAL[name]!r}, or use backend='gsplat' "
                                      "on a CUDA machine")
         elif name not in TORCH_BACKEND_IGNORED:
             raise ParameterError(f"unknown rasterization argument {name!r}",
-                                 f"the torch rasterizer takes {', '.join(TORCH_BACKEND_OPTIONS)}")
-    return rasterizer_torch.rasterize(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
-                                      near_plane=near_plane, far_plane=far_plane, sh_degree=sh_degree,
-                                      backgrounds=backgrounds, render_mode=render_mode, **options)
+                                 f"the {chosen} rasterizer takes {', '.join(TORCH_BACKEND_OPTIONS)}")
+    compositor = None
+    if chosen == "numba":
+        from models import rasterizer_numba
+
+        compositor = functools.partial(rasterizer_numba.composite, tile_size=tile_size)
+    render_colors, render_alphas, info = rasterizer_torch.rasterize(
+        means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane=near_plane,
+        far_plane=far_plane, sh_degree=sh_degree, backgrounds=backgrounds, render_mode=render_mode,
+        compositor=compositor, **options)
+    info["backend"] = chosen
+    return render_colors, render_alphas, info

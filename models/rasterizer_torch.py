@@ -20,6 +20,7 @@ so peak memory stays bounded by one band's pairs.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -213,12 +214,39 @@ def _composite_rows(means2d: Tensor, conics: Tensor, opacities: Tensor, features
     return out[..., :-1], out[..., -1:]
 
 
+def composite_bands(means2d: Tensor, conics: Tensor, opacities: Tensor, features: Tensor, cameras: Tensor,
+                    boxes: Tensor, n_cameras: int, width: int, height: int,
+                    max_pairs: int = DEFAULT_MAX_PAIRS) -> tuple[Tensor, Tensor]:
+    """Alpha-composite visible entries (sorted front to back) into C images with torch autograd.
+
+    ``means2d`` [V, 2] pixels, ``conics`` [V, 3], ``opacities`` [V], ``features`` [V, D],
+    ``cameras`` [V] int64, ``boxes`` [V, 4] int64 inclusive x0, x1, y0, y1 clipped to the image.
+    Returns ``colors`` [C, H, W, D] (sum of weight * feature) and ``alphas`` [C, H, W, 1]. Rows
+    are done in bands of at most ``max_pairs`` box pairs, checkpointed when there are several.
+    """
+    bands = _row_bands(boxes, height, max_pairs)
+    checkpointed = len(bands) > 1 and torch.is_grad_enabled()
+    rendered, alphas = [], []
+    for row_start, row_stop in bands:
+        args = (means2d, conics, opacities, features, cameras, boxes, row_start, row_stop, n_cameras, width)
+        band_colors, band_alphas = (checkpoint(_composite_rows, *args, use_reentrant=False)
+                                    if checkpointed else _composite_rows(*args))
+        rendered.append(band_colors)
+        alphas.append(band_alphas)
+    return torch.cat(rendered, 1), torch.cat(alphas, 1)
+
+
+Compositor = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, int, int], tuple[Tensor, Tensor]]
+"""A compositor with :func:`composite_bands`'s arguments (without ``max_pairs``) and outputs."""
+
+
 def rasterize(means: Tensor, quats: Tensor | None, scales: Tensor | None, opacities: Tensor, colors: Tensor,
               viewmats: Tensor, Ks: Tensor, width: int, height: int, near_plane: float = 0.01,
               far_plane: float = 1e10, sh_degree: int | None = None, backgrounds: Tensor | None = None,
               render_mode: str = "RGB+ED", eps2d: float = 0.3, radius_clip: float = 0.0,
               rasterize_mode: str = "classic", camera_model: str = "pinhole", covars: Tensor | None = None,
-              max_pairs: int = DEFAULT_MAX_PAIRS) -> tuple[Tensor, Tensor, dict]:
+              max_pairs: int = DEFAULT_MAX_PAIRS,
+              compositor: Compositor | None = None) -> tuple[Tensor, Tensor, dict]:
     """Render N Gaussians into C cameras with autograd, as ``gsplat.rasterization(..., packed=False)``.
 
     Args:
@@ -236,6 +264,8 @@ def rasterize(means: Tensor, quats: Tensor | None, scales: Tensor | None, opacit
             replaces quats and scales).
         max_pairs: bound on (pixel, Gaussian) bounding-box pairs composited at once (memory bound;
             about 200 bytes per pair with autograd).
+        compositor: replaces :func:`composite_bands` (the numba backend passes its compiled one;
+            ``max_pairs`` is then unused).
 
     Returns:
         render_colors [C, H, W, X], render_alphas [C, H, W, 1], and gsplat's unpacked info dict:
@@ -265,20 +295,12 @@ def rasterize(means: Tensor, quats: Tensor | None, scales: Tensor | None, opacit
         features.append(projection.depths[cams, gaussians][:, None])
     features = torch.cat(features, -1)
 
-    visible_means2d = projection.means2d[cams, gaussians]
-    visible_conics = projection.conics[cams, gaussians]
-    visible_opacities = projection.opacities[cams, gaussians]
-    bands = _row_bands(projection.boxes, height, max_pairs)
-    checkpointed = len(bands) > 1 and torch.is_grad_enabled()
-    rendered, alphas = [], []
-    for row_start, row_stop in bands:
-        args = (visible_means2d, visible_conics, visible_opacities, features, cams, projection.boxes,
-                row_start, row_stop, n_cameras, width)
-        band_colors, band_alphas = (checkpoint(_composite_rows, *args, use_reentrant=False)
-                                    if checkpointed else _composite_rows(*args))
-        rendered.append(band_colors)
-        alphas.append(band_alphas)
-    render_colors, render_alphas = torch.cat(rendered, 1), torch.cat(alphas, 1)
+    visible = (projection.means2d[cams, gaussians], projection.conics[cams, gaussians],
+               projection.opacities[cams, gaussians], features, cams, projection.boxes, n_cameras, width, height)
+    if compositor is None:
+        render_colors, render_alphas = composite_bands(*visible, max_pairs=max_pairs)
+    else:
+        render_colors, render_alphas = compositor(*visible)
 
     if backgrounds is not None and render_mode in ("RGB", "RGB+D", "RGB+ED"):
         background = backgrounds

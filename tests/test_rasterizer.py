@@ -305,7 +305,7 @@ def test_gradients_reach_every_parameter_and_means2d():
 def test_backend_selection_on_cpu():
     scene = single_gaussian()
     common = dict(viewmats=torch.eye(4)[None], Ks=intrinsics(), width=WIDTH, height=HEIGHT)
-    assert rasterization(**scene, **common)[2]["backend"] == "torch"
+    assert rasterization(**scene, **common)[2]["backend"] == "numba"  # auto on CPU tensors
     with pytest.raises(ModelUnavailableError, match="gsplat"):
         rasterization(**scene, backend="gsplat", **common)
     with pytest.raises(ParameterError, match="backend"):
