@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "tracks (npz + CSV), depth (16-bit PNG + scale), video (orbit and time-sweep MP4)")
     export.add_argument("--out", metavar="PATH", default=None, help="output folder (default: DIR/export)")
     export.add_argument("--frames", default="all", help="frames for ply: all, 0,5,10 or start:stop:step")
-    export.add_argument("--backend", default="auto", choices=("auto", "torch", "gsplat"),
+    export.add_argument("--backend", default="auto", choices=("auto", "numba", "torch", "gsplat"),
                         help="rasterizer for the video export")
     export.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     view.add_argument("--port", type=int, default=8080, help="port (the next free one if taken)")
     view.add_argument("--max-side", type=int, default=256, help="render resolution (longer side, pixels)")
-    view.add_argument("--backend", default="auto", choices=("auto", "torch", "gsplat"), help="rasterizer")
+    view.add_argument("--backend", default="auto", choices=("auto", "numba", "torch", "gsplat"), help="rasterizer")
     view.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     synth = commands.add_parser("synth", help="write a synthetic dynamic scene with ground truth")

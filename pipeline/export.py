@@ -169,11 +169,11 @@ def posed_cameras(work: Path) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray]
 
 
 def model_device(backend: str) -> str:
-    """Device to load the model on for a rasterizer backend: CPU for ``torch``, else CUDA when
-    available."""
+    """Device to load the model on for a rasterizer backend: CPU for ``torch`` and ``numba``, else
+    CUDA when available."""
     from stages.init import resolve_device
 
-    return "cpu" if backend == "torch" else resolve_device("auto")
+    return "cpu" if backend in ("torch", "numba") else resolve_device("auto")
 
 
 def model_background(model) -> tuple[float, float, float]:
@@ -451,7 +451,7 @@ def export_workspace(work: Path, formats: list[str] | str, out_dir: Path | None 
     """Export the results of the workspace ``work`` in ``formats`` (names of :data:`FORMATS`, as a
     list or a comma-separated string) to ``out_dir/<format>/`` (default ``work/export``); ``frames`` selects the frames of the
     ``ply`` and ``depth`` exports (see :func:`parse_frame_selection`); ``backend`` is the
-    rasterizer of the ``video`` export ("auto", "torch", "gsplat").
+    rasterizer of the ``video`` export ("auto", "numba", "torch", "gsplat").
 
     Returns, per format, the files written. Raises :class:`ParameterError` for unknown formats or
     bad frame selections and :class:`InputError` naming the stage to run when a format's inputs
@@ -466,8 +466,8 @@ def export_workspace(work: Path, formats: list[str] | str, out_dir: Path | None 
     if unknown or not formats:
         raise ParameterError(f"unknown export format(s) {', '.join(unknown) or '(none given)'}",
                              f"use a comma-separated list of {', '.join(FORMATS)}")
-    if backend not in ("auto", "torch", "gsplat"):
-        raise ParameterError(f"unknown rasterizer backend {backend!r}", "use auto, torch or gsplat")
+    if backend not in ("auto", "numba", "torch", "gsplat"):
+        raise ParameterError(f"unknown rasterizer backend {backend!r}", "use auto, numba, torch or gsplat")
     formats = list(dict.fromkeys(formats))
     check_prerequisites(work, formats)
     check_frame_selection(work, formats, frames)

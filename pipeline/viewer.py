@@ -103,8 +103,8 @@ class SceneViewer:
         if not MIN_SIDE <= max_side <= MAX_SIDE:
             raise ParameterError(f"viewer resolution {max_side} is not in {MIN_SIDE}..{MAX_SIDE} pixels",
                                  "use e.g. 256 (CPU) or 512 (GPU)")
-        if backend not in ("auto", "torch", "gsplat"):
-            raise ParameterError(f"unknown rasterizer backend {backend!r}", "use auto, torch or gsplat")
+        if backend not in ("auto", "numba", "torch", "gsplat"):
+            raise ParameterError(f"unknown rasterizer backend {backend!r}", "use auto, numba, torch or gsplat")
         work = Path(work)
         self.backend = backend
         self.model = load_trained(stage_output(work, "train", "model.pt"), model_device(backend))
