@@ -2,6 +2,12 @@
 
 Backends (``Params.backend``):
 
+- ``auto`` — ``transformers`` when its model can be had here (a local folder, the local Hugging
+  Face cache, or a hub that answers within seconds; never tried with ``HF_HUB_OFFLINE``), else
+  ``sfm``. Resolved once, when the run's configuration is built: ``Params(backend="auto")``
+  holds the chosen backend and ``auto_chosen=True``, so the DAG (``needs_cameras``), the
+  fingerprint and ``config.json`` all see the backend that runs; a fallback is logged and noted
+  in the manifest.
 - ``transformers`` — a Hugging Face depth-estimation model (hub id or local folder; Depth
   Anything V2 Small by default). Its output kind comes from the model config (Depth Anything's
   ``depth_estimation_type``: relative models predict relative inverse depth, metric ones metres)
@@ -13,8 +19,9 @@ Backends (``Params.backend``):
   objects); z-depth in the cameras' units.
 
 Outputs in ``out_dir``: ``depth/000000.npy`` float32 ``(H, W)`` per frame, ``vis/000000.png``
-colourised (near = warm), ``depth.json`` = {"kind": "relative_inverse" | "metric" | "sfm",
-"invalid": "0", "backend", "model", "num_frames", "width", "height", "files"}. Values <= 0 are
+colourised (near = warm, invalid = black; one colour range for the whole clip for z-depth kinds), ``depth.json`` = {"kind": "relative_inverse" | "metric" | "sfm",
+"invalid": "0", "backend" (the one that ran), "auto_chosen", "model", "num_frames", "width", "height",
+"files"}. Values <= 0 are
 invalid. For ``relative_inverse`` larger means nearer, up to an unknown scale and shift; the
 align stage turns every kind into z-depth in the cameras' units.
 """
@@ -36,6 +43,7 @@ from data.visualize import colorize, colorize_depth
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("transformers", "file", "sfm")
+AUTO = "auto"
 KINDS = ("relative_inverse", "metric", "sfm")
 
 
@@ -43,8 +51,11 @@ KINDS = ("relative_inverse", "metric", "sfm")
 class Params:
     """Parameters of the depth stage.
 
-    backend: "transformers" (learned, needs weights), "file" (user depth maps) or "sfm"
-        (weights-free stereo from the cameras stage).
+    backend: "transformers" (learned, needs weights), "file" (user depth maps), "sfm"
+        (weights-free stereo from the cameras stage) or "auto" (transformers when ``model`` can be
+        had here, else sfm; replaced by the chosen backend when the Params are built).
+    auto_chosen: True when ``backend`` was chosen by ``backend=auto`` (set on construction; do
+        not set by hand).
     model: Hugging Face hub id or local folder of a depth-estimation model (transformers).
     batch_size: frames per forward pass (transformers).
     device: "auto" (CUDA when available), "cpu", "cuda", "cuda:N" (transformers).
@@ -63,10 +74,18 @@ class Params:
     sfm_min_consistent: neighbours whose own depth must agree for a stereo depth to be kept (sfm).
     sfm_max_gap: farthest neighbour in frames (sfm).
     sfm_baseline: preferred neighbour baseline as a fraction of the scene depth (sfm).
-    sfm_median: median filter size applied after hole filling: 0 (off), 3 or 5 (sfm).
+    sfm_fuse_window: frames on each side whose stereo depths are reprojected into a frame and
+        fused where they agree (temporal consistency); 0 = off (sfm).
+    sfm_fill_sigma: spatial reach of the edge-aware fill as a fraction of the longer image side (sfm).
+    sfm_fill_color: colour difference (summed over RGB in [0, 1]) over which the fill stops
+        spreading; smaller = stricter edges (sfm).
+    sfm_min_support: a pixel gets no depth (0) when less than this share of the measurement weight
+        that would reach it ignoring edges reaches it along the image (sfm).
+    sfm_median: median filter size applied to the filled inverse depth: 0 (off), 3 or 5 (sfm).
     """
 
     backend: str = "transformers"
+    auto_chosen: bool = False
     model: str = "depth-anything/Depth-Anything-V2-Small-hf"
     batch_size: int = 4
     device: str = "auto"
@@ -85,12 +104,34 @@ class Params:
     sfm_min_consistent: int = 2
     sfm_max_gap: int = 10
     sfm_baseline: float = 0.08
-    sfm_median: int = 5
+    sfm_fuse_window: int = 3
+    sfm_fill_sigma: float = 0.1
+    sfm_fill_color: float = 0.1
+    sfm_min_support: float = 0.1
+    sfm_median: int = 0
+
+    def __post_init__(self) -> None:
+        if self.backend == AUTO:
+            from stages.depth_backends import transformers_model_availability
+
+            available, where = transformers_model_availability(self.model)
+            if available:
+                logger.info("depth.backend=auto: using transformers, depth model %s from %s", self.model, where)
+            else:
+                logger.warning("depth.backend=auto: depth model %s is not available (%s); using the weights-free "
+                               "sfm backend", self.model, where)
+            object.__setattr__(self, "backend", "transformers" if available else "sfm")
+            object.__setattr__(self, "auto_chosen", True)
+
+    def needs_cameras(self) -> bool:
+        """Whether ``run`` reads the cameras stage output (the DAG edge depth <- cameras)."""
+        return self.backend == "sfm"
 
     def validate(self) -> None:
         """Raise :class:`ParameterError` for values that cannot work."""
         checks = [
-            (self.backend in BACKENDS, f"depth.backend must be one of {', '.join(BACKENDS)}, not '{self.backend}'"),
+            (self.backend in BACKENDS,
+             f"depth.backend must be one of {', '.join(BACKENDS + (AUTO,))}, not '{self.backend}'"),
             (self.batch_size >= 1, f"depth.batch_size must be >= 1, not {self.batch_size}"),
             (self.device == "auto" or self.device == "cpu" or self.device == "mps" or self.device.startswith("cuda"),
              f"depth.device must be auto, cpu, cuda, cuda:N or mps, not '{self.device}'"),
@@ -112,6 +153,10 @@ class Params:
             (self.sfm_min_consistent >= 1, f"depth.sfm_min_consistent must be >= 1, not {self.sfm_min_consistent}"),
             (self.sfm_max_gap >= 1, f"depth.sfm_max_gap must be >= 1, not {self.sfm_max_gap}"),
             (0.0 < self.sfm_baseline < 1.0, f"depth.sfm_baseline must be in (0, 1), not {self.sfm_baseline}"),
+            (0 <= self.sfm_fuse_window <= 16, f"depth.sfm_fuse_window must be in 0..16, not {self.sfm_fuse_window}"),
+            (0.0 < self.sfm_fill_sigma <= 1.0, f"depth.sfm_fill_sigma must be in (0, 1], not {self.sfm_fill_sigma}"),
+            (self.sfm_fill_color > 0, f"depth.sfm_fill_color must be > 0, not {self.sfm_fill_color}"),
+            (0.0 <= self.sfm_min_support < 1.0, f"depth.sfm_min_support must be in [0, 1), not {self.sfm_min_support}"),
             (self.sfm_median in (0, 3, 5), f"depth.sfm_median must be 0, 3 or 5, not {self.sfm_median}"),
         ]
         for ok, message in checks:
@@ -155,8 +200,12 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
         kind = params.file_kind
     else:
         from stages.cameras import load_cameras, load_points
-        from stages.depth_backends import estimate_sfm_depth
+        from stages.depth_backends import estimate_sfm_depth, transformers_model_availability
 
+        if params.auto_chosen:
+            notes.append(f"depth.backend=auto used the weights-free sfm backend: depth model '{params.model}' is "
+                         f"not available here ({transformers_model_availability(params.model)[1]}); fill the "
+                         "Hugging Face cache or give depth.model=FOLDER for learned depth")
         if "cameras" not in inputs:
             raise InputError("the sfm depth backend needs the cameras stage output",
                              "run the cameras stage first (the pipeline does this for depth.backend=sfm)")
@@ -169,10 +218,12 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
             num_neighbors=params.sfm_neighbors, num_planes=params.sfm_num_planes, window=params.sfm_window,
             max_side=params.sfm_max_side, min_score=params.sfm_min_score, consistency=params.sfm_consistency,
             min_consistent=params.sfm_min_consistent, max_gap=params.sfm_max_gap,
-            target_baseline=params.sfm_baseline, median=params.sfm_median,
+            target_baseline=params.sfm_baseline, fuse_window=params.sfm_fuse_window, fill_sigma=params.sfm_fill_sigma,
+            fill_color=params.sfm_fill_color, min_support=params.sfm_min_support, median=params.sfm_median,
             progress=_progress("plane sweep", "frame"))
         kind = "sfm"
-        figures["stereo_fraction"] = round(stats["stereo_fraction"], 4)
+        figures.update({name: round(stats[name], 4) for name in ("stereo_fraction", "fused_fraction",
+                                                                  "unknown_fraction")})
         if stats["frames_without_neighbors"]:
             notes.append(f"{stats['frames_without_neighbors']} frames had no usable stereo neighbour; their depth "
                          "is interpolated from sparse SfM points only")
@@ -185,35 +236,57 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     if valid_fraction == 0.0:
         raise StageFailure(f"the {params.backend} depth backend produced no valid depth at all",
                            "check the inputs (frames, cameras, depth files) or try another depth.backend")
-    write_depth_folder(out_dir, depth, kind, backend=params.backend, model=model_name)
+    write_depth_folder(out_dir, depth, kind, backend=params.backend, model=model_name, auto_chosen=params.auto_chosen)
     if valid_fraction < 0.5:
         notes.append(f"only {valid_fraction:.0%} of pixels have depth")
-    figures.update({"num_frames": num_frames, "kind": kind, "valid_fraction": round(valid_fraction, 4)})
+    figures.update({"num_frames": num_frames, "backend": params.backend, "auto_chosen": params.auto_chosen,
+                    "kind": kind, "valid_fraction": round(valid_fraction, 4)})
     if notes:
         figures["notes"] = notes
     return figures
 
 
-def depth_vis(depth: np.ndarray, kind: str) -> np.ndarray:
-    """Colour picture ``(H, W, 3)`` uint8 of one depth map of the given kind (near = warm)."""
+def depth_vis(depth: np.ndarray, kind: str, inverse_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Colour picture ``(H, W, 3)`` uint8 of one depth map of the given kind (near = warm, invalid
+    black). ``inverse_range``: the ``(low, high)`` of 1/z mapped to the colour scale for z-depth
+    kinds (one range for a whole clip keeps colours comparable across frames); None = this map's
+    2nd..98th percentiles. Relative inverse depth is scaled per frame (its scale is unknown)."""
     if kind == "relative_inverse":
         return colorize(depth, depth > 0)
-    return colorize_depth(depth)
+    if inverse_range is None:
+        return colorize_depth(depth)
+    valid = depth > 0
+    return colorize(np.where(valid, 1.0 / np.where(valid, depth, 1.0), 0.0), valid, *inverse_range)
 
 
-def write_depth_folder(out_dir: Path, depth: np.ndarray, kind: str, backend: str, model: str = "") -> None:
-    """Write ``depth/``, ``vis/`` and ``depth.json`` for ``depth`` ``(T, H, W)`` float32 (0 = invalid)."""
+def clip_inverse_range(depth: np.ndarray, max_samples: int = 1_000_000) -> tuple[float, float] | None:
+    """2nd and 98th percentiles of 1/z over the valid pixels of a clip's z-depth ``(T, H, W)``
+    (a regular subsample of at most ``max_samples`` pixels), or None when nothing is valid."""
+    values = depth.ravel()[:: max(1, depth.size // max_samples)]
+    values = values[values > 0]
+    if not values.size:
+        return None
+    low, high = np.percentile(1.0 / values, [2, 98])
+    return float(low), float(high)
+
+
+def write_depth_folder(out_dir: Path, depth: np.ndarray, kind: str, backend: str, model: str = "",
+                       auto_chosen: bool = False) -> None:
+    """Write ``depth/``, ``vis/`` and ``depth.json`` for ``depth`` ``(T, H, W)`` float32 (0 = invalid);
+    ``auto_chosen``: the backend was picked by ``depth.backend=auto``."""
     if kind not in KINDS:
         raise ValueError(f"unknown depth kind {kind}")
     (out_dir / "depth").mkdir(parents=True, exist_ok=True)
     (out_dir / "vis").mkdir(parents=True, exist_ok=True)
     files = []
+    inverse_range = None if kind == "relative_inverse" else clip_inverse_range(depth)
     for index, frame_depth in enumerate(depth):
         name = f"{index:06d}"
         np.save(out_dir / "depth" / f"{name}.npy", frame_depth.astype(np.float32))
-        write_rgb(out_dir / "vis" / f"{name}.png", depth_vis(frame_depth, kind))
+        write_rgb(out_dir / "vis" / f"{name}.png", depth_vis(frame_depth, kind, inverse_range))
         files.append(f"depth/{name}.npy")
-    meta = {"kind": kind, "invalid": "0", "backend": backend, "model": model, "num_frames": int(len(depth)),
+    meta = {"kind": kind, "invalid": "0", "backend": backend, "auto_chosen": bool(auto_chosen), "model": model,
+            "num_frames": int(len(depth)),
             "width": int(depth.shape[2]), "height": int(depth.shape[1]), "files": files}
     (out_dir / "depth.json").write_text(json.dumps(meta, indent=2))
 

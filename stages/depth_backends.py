@@ -19,21 +19,29 @@ few neighbouring frames seen by the registered cameras:
 4. Multi-view geometric consistency: a depth survives only where it agrees (within
    ``consistency`` relative z error) with the depths computed independently for at least
    ``min_consistent`` of the frame's neighbours (fewer when the frame has fewer neighbours).
-5. Holes are filled with a coarse-to-fine (push-pull) interpolation of the surviving stereo
-   depths together with the sparse SfM points observed in the frame, in inverse depth; a median
-   filter removes remaining speckle. The result is z-depth in the cameras' units.
+5. Temporal fusion through the cameras: the surviving depths of the frames within
+   ``fuse_window`` frames are splatted into the frame (z-buffered); a pixel keeps a depth where at
+   least two of its own and the splatted depths agree (averaged in inverse depth), which fills
+   holes from neighbours, drops depths no neighbour confirms and steadies values over time.
+6. Edge-aware densification at frame size: the fused stereo depths (weighted by how many views
+   agree) and the sparse SfM points observed in the frame are spread by normalised domain-transform
+   filtering guided by the RGB frame (:func:`edge_aware_fill`), so depth follows the image: it
+   spreads within regions of similar colour and stops at image edges. Pixels walled off from every
+   measurement by image edges (or far from all of them) get no depth (0) instead of a guess.
 
 Limits: stereo assumes a static scene. Moving objects (people, hands, pets) break the
-multi-view constraint: their matches are wrong or inconsistent and are mostly rejected by step 4,
-and step 5 then fills them with depths interpolated from the surrounding static background, so
-depth on moving objects is at best a smooth guess (typically too far). Frames whose camera was
-not registered by SfM get depth only when a pose is given for them (e.g. interpolated); frames
-without any useful neighbour get depth from the sparse points alone. Textureless regions
-(white walls) and reflective or transparent surfaces are interpolated, not measured.
+multi-view constraint: their matches are wrong or inconsistent and are mostly rejected by steps 4
+and 5, so most of their pixels end up without depth (0); the few that survive are typically too
+far. Frames whose camera was not registered by SfM get depth only when a pose is given for them
+(e.g. interpolated); frames without any useful neighbour get depth from the sparse points alone.
+Textureless regions (white walls) are filled from the SfM points and stereo around them where no
+image edge separates them, and left at 0 where one does.
 """
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -104,6 +112,59 @@ def _hub_unreachable_reason() -> str | None:
 def _looks_like_path(model: str) -> bool:
     """A hub id is ``name`` or ``namespace/name``; anything else is meant as a local folder."""
     return model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+HUB_PROBE_SECONDS = 3.0
+
+
+def _probe_hub(model: str, timeout: float) -> str | None:
+    """Ask the hub for ``model``'s config.json within about ``timeout`` seconds; None when it
+    answers, else why not. Runs in a daemon thread so a hanging name lookup cannot block."""
+    import threading
+
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    outcome: list[str | None] = []
+
+    def ask() -> None:
+        try:
+            get_hf_file_metadata(hf_hub_url(model, "config.json"), timeout=timeout)
+            outcome.append(None)
+        except Exception as error:  # any failure (network, 404, auth) means: not reachable here
+            outcome.append(f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}")
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    return outcome[0] if outcome else f"no answer from the Hugging Face hub within {timeout:.0f} s"
+
+
+def transformers_model_availability(model: str, hub_timeout: float = HUB_PROBE_SECONDS) -> tuple[bool, str]:
+    """Whether :func:`load_transformers_depth_model` can be expected to find ``model`` here, and
+    where (or why not), without loading it: a local folder with ``config.json``; a hub id whose
+    config and weights are in the local Hugging Face cache; or a hub id the hub answers for
+    within ``hub_timeout`` seconds (never tried when ``HF_HUB_OFFLINE`` is set)."""
+    local = Path(model).expanduser()
+    if local.exists():
+        if (local / "config.json").is_file():
+            return True, f"local folder {local}"
+        return False, f"local folder {local} has no config.json"
+    if _looks_like_path(model):
+        return False, f"local folder {local} does not exist"
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+    except ImportError as error:
+        return False, f"cannot import huggingface_hub: {error}"
+    cached = [try_to_load_from_cache(model, name) for name in ("config.json",) + WEIGHT_FILES]
+    if isinstance(cached[0], str) and any(isinstance(path, str) for path in cached[1:]):
+        return True, f"Hugging Face cache {_hf_cache_dir()}"
+    if constants.HF_HUB_OFFLINE:
+        return False, f"not in the Hugging Face cache {_hf_cache_dir()} and HF_HUB_OFFLINE is set"
+    failure = _probe_hub(model, hub_timeout)
+    if failure is None:
+        return True, "Hugging Face hub (downloaded on first use)"
+    return False, f"not in the Hugging Face cache {_hf_cache_dir()} and the hub is not reachable ({failure})"
 
 
 def load_transformers_depth_model(model: str):
@@ -265,6 +326,8 @@ def read_depth_files(root: Path, num_frames: int, size: tuple[int, int], scale: 
 
 MIN_TEXTURE_STD = 0.01   # grey-level std (0..1) of a patch below which ZNCC is meaningless
 MIN_RANGE_POINTS = 8     # SfM points a frame needs to set its own depth range
+SPARSE_WEIGHT = 1.0      # fill weight of an SfM point (a stereo depth weighs n / (n + 1), n agreeing views)
+MAX_THREADS = 4          # frames processed at once
 
 
 def observed_point_depths(points: dict, w2c: np.ndarray, num_frames: int) -> list[np.ndarray]:
@@ -401,39 +464,153 @@ def consistency_count(depths: np.ndarray, K: np.ndarray, w2c: np.ndarray, neighb
     return counts
 
 
-def push_pull_fill(values: np.ndarray, weights: np.ndarray, levels: int = 12) -> np.ndarray:
-    """Fill a sparse field ``(h, w)`` (``weights`` > 0 where known) by coarse-to-fine
-    interpolation: weighted averages are pushed down a 2x pyramid, then coarse values fill the
-    gaps of finer levels with confidence blending. Returns a dense ``(h, w)`` float32 field
-    (zeros when nothing is known)."""
-    pyramid = [(values * weights, weights)]
-    for _ in range(levels):
-        weighted, weight = pyramid[-1]
-        if min(weight.shape) <= 2:
-            break
-        pyramid.append((cv2.pyrDown(weighted), cv2.pyrDown(weight)))
-    weighted, weight = pyramid[-1]
-    estimate = weighted / np.maximum(weight, 1e-12)
-    for weighted, weight in reversed(pyramid[:-1]):
-        coarse = cv2.resize(estimate, (weight.shape[1], weight.shape[0]), interpolation=cv2.INTER_LINEAR)
-        known = weighted / np.maximum(weight, 1e-12)
-        alpha = np.clip(weight / 0.25, 0.0, 1.0)   # a full-weight pixel keeps its own value
-        estimate = alpha * known + (1.0 - alpha) * coarse
-    return estimate.astype(np.float32)
+def forward_project_depth(depth: np.ndarray, K_src: np.ndarray, w2c_src: np.ndarray, K_dst: np.ndarray,
+                          w2c_dst: np.ndarray) -> np.ndarray:
+    """Splat a source frame's depth map ``(h, w)`` (0 = invalid) into a destination camera of the
+    same image size: ``(h, w)`` z-depth in the destination camera, nearest surface kept per pixel
+    (a z-buffer), 0 where nothing lands."""
+    height, width = depth.shape
+    rows, cols = np.nonzero(depth > 0)
+    z_src = depth[rows, cols].astype(np.float64)
+    pixels = np.stack([cols + 0.5, rows + 0.5, np.ones(len(rows))])
+    cam = (np.linalg.inv(K_src) @ pixels) * z_src
+    relative = w2c_dst @ invert_rigid(w2c_src)
+    proj = K_dst @ (relative[:3, :3] @ cam + relative[:3, 3:4])
+    z = proj[2]
+    ok = z > 1e-9
+    u = np.floor(proj[0, ok] / z[ok]).astype(np.int64)
+    v = np.floor(proj[1, ok] / z[ok]).astype(np.int64)
+    z = z[ok]
+    inside = (u >= 0) & (u < width) & (v >= 0) & (v < height)
+    out = np.full(height * width, np.inf)
+    np.minimum.at(out, v[inside] * width + u[inside], z[inside])
+    return np.where(np.isfinite(out), out, 0.0).reshape(height, width).astype(np.float32)
+
+
+def fuse_temporal(measured: np.ndarray, K: np.ndarray, w2c: np.ndarray, sources: list[list[int]],
+                  tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+    """Temporal fusion of per-frame stereo depths through the cameras.
+
+    Each frame's ``measured`` depth ``(T, h, w)`` (0 = none) is compared with the depths of its
+    ``sources`` frames splatted into it (:func:`forward_project_depth`). A frame's own depth is
+    kept and averaged (in inverse depth) with the splatted depths within ``tolerance`` relative z
+    of it; where the frame has none, the median of the splatted depths is taken when at least two
+    of them agree with it. Returns fused depth ``(T, h, w)`` and the number of agreeing
+    measurements per pixel ``(T, h, w)`` int (0 = no depth)."""
+    fused = np.zeros_like(measured)
+    support = np.zeros(measured.shape, np.int32)
+    for frame in range(len(measured)):
+        own = measured[frame]
+        splats = [forward_project_depth(measured[j], K[j], w2c[j], K[frame], w2c[frame]) for j in sources[frame]]
+        if not splats:
+            fused[frame], support[frame] = own, (own > 0)
+            continue
+        stacked = np.stack(splats)
+        present = (stacked > 0).sum(axis=0)
+        ordered = np.sort(np.where(stacked > 0, stacked, np.inf), axis=0)     # valid depths first
+        middle = np.take_along_axis(ordered, np.maximum(present - 1, 0)[None] // 2, axis=0)[0]
+        reference = np.where(own > 0, own, np.where(present > 0, middle, 0.0))
+        agree = (stacked > 0) & (np.abs(stacked - reference) <= tolerance * reference)
+        count = agree.sum(axis=0) + (own > 0)
+        inverse_sum = np.where(agree, 1.0 / np.where(agree, stacked, 1.0), 0.0).sum(axis=0)
+        inverse_sum += np.where(own > 0, 1.0 / np.where(own > 0, own, 1.0), 0.0)
+        keep = count >= 2
+        fused[frame] = np.where(keep & (count > 0), count / np.where(keep, inverse_sum, 1.0), 0.0)
+        support[frame] = np.where(keep, count, 0)
+    return fused, support
+
+
+def _recursive_pass(signal: np.ndarray, feedback: np.ndarray) -> np.ndarray:
+    """One causal and one anti-causal first-order recursive pass along axis 0 of ``signal``
+    ``(L, ...)``: ``J[n] = I[n] + a_n (J[n-1] - I[n])`` with ``a_n = feedback[n-1]`` ``(L-1, ...)``,
+    then the same backwards. In place; returns ``signal``."""
+    step = np.empty_like(signal[0])
+    for n in range(1, len(signal)):
+        np.subtract(signal[n - 1], signal[n], out=step)
+        step *= feedback[n - 1]
+        signal[n] += step
+    for n in range(len(signal) - 2, -1, -1):
+        np.subtract(signal[n + 1], signal[n], out=step)
+        step *= feedback[n]
+        signal[n] += step
+    return signal
+
+
+def domain_transform_filter(signals: np.ndarray, guide: np.ndarray | None, sigma_space: float,
+                            sigma_color: float, iterations: int = 3) -> np.ndarray:
+    """Edge-aware smoothing of ``signals`` ``(k, H, W)`` float32 guided by an image, by the
+    recursive domain transform filter (Gastal and Oliveira, 2011): pixels are spread along rows
+    and columns over a distance that grows by ``sigma_space / sigma_color`` per unit of colour
+    change of ``guide`` ``(H, W, C)`` (values in [0, 1], summed absolute channel differences), so
+    smoothing stops at image edges. ``sigma_space`` in pixels; ``guide=None`` gives the same
+    filter without edges. Returns the filtered ``(k, H, W)`` float32."""
+    _, height, width = signals.shape
+    if guide is None:
+        dx, dy = np.ones((height, width - 1), np.float32), np.ones((height - 1, width), np.float32)
+    else:
+        ratio = np.float32(sigma_space / sigma_color)
+        dx = 1.0 + ratio * np.abs(np.diff(guide, axis=1)).sum(axis=2, dtype=np.float32)
+        dy = 1.0 + ratio * np.abs(np.diff(guide, axis=0)).sum(axis=2, dtype=np.float32)
+    rows = np.ascontiguousarray(signals.transpose(2, 0, 1), dtype=np.float32)   # (W, k, H)
+    dx_t = np.ascontiguousarray(dx.T)                                              # (W-1, H)
+    for index in range(iterations):
+        sigma = sigma_space * np.sqrt(3.0) * 2.0 ** (iterations - index - 1) / np.sqrt(4.0 ** iterations - 1.0)
+        a = np.float32(np.exp(-np.sqrt(2.0) / sigma))
+        _recursive_pass(rows, a ** dx_t)
+        columns = np.ascontiguousarray(rows.transpose(2, 1, 0))                   # (H, k, W)
+        _recursive_pass(columns, a ** dy)
+        rows = np.ascontiguousarray(columns.transpose(2, 1, 0))
+    return np.ascontiguousarray(rows.transpose(1, 2, 0))
+
+
+def edge_aware_fill(guide: np.ndarray, inverse_depth: np.ndarray, weights: np.ndarray, sigma_space: float,
+                    sigma_color: float, min_support: float) -> tuple[np.ndarray, np.ndarray]:
+    """Dense inverse depth ``(H, W)`` float32 and where it is known ``(H, W)`` bool, from confidence-weighted measurements (``weights`` > 0 where
+    ``inverse_depth`` is known) by normalised edge-aware filtering with ``guide`` ``(H, W, 3)`` in
+    [0, 1]: ``F(w x) / F(w)`` with :func:`domain_transform_filter`, so values spread within
+    regions of similar colour and not across image edges. A pixel is unknown when the
+    measurement weight reaching it along the image is below ``min_support`` times what reaches
+    it ignoring edges (it is walled off from every measurement by edges), or when no measurement
+    is within a few ``sigma_space`` at all."""
+    weights = weights.astype(np.float32)
+    edge = domain_transform_filter(np.stack([weights * inverse_depth, weights]), guide, sigma_space, sigma_color)
+    plain = domain_transform_filter(weights[None], None, sigma_space, sigma_color)[0]
+    reach = edge[1]
+    filled = edge[0] / np.maximum(reach, 1e-12)
+    floor = 1e-6 * max(float(weights.max()), 1e-12)
+    known = (reach >= min_support * plain) & (plain > floor) & (reach > floor)
+    return filled.astype(np.float32), known
+
+
+def _thread_count() -> int:
+    return max(1, min(MAX_THREADS, os.cpu_count() or 1))
+
+
+def _map_frames(function: Callable[[int], object], frames: Sequence[int],
+                progress: Callable[[Iterable], Iterable] = iter) -> list:
+    """``[function(frame) for frame in frames]`` on a bounded thread pool (OpenCV and NumPy's
+    array loops release the GIL), in order, ``progress`` wrapped around the results."""
+    with ThreadPoolExecutor(_thread_count()) as pool:
+        futures = [pool.submit(function, frame) for frame in frames]
+        return [future.result() for future in progress(futures)]
 
 
 def estimate_sfm_depth(images: np.ndarray, K: np.ndarray, w2c: np.ndarray, registered: np.ndarray, points: dict,
                        num_neighbors: int = 4, num_planes: int = 64, window: int = 7, max_side: int = 320,
                        min_score: float = 0.5, consistency: float = 0.02, min_consistent: int = 2, max_gap: int = 10,
-                       target_baseline: float = 0.08, median: int = 5,
+                       target_baseline: float = 0.08, fuse_window: int = 3, fill_sigma: float = 0.1,
+                       fill_color: float = 0.1, min_support: float = 0.1, median: int = 0,
                        progress: Callable[[Iterable], Iterable] = iter) -> tuple[np.ndarray, dict]:
     """Depth from the registered cameras by plane-sweep stereo (see the module docstring).
 
     ``images`` ``(T, H, W, 3)`` uint8 RGB; ``K`` ``(T, 3, 3)``, ``w2c`` ``(T, 4, 4)`` (OpenCV),
     ``registered`` ``(T,)`` bool; ``points`` the cameras stage's ``points.npz`` arrays. Stereo runs
-    at ``max_side`` pixels on the longer side. Returns z-depth ``(T, H, W)`` float32 in the
-    cameras' units (0 = no depth) and statistics (fractions of pixels measured by stereo vs
-    interpolated)."""
+    at ``max_side`` pixels on the longer side; temporal fusion over ``fuse_window`` frames on each
+    side (0 = off); the edge-aware fill at frame size with a spatial sigma of ``fill_sigma`` x the
+    longer side and a colour sigma ``fill_color``, leaving 0 where the measurement support is below
+    ``min_support`` (see :func:`edge_aware_fill`); ``median`` (0, 3 or 5) filters the filled
+    inverse depth. Returns z-depth ``(T, H, W)`` float32 in the cameras' units (0 = no depth) and
+    statistics: fractions of pixels measured by stereo, after fusion, and left without depth."""
     num_frames, height, width = images.shape[:3]
     factor = min(1.0, max_side / max(height, width))
     small = (max(8, int(round(height * factor))), max(8, int(round(width * factor))))
@@ -452,42 +629,58 @@ def estimate_sfm_depth(images: np.ndarray, K: np.ndarray, w2c: np.ndarray, regis
     scene_depth = np.array([np.median(o[:, 2]) if len(o) >= MIN_RANGE_POINTS else np.median(all_z) for o in observed])
     neighbors = choose_neighbors(w2c, usable, scene_depth, num_neighbors, max_gap, target_baseline)
 
-    raw = np.zeros((num_frames,) + small, np.float32)
-    for frame in progress(range(num_frames)):
+    def sweep(frame: int) -> np.ndarray:
         if not has_pose[frame] or not neighbors[frame]:
-            continue
+            return np.zeros(small, np.float32)
         z = observed[frame][:, 2]
         near, far = np.percentile(z, [2, 98]) if len(z) >= MIN_RANGE_POINTS else global_range
         inverse_depths = np.linspace(1.0 / (far * 1.5), 1.0 / (near / 1.5), num_planes)
         nbrs = neighbors[frame]
         depth, score = plane_sweep(grey[frame], [grey[j] for j in nbrs], K_small[frame], w2c[frame],
                                    [K_small[j] for j in nbrs], [w2c[j] for j in nbrs], inverse_depths, window)
-        raw[frame] = np.where(score >= min_score, depth, 0.0)
+        return np.where(score >= min_score, depth, 0.0).astype(np.float32)
+
+    raw = np.stack(_map_frames(sweep, range(num_frames), progress))
     if consistency > 0:
         agreeing = consistency_count(raw, K_small, w2c, neighbors, consistency)
         required = np.array([max(1, min(min_consistent, len(n))) for n in neighbors])[:, None, None]
-        measured = np.where(agreeing >= required, raw, 0.0)
+        measured = np.where(agreeing >= required, raw, 0.0).astype(np.float32)
     else:
         measured = raw
+    if fuse_window > 0:
+        sources = [[j for j in range(max(0, t - fuse_window), min(num_frames, t + fuse_window + 1))
+                    if j != t and has_pose[j] and has_pose[t]] for t in range(num_frames)]
+        fused, support = fuse_temporal(measured, K_small, np.where(has_pose[:, None, None], w2c, np.eye(4)), sources,
+                                       max(consistency, 0.01))
+    else:
+        fused, support = measured, (measured > 0).astype(np.int32)
+    sigma_space = fill_sigma * max(height, width)
 
-    out = np.zeros((num_frames, height, width), np.float32)
-    for frame in range(num_frames):
-        inverse = np.where(measured[frame] > 0, 1.0 / np.maximum(measured[frame], 1e-12), 0.0).astype(np.float32)
-        weight = (measured[frame] > 0).astype(np.float32)
-        sparse = observed[frame] if has_pose[frame] else np.zeros((0, 3))
+    def fill(frame: int) -> np.ndarray:
+        if not has_pose[frame]:
+            return np.zeros((height, width), np.float32)
+        weight = cv2.resize(support[frame] / (support[frame] + 1.0), (width, height),
+                            interpolation=cv2.INTER_NEAREST).astype(np.float32)
+        depth = cv2.resize(fused[frame], (width, height), interpolation=cv2.INTER_NEAREST)
+        inverse = np.where(weight > 0, 1.0 / np.maximum(depth, 1e-12), 0.0).astype(np.float32)
+        sparse = observed[frame]
         if len(sparse):
-            sx, sy = pixel_indices(K_small[frame], sparse)
-            inside = (sx >= 0) & (sx < small[1]) & (sy >= 0) & (sy < small[0])
-            free = weight[sy[inside], sx[inside]] == 0
-            inverse[sy[inside][free], sx[inside][free]] = 1.0 / sparse[inside][free, 2]
-            weight[sy[inside][free], sx[inside][free]] = 1.0
+            sx, sy = pixel_indices(K[frame], sparse)
+            inside = (sx >= 0) & (sx < width) & (sy >= 0) & (sy < height)
+            sx, sy, sz = sx[inside], sy[inside], sparse[inside, 2]
+            free = weight[sy, sx] == 0
+            inverse[sy[free], sx[free]] = 1.0 / sz[free]
+            weight[sy[free], sx[free]] = SPARSE_WEIGHT
         if not weight.any():
-            continue
-        filled = push_pull_fill(inverse, weight)
+            return np.zeros((height, width), np.float32)
+        filled, known = edge_aware_fill(images[frame].astype(np.float32) / 255.0, inverse, weight, sigma_space,
+                                        fill_color, min_support)
         if median >= 3:
-            filled = cv2.medianBlur(filled, median if median in (3, 5) else 5)
-        depth = np.where(filled > 0, 1.0 / np.maximum(filled, 1e-12), 0.0).astype(np.float32)
-        out[frame] = cv2.resize(depth, (width, height), interpolation=cv2.INTER_LINEAR)
-    stats = {"stereo_fraction": float((measured > 0).mean()),
+            filled = cv2.medianBlur(filled, median)
+        return np.where(known & (filled > 0), 1.0 / np.maximum(filled, 1e-12), 0.0).astype(np.float32)
+
+    out = np.stack(_map_frames(fill, range(num_frames)))
+    stats = {"stereo_fraction": float((measured > 0).mean()), "fused_fraction": float((fused > 0).mean()),
+             "unknown_fraction": float((out <= 0).mean()),
              "frames_without_neighbors": int(sum(1 for n in neighbors if not n))}
     return out, stats
