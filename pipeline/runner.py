@@ -7,18 +7,17 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
-
-import luigi
-import luigi.rpc
+from typing import TYPE_CHECKING, Any, Sequence
 
 from data.errors import InputError, ModelUnavailableError, Mono4dError, ParameterError, StageFailure
 from pipeline import dag
 from pipeline.config import DEFAULT_CONFIG_FILE, Config, load_config
 from pipeline.registry import STAGES
 from pipeline.state import RunState
-from pipeline.tasks import task_class
 from pipeline.workspace import WRITE_FAILURE_HINT, Workspace
+
+if TYPE_CHECKING:  # Luigi is imported only when something runs: a no-op rerun skips it (~0.15 s)
+    import luigi
 
 logger = logging.getLogger("mono4d")
 
@@ -63,6 +62,8 @@ def resolve_input(workspace: Workspace, input_path: str | Path | None) -> Path:
 
 def configure_luigi(config_files: Sequence[str | Path], rpc_retry_attempts: int | None = None) -> None:
     """Let Luigi read the same config files ([core], [resources], ...) and leave logging to us."""
+    import luigi
+
     luigi_config = luigi.configuration.get_config()
     for path in [DEFAULT_CONFIG_FILE, *config_files]:
         luigi_config.add_config_path(str(path))
@@ -96,6 +97,8 @@ def run_pipeline(work: str | Path, input_path: str | Path | None = None, until: 
     with workspace.lock():
         run_config, stages, todo = prepare_run(workspace, source, config, target, forced)
         if todo:
+            from pipeline.tasks import task_class
+
             build([task_class(target)(work=str(workspace.root))], workers, scheduler_host, scheduler_port,
                   config_files)
     return summarize_run(workspace, run_config, stages, todo)
@@ -135,6 +138,9 @@ def build(tasks: Sequence[luigi.Task], workers: int, scheduler_host: str | None,
           config_files: Sequence[str | Path]) -> None:
     """One Luigi build of ``tasks`` (and what they require) with ``workers`` worker processes, on
     the in-process scheduler or a central ``luigid``; a failing task does not stop the others."""
+    import luigi
+    import luigi.rpc
+
     scheduler = {"local_scheduler": True} if not scheduler_host else {
         "scheduler_host": scheduler_host, "scheduler_port": scheduler_port}
     configure_luigi(config_files, rpc_retry_attempts=1 if scheduler_host else None)
