@@ -7,6 +7,12 @@ by ray casting in NumPy (anti-aliased by supersampling), so depth, masks, camera
 flow and point tracks are known exactly, and :class:`SyntheticScene` can recompute flow and
 point motion between any two frames.
 
+The ``walker`` preset renders another layout, the hard case for motion masks: the room's back
+wall is plain (one flat colour, no texture, as a white wall at home), and a figure built of
+ellipsoids walks diagonally across the room in front of it (nearly along the camera's own
+motion), its limbs swinging and bending relative to the torso (label 1, ``walker``); two static
+boxes stay. Same camera path, conventions and files.
+
 Conventions
 -----------
 - Units: metres. World frame: x right, y down, z forward into the room (the floor is at
@@ -21,7 +27,8 @@ Conventions
   frames sample it more densely. ``fps`` is only the playback rate of ``video.mp4``.
 - Ground truth is taken at pixel centres (the images average ``supersample**2`` rays per pixel).
 - ``depth``: z-depth (camera-frame z, not ray length) of the surface at each pixel centre, > 0.
-- ``masks``: 0 = static (room and boxes), 1 = cube (rigid), 2 = blob (deforming).
+- ``masks``: 0 = static (room and boxes), 1 = cube (rigid), 2 = blob (deforming); walker: 0
+  static, 1 walker.
 - Flow ``i -> j``: ``flow[r, c] = (x_j - (c + 0.5), y_j - (r + 0.5))`` where ``(x_j, y_j)`` is
   where the surface point seen at pixel ``[r, c]`` of frame ``i`` projects in frame ``j``
   after moving with its object to time ``j``. ``occluded[r, c]`` is True when that point is not
@@ -130,7 +137,12 @@ PRESETS: dict[str, SceneConfig] = {
     "tiny": SceneConfig(width=96, height=72, num_frames=12, fps=6.0, supersample=3, track_grid=8),
     "ci": SceneConfig(width=192, height=144, num_frames=24, fps=12.0, supersample=2, track_grid=12),
     "bench": SceneConfig(width=480, height=360, num_frames=48, fps=24.0, supersample=2, track_grid=16),
+    "walker": SceneConfig(width=256, height=192, num_frames=16, fps=8.0, supersample=2, track_grid=8),
 }
+# Presets that render the walker layout (see the module docstring) instead of the room with cube and blob.
+WALKER_PRESETS = frozenset({"walker"})
+WALKER_LABELS = {0: "background", 1: "walker"}
+WALKER_MASKS_CONVENTION = "0 static, 1 walker (articulated: torso, head, arms and legs move relative to each other)"
 
 
 def scene_config(preset: str, overrides: Mapping[str, object] | None = None) -> SceneConfig:
@@ -282,6 +294,7 @@ class _Primitive:
     face_colours: np.ndarray  # (6, 3) base RGB of faces +x, -x, +y, -y, +z, -z (local axes)
     texture_scale: np.ndarray  # (3,) texture metres per local unit
     texture_offset: np.ndarray  # (3,) texture-space shift, metres
+    plain_faces: tuple[int, ...] = ()  # faces (indices as face_colours) painted flat, without texture
 
 
 @dataclass(frozen=True)
@@ -301,16 +314,19 @@ def _static_pose(rotation: np.ndarray, half_size: np.ndarray, centre: np.ndarray
 
 
 class _SceneModel:
-    """The analytic scene: primitives with poses over time, camera path, intrinsics, texture."""
+    """The analytic scene: primitives with poses over time, camera path, intrinsics, texture.
+    ``walker`` selects the walker layout instead of the room with cube and blob."""
 
-    def __init__(self, config: SceneConfig, seed: int) -> None:
+    def __init__(self, config: SceneConfig, seed: int, walker: bool = False) -> None:
         self.config = config
         texture_seq, layout_seq, camera_seq, track_seq = np.random.SeedSequence(seed).spawn(4)
         self.texture = _Texture(np.random.default_rng(texture_seq))
         self.track_rng_seed = track_seq
         self.K = intrinsics_matrix(FOCAL_PER_WIDTH * config.width, FOCAL_PER_WIDTH * config.width,
                                    config.width / 2.0, config.height / 2.0)
-        self.primitives = self._build_primitives(np.random.default_rng(layout_seq))
+        self.labels = dict(WALKER_LABELS if walker else LABELS)
+        build = self._build_walker if walker else self._build_primitives
+        self.primitives = build(np.random.default_rng(layout_seq))
         self.times = np.linspace(0.0, 1.0, config.num_frames)
         self.w2c = self._build_camera_path(np.random.default_rng(camera_seq))
 
@@ -361,6 +377,91 @@ class _SceneModel:
 
         primitives.append(_Primitive("blob", "ellipsoid", 2, False, blob_pose, palette(0.2, 0.9),
                                      2.5 * blob_radii, offset()))
+        return primitives
+
+    def _build_walker(self, rng: np.random.Generator) -> list[_Primitive]:
+        """Room with a plain (textureless) back wall, two static boxes, and a figure of ellipsoids
+        walking diagonally across the room towards the camera's path: torso and head bob, thighs and arms swing about
+        hips and shoulders in opposite phase, shins bend at the knees (one stride per clip)."""
+        y_axis, z_axis = np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, 1.0])
+        room_centre, room_half = (ROOM_MIN + ROOM_MAX) / 2, (ROOM_MAX - ROOM_MIN) / 2
+        wall_colour = rng.uniform(0.75, 0.9) * np.ones(3)
+        room_colours = rng.uniform(0.35, 0.8, size=(6, 3))
+        room_colours[4] = wall_colour  # +z: the back wall
+        primitives = [_Primitive("room", "box", 0, True, _static_pose(np.eye(3), room_half, room_centre),
+                                 room_colours, room_half, rng.uniform(0.0, 100.0, 3), plain_faces=(4,))]
+        floor = ROOM_MAX[1]
+        for name, (x, z), half in (("box_left", (-1.6, 3.0), (0.3, 0.3, 0.3)), ("box_right", (1.6, 3.4), (0.3, 0.4, 0.3))):
+            half = np.array(half)
+            primitives.append(_Primitive(name, "box", 0, False,
+                                         _static_pose(_rotation(y_axis, rng.uniform(-0.4, 0.4)), half,
+                                                      np.array([x, floor - half[1], z])),
+                                         rng.uniform(0.25, 0.85, size=(6, 3)), 1.5 * half, rng.uniform(0.0, 100.0, 3)))
+
+        start = np.array([-0.8 + rng.uniform(-0.05, 0.05), 0.0, 3.4])
+        yaw = np.radians(35.0)  # heading: +x turned towards the camera (-z)
+        heading = _rotation(y_axis, yaw)
+        direction, swing_axis = heading @ np.array([1.0, 0.0, 0.0]), heading @ z_axis
+        speed = 1.2  # metres per clip
+        phase = rng.uniform(0.0, 2 * np.pi)
+        hip_height, thigh, shin, upper_arm, forearm = 0.78, 0.4, 0.38, 0.3, 0.28
+
+        def gait(t: float) -> tuple[np.ndarray, float]:
+            """Hip centre (world) and gait angle at time ``t`` (one stride per clip)."""
+            angle = 2 * np.pi * t + phase
+            hip = start + speed * t * direction + np.array([0.0, floor - hip_height - 0.03 * abs(np.cos(angle)), 0.0])
+            return hip, angle
+
+        def segment(joint: Callable[[float], np.ndarray], swing: Callable[[float], float], length: float,
+                    radius: float) -> Pose:
+            """An ellipsoid hanging from ``joint(t)`` along ``length``, turned by ``swing(t)`` about the figure's side axis."""
+            def pose(t: float) -> tuple[np.ndarray, np.ndarray]:
+                rotation = _rotation(swing_axis, swing(t)) @ heading
+                return rotation @ np.diag([radius, length / 2, radius]), joint(t) + rotation @ np.array([0.0, length / 2, 0.0])
+            return pose
+
+        def body(offset: np.ndarray, radii: np.ndarray) -> Pose:
+            return lambda t: (heading @ np.diag(radii), gait(t)[0] + heading @ offset)
+
+        def thigh_swing(side: float) -> Callable[[float], float]:
+            return lambda t: 0.45 * np.sin(gait(t)[1] + side * np.pi / 2)
+
+        def knee_bend(side: float) -> Callable[[float], float]:
+            return lambda t: thigh_swing(side)(t) - 0.6 * max(0.0, np.sin(gait(t)[1] + side * np.pi / 2 + 1.2))
+
+        def arm_swing(side: float) -> Callable[[float], float]:
+            return lambda t: -0.35 * np.sin(gait(t)[1] + side * np.pi / 2)
+
+        def hip_joint(side: float) -> Callable[[float], np.ndarray]:
+            return lambda t: gait(t)[0] + heading @ np.array([0.0, 0.0, 0.1 * side])
+
+        def knee_joint(side: float) -> Callable[[float], np.ndarray]:
+            return lambda t: hip_joint(side)(t) + _rotation(swing_axis, thigh_swing(side)(t)) @ np.array([0.0, thigh, 0.0])
+
+        def shoulder_joint(side: float) -> Callable[[float], np.ndarray]:
+            return lambda t: gait(t)[0] + heading @ np.array([0.0, -0.52, 0.2 * side])
+
+        def elbow_joint(side: float) -> Callable[[float], np.ndarray]:
+            return lambda t: shoulder_joint(side)(t) + _rotation(swing_axis, arm_swing(side)(t)) @ np.array([0.0, upper_arm, 0.0])
+
+        def forearm_swing(side: float) -> Callable[[float], float]:
+            return lambda t: arm_swing(side)(t) + 0.3
+
+        parts: list[tuple[str, Pose, np.ndarray]] = [
+            ("torso", body(np.array([0.0, -0.3, 0.0]), np.array([0.13, 0.3, 0.18])), np.array([0.13, 0.3, 0.18])),
+            ("head", body(np.array([0.0, -0.74, 0.0]), np.full(3, 0.11)), np.full(3, 0.11))]
+        for side, name in ((-1.0, "left"), (1.0, "right")):
+            parts += [(f"thigh_{name}", segment(hip_joint(side), thigh_swing(side), thigh, 0.07), np.array([0.07, thigh / 2, 0.07])),
+                      (f"shin_{name}", segment(knee_joint(side), knee_bend(side), shin, 0.055), np.array([0.055, shin / 2, 0.055])),
+                      (f"upper_arm_{name}", segment(shoulder_joint(side), arm_swing(side), upper_arm, 0.045),
+                       np.array([0.045, upper_arm / 2, 0.045])),
+                      (f"forearm_{name}", segment(elbow_joint(side), forearm_swing(side), forearm, 0.04),
+                       np.array([0.04, forearm / 2, 0.04]))]
+        clothes = {"torso": rng.uniform(0.2, 0.9, 3), "head": rng.uniform(0.2, 0.9, 3), "legs": rng.uniform(0.2, 0.9, 3)}
+        for name, pose, scale in parts:
+            base = clothes["head" if name == "head" else "legs" if "thigh" in name or "shin" in name else "torso"]
+            primitives.append(_Primitive(name, "ellipsoid", 1, False, pose, np.tile(base, (6, 1)), 3.0 * scale,
+                                         rng.uniform(0.0, 100.0, 3)))
         return primitives
 
     def _build_camera_path(self, rng: np.random.Generator) -> np.ndarray:
@@ -486,6 +587,9 @@ class _SceneModel:
             normal *= -np.sign(np.sum(normal * dirs[sel], axis=1, keepdims=True))  # face the camera
             lambert = np.clip(normal @ LIGHT_DIRECTION, 0.0, None)
             albedo = self.texture.colour(local * prim.texture_scale + prim.texture_offset, prim.face_colours[face])
+            if prim.plain_faces:
+                plain = np.isin(face, prim.plain_faces)
+                albedo[plain] = prim.face_colours[face[plain]]
             colour[sel] = albedo * (AMBIENT + DIFFUSE * lambert)[:, None]
         return colour
 
@@ -623,7 +727,7 @@ def _query_points(model: _SceneModel, first_mask: np.ndarray) -> tuple[np.ndarra
     for frame in sorted({last // 2, last} - {0}):
         points.append(grid(max(1, config.track_grid // 2)))
         frames.append(np.full(len(points[-1]), frame, dtype=np.int32))
-    for label in sorted(set(LABELS) - {0}):
+    for label in sorted(set(model.labels) - {0}):
         rows, cols = np.nonzero(first_mask == label)
         pick = rng.choice(len(rows), size=min(config.track_grid, len(rows)), replace=False) if len(rows) else []
         points.append(np.column_stack([cols[pick], rows[pick]]).astype(np.float64) + 0.5)
@@ -656,7 +760,7 @@ def _check_seed(seed: object) -> int:
 
 
 def generate(out_dir: str | Path, preset: str = "ci", seed: int = 0, **overrides: object) -> SyntheticScene:
-    """Render the scene of ``preset`` (``tiny``, ``ci``, ``bench``; ``overrides`` replace
+    """Render the scene of ``preset`` (``tiny``, ``ci``, ``bench``, ``walker``; ``overrides`` replace
     :class:`SceneConfig` fields) with ``seed`` into ``out_dir`` and return it.
 
     Existing ``images/*.png`` of an earlier clip in ``out_dir`` are replaced. Raises
@@ -664,10 +768,11 @@ def generate(out_dir: str | Path, preset: str = "ci", seed: int = 0, **overrides
     """
     config = scene_config(preset, overrides)
     seed = _check_seed(seed)
+    walker = preset in WALKER_PRESETS
     root = Path(out_dir)
     if root.exists() and not root.is_dir():
         raise ParameterError(f"output {root} exists and is not a folder", "choose a new folder for the synthetic scene")
-    model = _SceneModel(config, seed)
+    model = _SceneModel(config, seed, walker)
     frames, height, width = config.num_frames, config.height, config.width
     images_dir, gt_dir = root / "images", root / "gt"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -723,15 +828,15 @@ def generate(out_dir: str | Path, preset: str = "ci", seed: int = 0, **overrides
     meta = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION, "preset": preset, "seed": seed,
         "overrides": {key: getattr(config, key) for key in overrides}, "config": asdict(config),
-        "conventions": CONVENTIONS, "extent": extent,
-        "labels": {str(k): v for k, v in LABELS.items()},
+        "conventions": dict(CONVENTIONS, masks=WALKER_MASKS_CONVENTION) if walker else CONVENTIONS, "extent": extent,
+        "labels": {str(k): v for k, v in model.labels.items()},
         "objects": [{"name": p.name, "shape": p.shape, "label": p.label} for p in model.primitives],
         "num_tracks": len(queries),
     }
     _write_json(root / "scene.json", meta)
     return SyntheticScene(root, preset, seed, config, images, model.K.copy(), model.w2c.copy(), depth, masks,
                           flow, occluded, tracks_xy, tracks_visible, tracks_xyz, query_frames, extent,
-                          dict(LABELS), model)
+                          dict(model.labels), model)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -753,7 +858,7 @@ def load(root: str | Path) -> SyntheticScene:
         raise InputError(f"{meta_path} is not a version-{FORMAT_VERSION} {FORMAT_NAME} description",
                          "regenerate the scene with this version of mono4d")
     config = scene_config(meta["preset"], meta["overrides"])
-    model = _SceneModel(config, meta["seed"])
+    model = _SceneModel(config, meta["seed"], meta["preset"] in WALKER_PRESETS)
     frames = config.num_frames
     try:
         images = np.stack([read_rgb(root / "images" / f"{i:06d}.png") for i in range(frames)])

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from data.errors import InputError, ParameterError
 from data.images import read_gray, write_gray, write_rgb
-from data.visualize import overlay_labels
+from data.visualize import colorize, overlay_labels
 from stages import flow as flow_stage
 from stages import frames as frames_stage
 
@@ -53,6 +53,9 @@ BACKENDS = ("motion", "file", "sam", "sam2")
 SAM_MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
 MASKS_DIR = "masks"
 VIS_DIR = "vis"
+CUES_DIR = "cues"  # under vis/: score_000000.png, confidence_000000.png (motion backend)
+# Residual scores are drawn from 0 up to this many times the threshold.
+CUE_SCORE_RANGE = 4.0
 LABELS_FILE = "labels.json"
 DYNAMIC_LABEL = 1
 MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -71,6 +74,27 @@ _BOUNDARY_FRACTION = 0.4
 _PEAK_PERCENTILE = 90
 # Rounds of refitting the two-view geometry without the dynamic pixels found so far.
 _REFIT_ROUNDS = 1
+# Flow reliability: texture (square root of the structure tensor's smaller eigenvalue, grey levels
+# per pixel) at which the texture confidence is one half; window radius in morphology radii.
+_TEXTURE_HALF = 1.5
+_TEXTURE_WINDOW = 2
+# A seed of a dynamic region: score above twice the threshold where the flow is this reliable.
+_SEED_CONFIDENCE = 0.5
+# A region grows only through pixels whose flow is at least this reliable (unreliable pixels are
+# decided afterwards by the colour-aware vote).
+_GROW_CONFIDENCE = 0.2
+# A region is kept only with at least this many seed pixels (fraction of its minimum area, >= 3).
+_SEED_AREA_SHARE = 0.2
+# Colour-aware vote for unreliable pixels: window radius (morphology radii, sampled every
+# other pixel), colour sigma (8-bit Lab units), and the least confident weight (a pixel count)
+# a vote needs; with less, the unreliable pixel is static.
+_VOTE_RADIUS = 4
+_VOTE_COLOUR_SIGMA = 10.0
+_VOTE_MIN_WEIGHT = 2.0
+# Boundary snapping: a mask's boundary may move this many morphology radii (at least 2 pixels)
+# to where the colours of the object and its surroundings part; GrabCut iterations.
+_SNAP_BAND = 5
+_SNAP_ITERATIONS = 3
 # Flow pairs kept in memory by StageFlow.
 _FLOW_CACHE_PAIRS = 3
 # Morphological structuring radius as a fraction of the image diagonal (at least 1 pixel).
@@ -427,14 +451,20 @@ def fit_pair_geometry(forward: np.ndarray, usable: np.ndarray, num_samples: int,
     chosen = rng.choice(candidates, size=min(num_samples, candidates.size), replace=False)
     points_a = grid.reshape(-1, 2)[chosen].astype(np.float64)
     points_b = target.reshape(-1, 2)[chosen].astype(np.float64)
-    fundamental, f_inliers = cv2.findFundamentalMat(points_a, points_b, cv2.USAC_MAGSAC, _FIT_THRESHOLD_PX,
-                                                    0.999, _FIT_ITERATIONS)
+    try:  # OpenCV's USAC raises instead of returning None on some degenerate samples
+        fundamental, f_inliers = cv2.findFundamentalMat(points_a, points_b, cv2.USAC_MAGSAC, _FIT_THRESHOLD_PX,
+                                                        0.999, _FIT_ITERATIONS)
+    except cv2.error:
+        fundamental, f_inliers = None, None
     if fundamental is None or fundamental.shape != (3, 3):
         fundamental, f_inliers = None, None
     homography, h_inliers = None, None
     if homography_cue or fundamental is None:
-        homography, h_inliers = cv2.findHomography(points_a, points_b, cv2.USAC_MAGSAC, _FIT_THRESHOLD_PX,
-                                                   maxIters=_FIT_ITERATIONS, confidence=0.999)
+        try:
+            homography, h_inliers = cv2.findHomography(points_a, points_b, cv2.USAC_MAGSAC, _FIT_THRESHOLD_PX,
+                                                       maxIters=_FIT_ITERATIONS, confidence=0.999)
+        except cv2.error:
+            homography, h_inliers = None, None
     f_count = int(f_inliers.sum()) if f_inliers is not None else 0
     h_count = int(h_inliers.sum()) if homography is not None else 0
     use_homography = homography is not None and h_count >= _HOMOGRAPHY_INLIER_SHARE * f_count
@@ -470,13 +500,17 @@ def motion_pairs(flows: StageFlow, max_offset: int) -> list[tuple[int, int]]:
 
 
 def motion_scores(flows: StageFlow, pairs: list[tuple[int, int]], shape: tuple[int, int, int],
-                  params: Params, dynamic: np.ndarray | None = None) -> np.ndarray:
+                  params: Params, dynamic: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-frame motion score ``(T, H, W) float32``: the largest noise-normalised residual of a
     pixel's flow against the camera-induced two-view geometry, over the ``pairs`` the frame
-    belongs to (0 where no pair has a valid flow). ``dynamic (T, H, W) bool``, when given, is
-    kept out of the fits and the noise estimates (a previous round's dilated masks)."""
+    belongs to (0 where no pair has a valid flow), and the share of those pairs whose flow is
+    forward-backward consistent at the pixel ``(T, H, W) float32`` in [0, 1]. ``dynamic (T, H,
+    W) bool``, when given, is kept out of the fits and the noise estimates (a previous round's
+    dilated masks)."""
     rng = np.random.default_rng(0)
     scores = np.full(shape, -np.inf, np.float32)
+    valid_count = np.zeros(shape, np.float32)
+    pair_count = np.zeros(shape[0], np.float32)
     no_prior = np.zeros(shape[1:], bool)
     for i, j in tqdm(pairs, desc="masks: epipolar residuals", unit="pair", leave=False):
         pair = flows.pair(i, j)
@@ -490,21 +524,86 @@ def motion_scores(flows: StageFlow, pairs: list[tuple[int, int]], shape: tuple[i
             normalised = residual / noise_sigma(residual, valid & ~prior)
             usable = valid & np.isfinite(normalised)
             scores[frame] = np.where(usable, np.maximum(scores[frame], normalised), scores[frame])
-    return np.where(np.isfinite(scores), scores, 0.0).astype(np.float32)
+            valid_count[frame] += valid
+            pair_count[frame] += 1
+    valid_share = valid_count / np.maximum(pair_count, 1)[:, None, None]
+    return np.where(np.isfinite(scores), scores, 0.0).astype(np.float32), valid_share
 
 
-def segment_scores(score: np.ndarray, threshold: float, radius: int, min_area: int) -> np.ndarray:
-    """Dynamic pixels ``(H, W) bool`` of one score map: regions above ``threshold`` that hold a
-    pixel above twice the threshold (hysteresis), each cut at a fixed fraction of its own peak
-    score (the half-way point of the flow's smooth ramp across a motion boundary), then cleaned."""
-    weak = (score > threshold).astype(np.uint8)
+def texture_confidence(gray: np.ndarray, radius: int) -> np.ndarray:
+    """How well optical flow is determined by the image ``gray (H, W)`` (0..255): ``s / (s +
+    1.5)`` ``(H, W) float32`` in [0, 1) where ``s`` is the square root of the smaller eigenvalue
+    of the structure tensor (grey levels per pixel) over a ``(2 radius + 1)^2`` window. Near 0
+    on flat surfaces (flow there is interpolated, i.e. noise), near 1 on corners and texture;
+    along a single straight edge it is low too (the aperture problem). The smallest value
+    within ``radius`` is taken, so flat pixels bordering texture (where flow is dragged along
+    by a moving textured object) are not made reliable by their neighbours' texture."""
+    image = gray.astype(np.float32)
+    gx = cv2.Sobel(image, cv2.CV_32F, 1, 0, ksize=3) / 8.0
+    gy = cv2.Sobel(image, cv2.CV_32F, 0, 1, ksize=3) / 8.0
+    size = (2 * radius + 1, 2 * radius + 1)
+    jxx, jyy, jxy = (cv2.boxFilter(product, -1, size) for product in (gx * gx, gy * gy, gx * gy))
+    smaller = 0.5 * (jxx + jyy - np.sqrt((jxx - jyy) ** 2 + 4.0 * jxy ** 2))
+    strength = np.sqrt(np.maximum(smaller, 0.0))
+    # the window's minimum: a flat pixel next to a textured one stays unreliable
+    strength = cv2.erode(strength, _disk(radius))
+    return (strength / (strength + _TEXTURE_HALF)).astype(np.float32)
+
+
+def snap_boundary(mask: np.ndarray, colours: np.ndarray, band: int, sure: np.ndarray | None = None) -> np.ndarray:
+    """``mask (H, W) bool`` with its boundary moved, within ``band`` pixels of where it was, to
+    where the colours ``colours (H, W, 3)`` (0..255) of the masked object and of its
+    surroundings part: GrabCut (colour mixture models and a contrast-sensitive smoothness term)
+    with the mask eroded by ``band`` and the ``sure (H, W) bool`` pixels of the mask (confident
+    seeds: thin limbs have no eroded core) as sure object, beyond the mask dilated by ``band`` as sure
+    background and the band in between to decide, in the box around it. Flow-based masks
+    bleed over flat surroundings (flow there is dragged along by the object); this pulls them
+    back onto the object's outline. Returns ``(H, W) bool``."""
+    if not mask.any() or mask.all():
+        return mask
+    binary = mask.astype(np.uint8)
+    inner = cv2.erode(binary, _disk(band)) > 0
+    outer = cv2.dilate(binary, _disk(band)) > 0
+    rows, cols = np.nonzero(outer)
+    top, bottom = max(0, rows.min() - band), min(mask.shape[0], rows.max() + band + 1)
+    left, right = max(0, cols.min() - band), min(mask.shape[1], cols.max() + band + 1)
+    labels = np.full(mask.shape, cv2.GC_BGD, np.uint8)
+    labels[outer] = cv2.GC_PR_BGD
+    labels[mask] = cv2.GC_PR_FGD
+    labels[inner] = cv2.GC_FGD
+    if sure is not None:
+        labels[(cv2.erode(sure.astype(np.uint8), _disk(1)) > 0) & mask] = cv2.GC_FGD
+    crop = labels[top:bottom, left:right].copy()
+    if not (crop == cv2.GC_BGD).any() or not np.isin(crop, (cv2.GC_FGD, cv2.GC_PR_FGD)).any():
+        return mask
+    image = np.ascontiguousarray(np.clip(colours[top:bottom, left:right], 0, 255).astype(np.uint8))
+    background_model, object_model = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    try:
+        cv2.grabCut(image, crop, None, background_model, object_model, _SNAP_ITERATIONS, cv2.GC_INIT_WITH_MASK)
+    except cv2.error:  # too few pixels of one kind for its colour model: keep the mask as it is
+        return mask
+    snapped = mask.copy()
+    snapped[top:bottom, left:right] = (crop == cv2.GC_FGD) | (crop == cv2.GC_PR_FGD)
+    return snapped
+
+
+def segment_scores(score: np.ndarray, seeds: np.ndarray, confidence: np.ndarray, threshold: float, radius: int,
+                   min_area: int) -> np.ndarray:
+    """Dynamic pixels ``(H, W) bool`` of one score map: regions above ``threshold`` (through
+    pixels of ``confidence`` >= 0.2 only, so a region cannot spread over a flat wall) that hold
+    enough ``seeds (H, W) bool`` (confident pixels above twice the threshold; hysteresis), each
+    cut at a fixed fraction of its peak seed score (the half-way point of the flow's smooth ramp
+    across a motion boundary), then cleaned."""
+    weak = ((score > threshold) & (confidence >= _GROW_CONFIDENCE)).astype(np.uint8)
     count, components = cv2.connectedComponents(weak, connectivity=8)
     result = np.zeros(score.shape, bool)
-    for component in np.unique(components[score > 2 * threshold]):
+    seed_counts = np.bincount(components[seeds], minlength=count)
+    min_seeds = max(3, int(round(_SEED_AREA_SHARE * min_area)))
+    for component in np.flatnonzero(seed_counts >= min_seeds):
         if component == 0:
             continue
         region = components == component
-        peak = float(np.percentile(score[region], _PEAK_PERCENTILE))
+        peak = float(np.percentile(score[region & seeds], _PEAK_PERCENTILE))
         result |= region & (score >= _BOUNDARY_FRACTION * peak)
     return clean_binary(result, radius, min_area)
 
@@ -514,14 +613,119 @@ def work_scale(height: int, width: int, max_side: int) -> float:
     return 1.0 if max_side <= 0 or max(height, width) <= max_side else max_side / max(height, width)
 
 
-def motion_masks(flow_dir: Path, num_frames: int, height: int, width: int, params: Params) -> np.ndarray:
-    """Dynamic masks ``(T, H, W) uint8`` (0 static, 1 dynamic) from the flow stage output alone
-    (no cameras), computed at ``params.work_max_side`` and resized to the frames.
+@dataclass
+class MotionCues:
+    """What the motion backend based its decision on, per frame at the working resolution:
+    ``score (T, h, w)`` noise-normalised residual of the flow against the camera-induced
+    motion (flow-aligned temporal mean), ``confidence (T, h, w)`` in [0, 1] flow reliability
+    (texture x share of forward-backward consistent pairs), ``seeds (T, h, w) bool`` confident
+    dynamic pixels confirmed by their flow-aligned neighbours."""
 
-    Scores (averaged over ``temporal_window`` flow-aligned frames), segments, then refits the
+    score: np.ndarray
+    confidence: np.ndarray
+    seeds: np.ndarray
+
+
+def lab_frames(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``(T, h, w, 3) float32`` 8-bit CIE Lab (L, a, b in 0..255; L is the lightness) of
+    ``frames (T, H, W, 3)`` RGB, area-resized to ``size`` (w, h)."""
+    return np.stack([cv2.cvtColor(cv2.resize(frame, size, interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2LAB)
+                     for frame in frames]).astype(np.float32)
+
+
+def confident_vote(mask: np.ndarray, confidence: np.ndarray, lab: np.ndarray, radius: int) -> np.ndarray:
+    """Re-decide the pixels of ``mask (H, W) bool`` where the flow is unreliable: each pixel
+    takes the confidence-weighted vote of the pixels around it (within ``radius``, every other
+    pixel) weighted by colour similarity in ``lab (H, W, 3)``; a pixel is dynamic when the
+    dynamic share of the vote, mixed with its own decision by its own confidence, is above one
+    half; with too little confident weight of similar colour around it (a flat wall next to a
+    moving body, whose interpolated flow is dragged along), it is static. Confident pixels keep
+    their decision. Returns ``(H, W) bool``."""
+    height, width = mask.shape
+    pad = radius
+    padded_mask = np.pad(mask.astype(np.float32), pad)
+    padded_conf = np.pad(confidence.astype(np.float32), pad)
+    padded_lab = np.pad(lab, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+    total = np.zeros((height, width), np.float32)
+    dynamic = np.zeros((height, width), np.float32)
+    inv_sigma2 = 1.0 / (2.0 * _VOTE_COLOUR_SIGMA ** 2)
+    for dy in range(-radius, radius + 1, 2):
+        for dx in range(-radius, radius + 1, 2):
+            if dx * dx + dy * dy > radius * radius:
+                continue
+            rows, cols = slice(pad + dy, pad + dy + height), slice(pad + dx, pad + dx + width)
+            difference = padded_lab[rows, cols] - lab
+            weight = padded_conf[rows, cols] * np.exp(-np.einsum("ijk,ijk->ij", difference, difference) * inv_sigma2)
+            total += weight
+            dynamic += weight * padded_mask[rows, cols]
+    share = dynamic / np.maximum(total, 1e-6)
+    own = np.clip(confidence, 0.0, 1.0)
+    mixed = own * mask + (1.0 - own) * share
+    return np.where(total >= _VOTE_MIN_WEIGHT, mixed > 0.5, mask & (own >= _SEED_CONFIDENCE))
+
+
+def flow_texture(lab: np.ndarray, radius: int) -> np.ndarray:
+    """Texture confidence ``(T, h, w) float32`` (:func:`texture_confidence`) of the lightness of
+    ``lab (T, h, w, 3)`` frames, over a window of two morphology radii ``radius``."""
+    return np.stack([texture_confidence(frame[..., 0], _TEXTURE_WINDOW * radius) for frame in lab])
+
+
+def confident_seeds(score: np.ndarray, confidence: np.ndarray, flows: FlowFn, threshold: float, radius: int,
+                    window: int) -> np.ndarray:
+    """Seeds ``(T, h, w) bool``: pixels above twice ``threshold`` whose flow is reliable
+    (confidence >= 0.5) and that are seeds (within ``radius``) in most frames of the
+    flow-aligned temporal window too, so flicker does not start a region."""
+    raw = (score > 2 * threshold) & (confidence >= _SEED_CONFIDENCE)
+    if window <= 1:
+        return raw
+    near = np.stack([cv2.dilate(mask.astype(np.uint8), _disk(radius)) for mask in raw]).astype(np.float32)
+    return raw & (temporal_mean(near, flows, window) >= 0.5)
+
+
+def segment_frames(scores: np.ndarray, confidence: np.ndarray, flows: FlowFn, threshold: float, window: int,
+                   radius: int, min_area: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dynamic pixels ``(T, h, w) bool`` of the score maps ``(T, h, w)`` (see
+    :func:`segment_scores`) and the temporally confirmed confident seeds they grew from."""
+    seeds = confident_seeds(scores, confidence, flows, threshold, radius, window)
+    dynamic = np.stack([segment_scores(score, seed, conf, threshold, radius, min_area)
+                        for score, seed, conf in zip(scores, seeds, confidence)])
+    return dynamic, seeds
+
+
+def finish_masks(dynamic: np.ndarray, seeds: np.ndarray, confidence: np.ndarray, lab: np.ndarray, flows: FlowFn,
+                 window: int, radius: int, min_area: int) -> np.ndarray:
+    """Final ``(T, h, w) bool`` masks from segmented ones: flow-aligned majority vote over
+    ``window`` frames, unreliable pixels re-decided by a colour-aware vote of the reliable ones
+    (:func:`confident_vote`), boundaries snapped to the colour edges of ``lab (T, h, w, 3)``
+    (:func:`snap_boundary`, keeping the ``seeds (T, h, w) bool``), cleaned."""
+    if window > 1:
+        dynamic = temporal_majority(dynamic, flows, window)
+    vote_radius, band = _VOTE_RADIUS * radius, max(2, _SNAP_BAND * radius)
+    return np.stack([clean_binary(snap_boundary(confident_vote(mask, conf, colours, vote_radius), colours, band, seed),
+                                  radius, min_area)
+                     for mask, seed, conf, colours in zip(dynamic, seeds, confidence, lab)])
+
+
+def to_frame_size(masks: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``(T, h, w) bool`` masks resized (bilinear, cut at one half) to ``(T, height, width) bool``."""
+    if masks.shape[1:] == (height, width):
+        return masks.astype(bool)
+    return np.stack([cv2.resize(mask.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR) >= 0.5
+                     for mask in masks])
+
+
+def motion_masks(flow_dir: Path, frames: np.ndarray, params: Params) -> tuple[np.ndarray, MotionCues]:
+    """Dynamic masks ``(T, H, W) uint8`` (0 static, 1 dynamic) of ``frames (T, H, W, 3)`` RGB
+    from the flow stage output (no cameras), computed at ``params.work_max_side`` and resized
+    to the frames, and the cues at the working resolution.
+
+    Scores (averaged over ``temporal_window`` flow-aligned frames); keeps the regions above the
+    threshold that hold enough temporally confirmed confident seeds (flow on flat surfaces
+    is interpolated noise and never seeds a region, but can belong to one); then refits the
     two-view geometry without the dynamic pixels found (dilated) and segments again, which
-    frees the fits from moving objects that dragged them; last, a flow-aligned majority vote
-    over the same window."""
+    frees the fits from moving objects that dragged them; a flow-aligned majority vote over
+    the same window; last, the boundaries are snapped to the image edges (guided filter)."""
+    num_frames, height, width = frames.shape[:3]
     scale = work_scale(height, width, params.work_max_side)
     flows = StageFlow(flow_dir, scale)
     require_consecutive_pairs(flows, num_frames)
@@ -530,19 +734,20 @@ def motion_masks(flow_dir: Path, num_frames: int, height: int, width: int, param
     shape = (num_frames, work_height, work_width)
     radius = morph_radius(work_height, work_width)
     min_area = int(round(params.min_area_fraction * work_height * work_width))
+    lab = lab_frames(frames, (work_width, work_height))
+    texture = flow_texture(lab, radius)
     dynamic = None
     for _ in range(1 + _REFIT_ROUNDS):
         prior = None if dynamic is None else np.stack([cv2.dilate(mask.astype(np.uint8), _disk(3 * radius)) > 0
                                                        for mask in dynamic])
-        scores = temporal_mean(motion_scores(flows, pairs, shape, params, prior), flows, params.temporal_window)
-        dynamic = np.stack([segment_scores(score, params.threshold, radius, min_area) for score in scores])
-    if params.temporal_window > 1:
-        dynamic = temporal_majority(dynamic, flows, params.temporal_window)
-        dynamic = np.stack([clean_binary(mask, radius, min_area) for mask in dynamic])
-    if scale != 1.0:
-        dynamic = np.stack([cv2.resize(mask.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR) >= 0.5
-                            for mask in dynamic])
-    return dynamic.astype(np.uint8) * DYNAMIC_LABEL
+        raw_scores, valid_share = motion_scores(flows, pairs, shape, params, prior)
+        scores = temporal_mean(raw_scores, flows, params.temporal_window)
+        confidence = texture * valid_share
+        dynamic, seeds = segment_frames(scores, confidence, flows, params.threshold, params.temporal_window, radius,
+                                        min_area)
+    dynamic = finish_masks(dynamic, seeds, confidence, lab, flows, params.temporal_window, radius, min_area)
+    masks = to_frame_size(dynamic, height, width).astype(np.uint8) * DYNAMIC_LABEL
+    return masks, MotionCues(scores, confidence, seeds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -687,6 +892,21 @@ def write_outputs(out_dir: Path, masks: np.ndarray, frames: np.ndarray, names: d
                                                    "num_frames": int(len(masks))}, indent=1))
 
 
+def write_cues(vis_dir: Path, score: np.ndarray, confidence: np.ndarray, threshold: float,
+               size: tuple[int, int]) -> None:
+    """Cue pictures of every frame into ``vis_dir/cues/``: ``score_{t:06d}.png`` (turbo colours,
+    0 to ``4 x threshold`` noise sigmas; red = far above the threshold) and
+    ``confidence_{t:06d}.png`` (grey, black = unreliable flow, white = reliable), resized to
+    ``size`` (w, h) with nearest neighbour. ``score``/``confidence`` are ``(T, h, w)``."""
+    folder = Path(vis_dir) / CUES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for t, (frame_score, frame_confidence) in enumerate(zip(score, confidence)):
+        coloured = colorize(frame_score, vmin=0.0, vmax=CUE_SCORE_RANGE * threshold)
+        grey = np.clip(frame_confidence * 255.0, 0, 255).astype(np.uint8)
+        write_rgb(folder / f"score_{t:06d}.png", cv2.resize(coloured, size, interpolation=cv2.INTER_NEAREST))
+        write_gray(folder / f"confidence_{t:06d}.png", cv2.resize(grey, size, interpolation=cv2.INTER_NEAREST))
+
+
 def figures(masks: np.ndarray, names: dict[int, str], backend: str) -> dict:
     """Key figures: frame count, mean dynamic fraction, pixel fraction per label name."""
     result: dict = {"backend": backend, "num_frames": int(len(masks)),
@@ -713,7 +933,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
 
     frames = frames_stage.load_frames(frames_dir)
     if params.backend == "motion":
-        masks = motion_masks(flow_dir, num_frames, height, width, params)
+        masks, cues = motion_masks(flow_dir, frames, params)
         names = {DYNAMIC_LABEL: "dynamic"}
     elif params.backend == "file":
         masks = file_masks(Path(params.mask_path).expanduser(), meta, flow_dir, params)
@@ -731,6 +951,9 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
         notes.append("no dynamic pixels in any frame: the whole scene is treated as static")
     write_outputs(out_dir, masks, frames, names, params.backend)
     result = figures(masks, names, params.backend)
+    if params.backend == "motion":
+        write_cues(out_dir / VIS_DIR, cues.score, cues.confidence, params.threshold, (width, height))
+        result["seed_fraction_mean"] = round(float(cues.seeds.mean()), 6)
     logger.info("masks (%s): %d frames, %.1f %% dynamic on average", params.backend, num_frames,
                 100 * result["dynamic_fraction_mean"])
     if notes:

@@ -217,3 +217,31 @@ def test_bad_seed_frame_and_folder_are_refused(tmp_path, synthetic_scene):
         synthetic_scene.flow_between(0, synthetic_scene.num_frames)
     with pytest.raises(InputError):
         synthetic.load(tmp_path)
+
+
+def test_walker_preset_has_a_plain_wall_and_an_articulated_figure(tmp_path):
+    scene = synthetic.generate(tmp_path / "walker", preset="walker", seed=0, width=128, height=96, num_frames=6,
+                               supersample=1)
+    assert scene.labels == {0: "background", 1: "walker"}
+    assert set(np.unique(scene.masks)) == {0, 1} and 0.02 < (scene.masks > 0).mean() < 0.2
+    meta = json.loads((scene.root / "scene.json").read_text())
+    assert meta["labels"] == {"0": "background", "1": "walker"} and "walker" in meta["conventions"]["masks"]
+    assert synthetic.load(scene.root).labels == scene.labels
+    # the back wall: a large part of every frame has no texture at all
+    for image in scene.images:
+        gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
+        gradient = np.hypot(cv2.Sobel(gray, cv2.CV_32F, 1, 0), cv2.Sobel(gray, cv2.CV_32F, 0, 1))
+        assert (gradient == 0).mean() > 0.2
+    # articulated: distances between points of the figure change (a rigid body keeps them)
+    rows, cols = np.nonzero(scene.masks[0] == 1)
+    start, end = scene.point_at_time(0, 0)[rows, cols], scene.point_at_time(0, scene.num_frames // 2)[rows, cols]
+    pick = np.random.default_rng(0).choice(len(rows), size=min(200, len(rows)), replace=False)
+    change = np.abs(np.linalg.norm(start[pick, None] - start[None, pick], axis=-1)
+                    - np.linalg.norm(end[pick, None] - end[None, pick], axis=-1))
+    assert change.max() > 0.1
+    # the ground-truth flow carries the static scene and the figure onto the next frame
+    cols_grid, rows_grid = pixel_index_grid(scene)
+    for i in range(scene.num_frames - 1):
+        flow, visible = scene.flow[i], ~scene.flow_occluded[i]
+        warped = cv2.remap(scene.images[i + 1], cols_grid + flow[..., 0], rows_grid + flow[..., 1], cv2.INTER_LINEAR)
+        assert np.abs(warped.astype(np.float64) - scene.images[i])[visible].mean() < 6.0
