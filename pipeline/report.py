@@ -552,8 +552,11 @@ def flow_views(page: StagePage) -> list[View]:
 
 
 def masks_views(page: StagePage) -> list[View]:
-    """Mask overlays of a few frames (``vis/``, drawn from ``masks/`` when missing) and the labels."""
+    """Mask overlays of a few frames (``vis/``, drawn from ``masks/`` when missing) and the labels;
+    with the motion cues (``vis/cues/``: residual score and flow confidence) next to each overlay."""
     mask_dir, vis_dir = page.directory / "masks", page.directory / "vis"
+    cues_dir = vis_dir / "cues"
+    has_cues = cues_dir.is_dir() and any(cues_dir.glob("score_*.png"))
     if not ((page.directory / "labels.json").is_file() or mask_dir.is_dir()):
         return []
     from stages.masks import load_labels
@@ -579,6 +582,11 @@ def masks_views(page: StagePage) -> list[View]:
         dynamic = f"dynamic {(mask > 0).mean():.1%}" if mask is not None else ""
         cells.append(page.figure(vis, f"frame {name} · {dynamic}") if vis.is_file()
                      else missing_cell(f"frame {name}: no overlay"))
+        if has_cues:
+            for kind in ("score", "confidence"):
+                cue = cues_dir / f"{kind}_{name}.png"
+                cells.append(page.figure(cue, f"frame {name} · {kind}") if cue.is_file()
+                             else missing_cell(f"frame {name}: no {kind} picture"))
     rows = []
     for label in sorted(set(labels) | set(coverage)):
         color = LABEL_COLORS[label % len(LABEL_COLORS)]
@@ -587,7 +595,13 @@ def masks_views(page: StagePage) -> list[View]:
                     f"{label}</td><td>{esc(labels.get(label, ''))}</td><td class=\"num\">{share}</td></tr>")
     legend = (f"<table><tr><th>label</th><th>name</th><th>pixels (shown frames)</th></tr>{''.join(rows)}</table>"
               if rows else "")
-    return [View("Masks", legend + grid(cells, SAMPLES))]
+    if not has_cues:
+        return [View("Masks", legend + grid(cells, SAMPLES))]
+    headings = ["<b>mask</b>", "<b>motion score</b> (flow vs camera-induced motion, in noise sigmas: "
+                "dark blue 0, red ≥ 4× the threshold)",
+                "<b>flow confidence</b> (texture × forward-backward consistency: black = unreliable, "
+                "its score cannot start a region)"]
+    return [View("Masks", legend + grid(headings + cells, 3))]
 
 
 def orbit_scene(content: Mapping[str, Any], points: Mapping[str, np.ndarray] | None) -> dict[str, Any] | None:

@@ -565,3 +565,20 @@ def test_apple_first_frame_mask_and_static_scene(tmp_path):
     motion_out.mkdir()
     result = masks.run({"frames": frames_dir, "flow": flow_dir}, masks.Params(), motion_out)
     assert result["dynamic_fraction_mean"] < 0.02
+
+
+def test_report_masks_page_shows_the_cues_next_to_each_overlay(motion_run, tmp_path):
+    import shutil
+
+    from pipeline.report import Run, StagePage, masks_views
+    from pipeline.workspace import Workspace
+
+    out, _ = motion_run
+    work = tmp_path / "work"
+    shutil.copytree(out, work / "masks")
+    page = StagePage(Run("a", "run", Workspace(work), {}, {}), "masks", tmp_path / "report")
+    (view,) = masks_views(page)
+    images = [path.name for path in page.shown]
+    for name in ("000000", "000023"):
+        assert {f"{name}.png", f"score_{name}.png", f"confidence_{name}.png"} <= set(images)
+    assert "motion score" in view.body and "flow confidence" in view.body
