@@ -1,17 +1,20 @@
-"""Speed of the Gaussian rasterizer backends: milliseconds per forward render and per training step
-(forward with autograd + L1 loss + backward), for 1k and 10k Gaussians at 128x96 and 256x192.
+"""Speed of the Gaussian rasterizer backends side by side: milliseconds per forward render and per
+training step (forward with autograd + L1 loss + backward), for 10k and 100k Gaussians at 128x96
+and 480x270, and each backend's speed-up over the pure-torch reference (on the same device; numba
+over torch on the CPU) measured in the same run.
 
 The scene fills the image the way a fitted scene does: Gaussians spread over the camera frustum at
 depth 2..4, sized so that their projected standard deviation is about the mean spacing between
 their centres (every pixel is covered by tens of them), random rotations, mild anisotropy,
-opacities 0.1..0.9, RGB colours. The torch backend runs on CPU; when CUDA is available the torch
-backend and gsplat (when its CUDA extension loads) also run on the GPU.
+opacities 0.1..0.9, RGB colours. The torch and numba backends run on CPU; when CUDA is available
+the torch backend and gsplat (when its CUDA extension loads) also run on the GPU.
 
-Times are wall-clock medians. On a shared, busy machine use ``--threads 1``: torch's intra-op
-threads then wait on each other and several threads can be slower than one.
+Times are wall-clock medians; ``--threads`` sets torch's CPU threads, which the numba backend
+follows. On a shared, busy machine compare the ratios, which are measured in one run.
 
-Usage: ``python benchmarks/rasterizer_speed.py [--repeats 5] [--threads N] [--sizes 1000,10000]
-[--resolutions 128x96,256x192] [--json OUT.json]``. Prints one JSON document.
+Usage: ``python benchmarks/rasterizer_speed.py [--repeats 3] [--threads N] [--sizes 10000,100000]
+[--resolutions 128x96,480x270] [--backends torch,numba] [--json OUT.json]``. Prints one JSON
+document, then a table.
 """
 from __future__ import annotations
 
@@ -70,7 +73,8 @@ def time_ms(function, repeats: int, device: str) -> float:
 
 
 def measure(backend: str, device: str, n: int, width: int, height: int, repeats: int) -> dict:
-    """Forward (no autograd) and forward+backward times of one render of ``n`` Gaussians."""
+    """Forward (no autograd) and forward+backward times of one render of ``n`` Gaussians by ``backend``
+    on ``device``, median of ``repeats`` after a warm-up (which also compiles the numba kernels)."""
     scene = make_scene(n, width, height, device)
     target = torch.rand(1, height, width, 3, generator=torch.Generator().manual_seed(1)).to(device)
     leaves = {name: scene[name].clone().requires_grad_(True)
@@ -98,12 +102,36 @@ def measure(backend: str, device: str, n: int, width: int, height: int, repeats:
     }
 
 
+def speedups(results: list[dict]) -> None:
+    """Add to each result its speed-up over the torch backend for the same case: on the same device
+    for CUDA backends, over the torch backend on the CPU for CPU backends."""
+    reference = {(r["device"], r["gaussians"], r["width"], r["height"]): r for r in results if r["backend"] == "torch"}
+    for result in results:
+        base = reference.get((result["device"], result["gaussians"], result["width"], result["height"]))
+        if base is not None:
+            for key in ("forward_ms", "forward_backward_ms"):
+                result[key.replace("_ms", "_speedup_vs_torch")] = round(base[key] / result[key], 2)
+
+
+def table(results: list[dict]) -> str:
+    """The results as an aligned text table."""
+    header = ("backend", "device", "gaussians", "size", "fwd ms", "fwd+bwd ms", "fwd x torch", "fwd+bwd x torch")
+    rows = [header] + [(r["backend"], r["device"], str(r["gaussians"]), f"{r['width']}x{r['height']}",
+                        f"{r['forward_ms']:.1f}", f"{r['forward_backward_ms']:.1f}",
+                        f"{r.get('forward_speedup_vs_torch', float('nan')):.1f}",
+                        f"{r.get('forward_backward_speedup_vs_torch', float('nan')):.1f}") for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--sizes", default="1000,10000", help="comma-separated Gaussian counts")
-    parser.add_argument("--resolutions", default="128x96,256x192", help="comma-separated WIDTHxHEIGHT")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sizes", default="10000,100000", help="comma-separated Gaussian counts")
+    parser.add_argument("--resolutions", default="128x96,480x270", help="comma-separated WIDTHxHEIGHT")
+    parser.add_argument("--backends", default="torch,numba",
+                        help="comma-separated CPU backends (torch, numba); CUDA runs are added when available")
+    parser.add_argument("--threads", type=int, default=0, help="torch (and numba) CPU threads (0: torch's default)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     if args.threads > 0:
@@ -111,14 +139,15 @@ def main() -> None:
     sizes = [int(value) for value in args.sizes.split(",")]
     resolutions = [tuple(int(v) for v in value.split("x")) for value in args.resolutions.split(",")]
 
-    runs = [("torch", "cpu")]
+    runs = [(backend, "cpu") for backend in args.backends.split(",")]
     gsplat_available, gsplat_reason = gsplat_cuda_status()
     if torch.cuda.is_available():
         runs.append(("torch", "cuda"))
         if gsplat_available:
             runs.append(("gsplat", "cuda"))
     results = [measure(backend, device, n, width, height, args.repeats)
-               for backend, device in runs for width, height in resolutions for n in sizes]
+               for width, height in resolutions for n in sizes for backend, device in runs]
+    speedups(results)
     report = {
         "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -126,6 +155,7 @@ def main() -> None:
     }
     text = json.dumps(report, indent=2)
     print(text)
+    print(table(results))
     if args.json is not None:
         args.json.write_text(text + "\n")
 
