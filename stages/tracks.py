@@ -30,7 +30,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -438,6 +440,37 @@ def tracking_pair_loader(flow_dir: str | Path, params: Params) -> PairLoader:
     return load
 
 
+def prefetching_loader(load: PairLoader, order: list[tuple[int, int]], pool: ThreadPoolExecutor,
+                       depth: int) -> PairLoader:
+    """``load`` as a :data:`PairLoader` whose pairs are loaded on ``pool``'s threads up to ``depth``
+    ahead, in ``order`` (the order they will be asked for). Pairs asked for out of that order drop
+    the prefetched ones before them; pairs not in it are loaded directly."""
+    upcoming = deque(order)
+    pending: deque[tuple[tuple[int, int], Future]] = deque()
+
+    def fill() -> None:
+        while upcoming and len(pending) < depth:
+            key = upcoming.popleft()
+            pending.append((key, pool.submit(load, *key)))
+
+    def get(i: int, j: int) -> dict:
+        fill()
+        if all(key != (i, j) for key, _ in pending):
+            if (i, j) not in upcoming:
+                return load(i, j)
+            pending.clear()  # skipped further than ``depth`` ahead: restart at the pair asked for
+            while upcoming[0] != (i, j):
+                upcoming.popleft()
+            fill()
+        while pending[0][0] != (i, j):
+            pending.popleft()
+        pair = pending.popleft()[1].result()
+        fill()
+        return pair
+
+    return get
+
+
 def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     """2D tracks from ``inputs["flow"]`` (and ``inputs["frames"]``), plus 3D flow pairs when
     ``inputs`` has ``"align"`` and ``"cameras"``.
@@ -466,6 +499,16 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
         raise InputError(f"the frames stage has {len(paths)} frames but the flow stage {num_frames}",
                          "rerun the flow stage on the current frames")
 
+    workers = flow_stage.worker_count()
+    with ThreadPoolExecutor(workers, thread_name_prefix="tracks") as pool:
+        return _run(inputs, params, out_dir, flow_dir, num_frames, height, width, stored, paths, pool, 2 * workers)
+
+
+def _run(inputs: Mapping[str, Path], params: Params, out_dir: Path, flow_dir: Path, num_frames: int, height: int,
+         width: int, stored: set[tuple[int, int]], paths: list[Path], pool: ThreadPoolExecutor, depth: int) -> dict:
+    """:func:`run` after its input checks, with flow pairs loaded up to ``depth`` ahead on ``pool``."""
+    from stages import frames as frames_stage
+
     cache: dict[int, np.ndarray] = {}
 
     def image(index: int) -> np.ndarray:
@@ -474,10 +517,13 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
             cache[index] = read_rgb(paths[index])
         return cache[index]
 
+    lifted = "align" in inputs and "cameras" in inputs
+    consecutive = [(t, t + 1) for t in range(num_frames - 1)]
+    order = consecutive + consecutive[::-1] + (sorted(stored) if lifted else [])
+    load_pair = prefetching_loader(tracking_pair_loader(flow_dir, params), order, pool, depth)
     rng = np.random.default_rng(params.seed)
     seeder = GridSeeder(image, query_frame_set(num_frames, params.query_every), params.grid_step,
                         params.corners_per_query, height, width, params.max_tracks, rng)
-    load_pair = tracking_pair_loader(flow_dir, params)
     xy, visible, query_frame = chain_flow_tracks(load_pair, num_frames, seeder, params.max_tracks)
     lengths = visible.sum(axis=1)
     keep = lengths >= params.min_track_length
@@ -497,7 +543,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
                      "mean_track_length": round(float(lengths.mean()), 2) if len(xy) else 0.0,
                      "tracked_fraction": round(float(lengths.mean()) / num_frames, 4) if len(xy) else 0.0}
 
-    if "align" in inputs and "cameras" in inputs:
+    if lifted:
         from stages.align import load_aligned_depth
         from stages.cameras import load_cameras
 

@@ -83,6 +83,23 @@ def test_grid_seeder_reseeds_only_empty_cells_and_shares_its_budget():
     assert counts == [cells // 2] * 3 and thrifty.capped_frames == [0, 1, 2]
 
 
+def test_prefetching_loader_returns_every_pair_asked_for_in_any_order():
+    from concurrent.futures import ThreadPoolExecutor
+
+    loaded = []
+
+    def load(i: int, j: int) -> dict:
+        loaded.append((i, j))
+        return {"pair": (i, j)}
+
+    order = [(t, t + 1) for t in range(20)]
+    with ThreadPoolExecutor(2) as pool:
+        get = tracks.prefetching_loader(load, order, pool, depth=3)
+        asked = order[:5] + order[12:14] + [(3, 9)] + order[6:7] + order[18:]  # skips, a stranger, a step back
+        assert [get(*key)["pair"] for key in asked] == asked
+    assert set(asked) <= set(loaded) and len(loaded) <= len(order) + 2  # read ahead, but never the whole list twice
+
+
 def test_depth_edges_and_unproject():
     depth = np.full((20, 30), 2.0, np.float32)
     depth[:, 15:] = 4.0
