@@ -10,13 +10,20 @@ Backends (``Params.backend``):
   divided by a robust estimate of the static residual noise (optionally, for cameras turning
   in place, the homography transfer error where a homography explains the pair as well as
   F). A frame's score is the maximum over its pairs, averaged over ``temporal_window``
-  flow-aligned frames; regions above ``threshold`` holding a pixel above twice it are kept,
-  cut at 40 % of their own peak score (the middle of the smooth ramp optical flow makes
-  across a motion boundary) and cleaned (open, close, small regions dropped, holes filled).
-  The fits are then repeated without the pixels found (a moving object can drag a fit that
-  is nearly degenerate, as for short baselines) and the segmentation redone; last, a
-  flow-aligned majority vote over the window. Work happens at ``work_max_side``. No cameras
-  or depth are needed, so COLMAP can ignore what moves. One label: 1 = "dynamic".
+  flow-aligned frames. Flow on flat surfaces is interpolated noise, so each pixel also gets a
+  flow confidence: texture (structure tensor, :func:`texture_confidence`) times the share of
+  its pairs that pass the forward-backward check. Seeds are confident pixels above twice
+  ``threshold`` that are seeds in the flow-aligned neighbouring frames too; a region is the
+  connected set above ``threshold`` (through pixels of some confidence) holding enough seeds,
+  cut at 40 % of its peak seed score (the middle of the smooth ramp optical flow makes across
+  a motion boundary) and cleaned. The fits are then repeated without the pixels found (a
+  moving object can drag a fit that is nearly degenerate, as for short baselines) and the
+  segmentation redone; then a flow-aligned majority vote over the window, a colour-aware vote
+  of the confident pixels for the unreliable ones (:func:`confident_vote`), and GrabCut in a
+  band around each boundary (:func:`snap_boundary`) that pulls the halo of dragged flow on
+  flat surroundings back onto the object's outline. Work happens at ``work_max_side``. No
+  cameras or depth are needed, so COLMAP can ignore what moves; :mod:`stages.masks_refine`
+  redoes the masks with them. One label: 1 = "dynamic".
 - ``file`` (needs only frames for a folder of masks; needs flow for a single first-frame mask):
   user masks, one image per frame (in name order; or one per source frame, picked through the
   frames stage's ``source_indices``), resized with nearest neighbour, or ONE mask of the first
@@ -25,8 +32,9 @@ Backends (``Params.backend``):
   with flow-guided re-prompting, or the SAM2 video model of transformers.
 
 Outputs: ``masks/000000.png`` (uint8 label map per frame), ``labels.json`` =
-``{"labels": {"0": "background", "1": ..., ...}, "backend": ...}`` and ``vis/000000.png``
-(labels drawn over the frame).
+``{"labels": {"0": "background", "1": ..., ...}, "backend": ...}``, ``vis/000000.png``
+(labels drawn over the frame) and, for ``motion``, ``vis/cues/score_000000.png`` and
+``vis/cues/confidence_000000.png`` (the score and flow confidence the decision rests on).
 """
 from __future__ import annotations
 
@@ -111,7 +119,8 @@ class Params:
         "sam" (segment-anything with prompts) or "sam2" (transformers SAM2 video with prompts).
     threshold: motion: dynamic regions are where a pixel's epipolar/homography residual exceeds
         this many times the static residual noise (robust sigma, at least 0.3 px) and that hold
-        a pixel above twice as many; lower finds slower motion and more false alarms.
+        seeds above twice as many where the flow is reliable; lower finds slower motion and
+        more false alarms.
     min_area_fraction: connected dynamic regions smaller than this fraction of the image are
         dropped (all backends; 0 keeps everything).
     temporal_window: motion: frames (odd; 1 = none) over which scores are averaged and masks
