@@ -2,8 +2,10 @@
 
 For each depth source that can run here, the depth stage and then the align stage are run with
 the scene's true cameras and SfM-like points (static pixels, true depth, a share of them given a
-wrong depth as outliers), and AbsRel (mean |d - d*| / d*) is printed on static pixels, on
-moving-object pixels, and for the raw depth where it is already in scene units:
+wrong depth as outliers), and AbsRel (mean |d - d*| / d*) over the pixels that have depth is
+printed on static pixels, on moving-object pixels, and for the raw depth where it is already in
+scene units, with the share of static / moving pixels that have depth at all (coverage; 0 =
+unknown) and the share of pixels near true depth edges more than 10 % off (edge bad):
 
 - ``corrupted``: true inverse depth under an unknown per-frame affine map plus 2 % noise,
   written as a ``relative_inverse`` depth folder (what an affine-invariant model gives at best);
@@ -32,7 +34,7 @@ from data import synthetic  # noqa: E402
 from stages import align, depth, frames  # noqa: E402
 from tests.test_align import (abs_rel, corrupted_inverse_depth, sample_static_points,  # noqa: E402
                               write_cameras_dir, write_masks_dir)
-from tests.test_depth import build_tiny_depth_anything  # noqa: E402
+from tests.test_depth import build_tiny_depth_anything, depth_edge_band  # noqa: E402
 
 
 def run_stage(module, inputs: dict, params, out: Path) -> tuple[dict, float]:
@@ -88,26 +90,38 @@ def main() -> None:
         results = {"preset": args.preset, "seed": args.seed, "outlier_fraction": args.outliers,
                    "frames": scene.num_frames, "width": scene.width, "height": scene.height, "sources": {}}
         print(f"synthetic scene {args.preset}: {scene.num_frames} frames {scene.width}x{scene.height}, "
-              f"{args.points} SfM points/frame, {args.outliers:.0%} outliers; AbsRel (lower is better)")
-        print(f"{'source':30s} {'raw static':>11s} {'aligned static':>15s} {'aligned moving':>15s} "
-              f"{'depth s':>8s} {'align s':>8s} {'median resid':>13s}")
+              f"{args.points} SfM points/frame, {args.outliers:.0%} outliers; AbsRel over pixels with depth "
+              "(lower is better), coverage = share of pixels with depth")
+        print(f"{'source':28s} {'raw static':>10s} {'aligned static':>14s} {'aligned moving':>14s} "
+              f"{'cov static':>10s} {'cov moving':>10s} {'edge bad':>8s} {'depth s':>8s} {'align s':>8s}")
+        band = depth_edge_band(scene.depth)
         for name, (folder, depth_seconds) in sources.items():
             raw, kind = depth.load_depth(folder)
-            raw_static = abs_rel(raw, scene.depth, static) if kind != "relative_inverse" else None
+            raw_static = abs_rel(raw, scene.depth, static & (raw > 0)) if kind != "relative_inverse" else None
             out = root / f"align_{name.split()[0]}"
             figures, align_seconds = run_stage(align, {"depth": folder, "cameras": cameras, "masks": masks},
                                                align.Params(), out)
             aligned = align.load_aligned_depth(out)
+            near_edges = band & (aligned > 0)
+            edge_error = np.abs(aligned[near_edges] - scene.depth[near_edges]) / scene.depth[near_edges]
             row = {"kind": kind, "raw_static_abs_rel": raw_static,
-                   "aligned_static_abs_rel": abs_rel(aligned, scene.depth, static),
-                   "aligned_moving_abs_rel": abs_rel(aligned, scene.depth, moving),
+                   "aligned_static_abs_rel": abs_rel(aligned, scene.depth, static & (aligned > 0)),
+                   "aligned_moving_abs_rel": (abs_rel(aligned, scene.depth, moving & (aligned > 0))
+                                              if (moving & (aligned > 0)).any() else None),
+                   "coverage_static": float((aligned[static] > 0).mean()),
+                   "coverage_moving": float((aligned[moving] > 0).mean()),
+                   "edge_bad_fraction": float((edge_error > 0.1).mean()) if edge_error.size else None,
                    "depth_seconds": depth_seconds, "align_seconds": align_seconds,
                    "median_residual": figures["median_residual"]}
             results["sources"][name] = row
-            print(f"{name:30s} {'-' if raw_static is None else f'{raw_static:.4f}':>11s} "
-                  f"{row['aligned_static_abs_rel']:15.4f} {row['aligned_moving_abs_rel']:15.4f} "
-                  f"{'-' if depth_seconds is None else f'{depth_seconds:.1f}':>8s} {align_seconds:8.1f} "
-                  f"{'-' if figures['median_residual'] is None else figures['median_residual']:>13}")
+
+            def cell(value, width: int, digits: int = 4) -> str:
+                return f"{'-' if value is None else f'{value:.{digits}f}':>{width}s}"
+
+            print(f"{name:28s} {cell(raw_static, 10)} {cell(row['aligned_static_abs_rel'], 14)} "
+                  f"{cell(row['aligned_moving_abs_rel'], 14)} {cell(row['coverage_static'], 10, 3)} "
+                  f"{cell(row['coverage_moving'], 10, 3)} {cell(row['edge_bad_fraction'], 8, 3)} "
+                  f"{cell(depth_seconds, 8, 1)} {align_seconds:8.1f}")
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
 
