@@ -44,7 +44,7 @@ def measure_speed(root: Path, device: str, steps: int, points: int, resolution: 
     """Iterations per second of ``steps`` training steps (no densification) on ``device``."""
     from stages.train import DnerfInit, Params, train_dnerf
 
-    params = Params(iterations=steps, background="white", ordinal_weight=0.0, densify=False, eval_every=0,
+    params = Params(iterations=steps, background="white", ordinal_weight=0.0, densify=False, eval_fraction=0.0,
                     make_videos=False, export_ply=False, device=device)
     with tempfile.TemporaryDirectory() as scratch:
         figures = train_dnerf(root, scratch, params, DnerfInit(num_points=points), resolution=resolution,
@@ -83,7 +83,7 @@ def main() -> None:
 
     out = args.out or Path(tempfile.mkdtemp(prefix="dnerf_mutant_"))
     params = Params(iterations=args.iterations, background="white", ordinal_weight=0.0,
-                    refine_start=min(500, args.iterations // 6), eval_every=max(args.iterations // 6, 1),
+                    refine_start_fraction=min(500 / args.iterations, 1 / 6), eval_fraction=1 / 6,
                     make_videos=False, export_ply=False, device=args.device)
     started = time.perf_counter()
     figures = train_dnerf(args.root, out, params, DnerfInit(num_points=args.points), resolution=args.resolution)

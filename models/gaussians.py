@@ -13,6 +13,8 @@ State is kept the way Dynamic 3D Gaussians and gsplat keep it:
   parameters): ``is_dynamic (N,)`` bool, plus the strategy's ``grad2d``/``count``/``scene_scale``.
 - ``field``: the :class:`~models.deformation.DeformationField` (an ``nn.Module`` with its own
   optimiser) that moves the dynamic Gaussians. Static Gaussians never move.
+- ``exposure`` (optional): ``(T, 2, 3)`` per-frame colour affine of the clip's T frames, row
+  ``[i, 0]`` the log gain and ``[i, 1]`` the offset of frame i (:func:`render`'s ``exposure``).
 
 Cameras follow OpenCV (x right, y down, z forward); ``w2c`` is 4x4 world-to-camera and ``K``
 3x3 pixel intrinsics with pixel centres at half-integers. Time is normalised, ``t = i / (T - 1)``.
@@ -94,11 +96,13 @@ def gaussians_at(params: dict[str, Tensor], variables: dict, field: DeformationF
 
 def render(params: dict[str, Tensor], variables: dict, field: DeformationField, time: float, K: Tensor,
            w2c: Tensor, width: int, height: int, sh_degree: int, background: Tensor | None = None,
-           backend: str = "auto") -> dict:
+           backend: str = "auto", exposure: Tensor | None = None) -> dict:
     """Render one camera at normalised ``time``.
 
     ``K (3, 3)``, ``w2c (4, 4)`` float32 tensors on the model's device; ``sh_degree`` is the
-    degree used now (<= the stored one); ``background (3,)`` RGB in [0, 1] (None: black).
+    degree used now (<= the stored one); ``background (3,)`` RGB in [0, 1] (None: black);
+    ``exposure (2, 3)`` (None: identity) a colour affine ``(log gain, offset)`` applied to the
+    scene, not the background: ``rgb = C * exp(gain) + alpha * offset + (1 - alpha) * bg``.
     Returns ``rgb (H, W, 3)``, ``depth (H, W)`` expected z-depth (world units; meaningless where
     ``alpha`` is ~0), ``alpha (H, W)``, the rasterizer's gsplat-compatible ``info`` dict
     (``means2d`` keeps its gradient for densification) and ``gaussians``, the output of
@@ -113,20 +117,41 @@ def render(params: dict[str, Tensor], variables: dict, field: DeformationField, 
         opacities=gaussians["opacities"], colors=sh, viewmats=w2c[None], Ks=K[None], width=width, height=height,
         sh_degree=sh_degree, backgrounds=None if background is None else background[None],
         render_mode="RGB+ED", backend=backend)
-    return {"rgb": colors[0, ..., :3], "depth": colors[0, ..., 3], "alpha": alphas[0, ..., 0], "info": info,
-            "gaussians": gaussians}
+    rgb, alpha = colors[0, ..., :3], alphas[0, ..., 0]
+    if exposure is not None:
+        alpha3 = alpha[..., None]
+        behind = (1.0 - alpha3) * (background if background is not None else torch.zeros_like(exposure[1]))
+        rgb = (rgb - behind) * torch.exp(exposure[0]) + alpha3 * exposure[1] + behind
+    return {"rgb": rgb, "depth": colors[0, ..., 3], "alpha": alpha, "info": info, "gaussians": gaussians}
+
+
+def exposure_at(exposure: Tensor, times: np.ndarray, known: list[int], time: float) -> Tensor:
+    """The ``(2, 3)`` colour affine at normalised ``time`` from the rows ``known`` (e.g. the
+    training frames) of ``exposure (T, 2, 3)`` whose frames lie at ``times (T,)``: linear in time
+    between the two nearest known frames, the first / last one's outside them (a known frame's
+    own row at its time)."""
+    order = sorted(known, key=lambda frame: times[frame])
+    known_times = np.asarray([times[frame] for frame in order], np.float64)
+    after = int(np.searchsorted(known_times, time))
+    if after == 0:
+        return exposure[order[0]]
+    if after >= len(order):
+        return exposure[order[-1]]
+    weight = float((time - known_times[after - 1]) / max(known_times[after] - known_times[after - 1], 1e-12))
+    return (1.0 - weight) * exposure[order[after - 1]] + weight * exposure[order[after]]
 
 
 @dataclass
 class SceneModel:
-    """A loaded model: ``params``, ``variables`` and ``field`` as described in the module
-    docstring, and ``meta``, the plain-data description written with it (frame count, image
+    """A loaded model: ``params``, ``variables``, ``field`` and ``exposure`` as described in the
+    module docstring, and ``meta``, the plain-data description written with it (frame count, image
     size, held-out frames, the parameters of the stage that wrote it...)."""
 
     params: dict[str, torch.nn.Parameter]
     variables: dict
     field: DeformationField
     meta: dict = dataclass_field(default_factory=dict)
+    exposure: torch.nn.Parameter | None = None
 
     @property
     def num_gaussians(self) -> int:
@@ -157,6 +182,8 @@ def save_model(path: str | Path, model: SceneModel, extra: dict | None = None) -
         "meta": model.meta,
         "extra": extra or {},
     }
+    if model.exposure is not None:
+        content["exposure"] = model.exposure.detach().cpu()
     temporary = path.with_name(path.name + ".partial")
     torch.save(content, temporary)
     temporary.replace(path)
@@ -172,4 +199,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Sc
     field = DeformationField.from_export(content["field_config"])
     field.load_state_dict(content["field_state"])
     variables = {"is_dynamic": content["is_dynamic"].to(device)}
-    return SceneModel(params, variables, field.to(device), content["meta"]), content["extra"]
+    exposure = torch.nn.Parameter(content["exposure"].to(device)) if "exposure" in content else None
+    return SceneModel(params, variables, field.to(device), content["meta"], exposure), content["extra"]

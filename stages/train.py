@@ -20,19 +20,22 @@ or fixed background and minimises
 
 then steps Adam (per-parameter learning rates, positions decaying exponentially to 1 %, the
 deformation field to 10 %) and gsplat's ``DefaultStrategy`` (duplicate / split / prune; it runs
-unchanged on CPU with the torch rasterizer's ``info``), capped at ``max_gaussians``. The SH
-degree in use grows by one every ``sh_degree_interval`` steps.
+unchanged on CPU with the torch rasterizer's ``info``), capped at ``max_gaussians``, with our
+own opacity reset (``opacity_reset_fraction``). The SH degree in use grows by one every
+``sh_degree_fraction`` of the iterations; every step-based setting is such a fraction of
+``iterations`` (:class:`Schedule`). With ``exposure``, a per-frame colour affine is learned too.
 
 Held-out frames (the init stage's ``holdout_every``) are never trained on; they are rendered and
 scored (PSNR, SSIM, PSNR on dynamic pixels, depth-order agreement with the aligned depth) every
-``eval_every`` steps and at the end. LPIPS is not computed: it needs the lpips package with
-pretrained AlexNet/VGG weights (and torchvision), none of which is available offline here.
+``eval_fraction`` of the iterations and at the end. LPIPS is not computed: it needs the lpips
+package with pretrained AlexNet/VGG weights (and torchvision), none of which is available
+offline here.
 
 Resuming: with ``resume_from`` set to a file path, the full optimiser state (model, Adam states,
 densification statistics, step, curves, random state) is written there every
-``checkpoint_every`` steps and at the end; a rerun with the same path and the same init output
-continues from it (the pipeline gives every run a fresh output folder, so the path must lie
-outside it). A checkpoint from another init output is ignored, with a note.
+``checkpoint_fraction`` of the iterations and at the end; a rerun with the same path and the
+same init output continues from it (the pipeline gives every run a fresh output folder, so the
+path must lie outside it). A checkpoint from another init output is ignored, with a note.
 
 Outputs (see :mod:`stages.train_outputs`): ``model.pt``, ``metrics.json``, ``curves.json`` and
 ``curves.png``, ``renders/`` (rgb, depth .npy and colourised, held-out comparisons),
@@ -105,16 +108,35 @@ class Params:
         rigidity, rotation similarity and isometry priors on the dynamic Gaussians (0 = off).
     knn: neighbours per dynamic Gaussian in those priors.
     background: "random" (a random colour per step; evaluation on black), "black" or "white".
-    sh_degree_interval: the SH degree in use grows by one every this many steps.
+    exposure: learn a per-frame colour affine (Dynamic 3D Gaussians' per-camera ``cam_m`` /
+        ``cam_c``): the render of frame i is ``C * exp(m_i) + alpha * c_i + (1 - alpha) * bg``
+        with ``m_i, c_i (3,)`` identity-initialised (C the rendered colour, bg the background,
+        which the affine leaves alone), for phone videos whose exposure or white balance
+        changes. Held-out frames (and video frames between frames) use the training frames'
+        values interpolated linearly in time; PLY files, exports and the viewer show the
+        unadjusted colours.
+    lr_exposure: learning rate of ``m_i`` and ``c_i``.
     densify: run gsplat's DefaultStrategy (duplicate / split / prune).
-    refine_start: first densification step.
-    refine_every: densify every this many steps.
-    refine_stop_fraction: stop densifying after this fraction of the iterations.
     grow_grad2d: image-space gradient threshold for duplicating / splitting.
     max_gaussians: densification stops growing once there are this many Gaussians.
-    log_every: record the loss curve every this many steps.
-    eval_every: score the held-out frames every this many steps (0 = only at the end).
-    checkpoint_every: with resume_from, save the resumable state every this many steps.
+
+    Schedule: every step-based setting is a fraction of ``iterations`` (rounded to whole steps,
+    at least 1), so changing the budget changes one number, as gsplat's ``steps_scaler`` does.
+    The learning-rate decays above are relative to ``iterations`` too.
+
+    refine_start_fraction: first densification after this fraction of the iterations.
+    refine_stop_fraction: no densification (nor opacity reset) after this fraction.
+    refine_every_fraction: densify every this fraction of the iterations.
+    opacity_reset_fraction: while densifying, clamp all opacities to 0.01 every this fraction of
+        the iterations (3DGS's opacity reset; 0 = never). Never at step 0, so the init stage's
+        opacities are what training starts from, whatever gsplat version is installed (older
+        releases reset at step 0, 1.5.3 never resets: the strategy's own reset is not used).
+    sh_degree_fraction: the SH degree in use grows by one every this fraction of the iterations
+        (from 0 to the model's degree).
+    log_fraction: record the loss curve every this fraction of the iterations (0 = every step).
+    eval_fraction: score the held-out frames every this fraction (0 = only at the end).
+    checkpoint_fraction: with resume_from, save the resumable state every this fraction (and at
+        the end). A resumed run follows the schedule of its own ``iterations``.
     resume_from: file path of the resumable checkpoint ("" = none); see the module docstring.
     make_videos: write novel_view.mp4 and time_sweep.mp4.
     novel_offset: amplitude of the novel camera path's sway, as a fraction of the scene scale.
@@ -148,16 +170,19 @@ class Params:
     isometry_weight: float = 0.0
     knn: int = 8
     background: str = "random"
-    sh_degree_interval: int = 1000
+    exposure: bool = False
+    lr_exposure: float = 0.01
     densify: bool = True
-    refine_start: int = 500
-    refine_every: int = 100
-    refine_stop_fraction: float = 0.75
     grow_grad2d: float = 0.0002
     max_gaussians: int = 200000
-    log_every: int = 25
-    eval_every: int = 500
-    checkpoint_every: int = 1000
+    refine_start_fraction: float = 0.15
+    refine_stop_fraction: float = 0.75
+    refine_every_fraction: float = 0.05
+    opacity_reset_fraction: float = 0.0
+    sh_degree_fraction: float = 0.1
+    log_fraction: float = 0.01
+    eval_fraction: float = 0.2
+    checkpoint_fraction: float = 0.25
     resume_from: str = ""
     make_videos: bool = True
     novel_offset: float = 0.05
@@ -169,25 +194,25 @@ class Params:
 
     def validate(self) -> None:
         """Raise :class:`ParameterError` for values that cannot make sense."""
-        whole = ("iterations", "downscale", "ordinal_pairs", "reprojection_tracks", "knn", "sh_degree_interval",
-                 "refine_start", "refine_every", "max_gaussians", "log_every", "eval_every", "checkpoint_every",
+        whole = ("iterations", "downscale", "ordinal_pairs", "reprojection_tracks", "knn", "max_gaussians",
                  "ply_every", "seed")
         for name in whole:
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
                 raise ParameterError(f"train.{name} must be a whole number, got {value!r}",
                                      f"write train.{name} without a decimal point")
-        positive = ("iterations", "downscale", "ordinal_pairs", "reprojection_tracks", "knn", "sh_degree_interval",
-                    "refine_every", "max_gaussians", "log_every", "checkpoint_every", "ply_every")
+        positive = ("iterations", "downscale", "ordinal_pairs", "reprojection_tracks", "knn", "max_gaussians",
+                    "ply_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ParameterError(f"train.{name}={getattr(self, name)} must be at least 1", f"raise train.{name}")
-        for name in ("lr_means", "lr_scales", "lr_quats", "lr_opacities", "lr_sh0", "lr_shN", "lr_deformation"):
+        for name in ("lr_means", "lr_scales", "lr_quats", "lr_opacities", "lr_sh0", "lr_shN", "lr_deformation",
+                     "lr_exposure"):
             if not 0 <= getattr(self, name) < 1:
                 raise ParameterError(f"train.{name}={getattr(self, name)} is not a learning rate in [0, 1)",
                                      "use the default")
         for name in ("ordinal_weight", "depth_l1_weight", "reprojection_weight", "rigidity_weight", "rotation_weight",
-                     "isometry_weight", "novel_offset", "grow_grad2d", "refine_start", "eval_every"):
+                     "isometry_weight", "novel_offset", "grow_grad2d"):
             if getattr(self, name) < 0:
                 raise ParameterError(f"train.{name}={getattr(self, name)} must not be negative", "use 0 to turn it off")
         if not 0 <= self.ssim_weight <= 1:
@@ -195,8 +220,18 @@ class Params:
         if not self.ordinal_alpha > 0 or not 0 <= self.ordinal_min_gap < 1:
             raise ParameterError("train.ordinal_alpha must be > 0 and train.ordinal_min_gap in [0, 1)",
                                  "use e.g. ordinal_alpha=50, ordinal_min_gap=0.05")
-        if not 0 < self.refine_stop_fraction <= 1:
-            raise ParameterError(f"train.refine_stop_fraction={self.refine_stop_fraction} is not in (0, 1]", "use 0.75")
+        for name in ("refine_start_fraction", "refine_stop_fraction", "opacity_reset_fraction", "sh_degree_fraction",
+                     "log_fraction", "eval_fraction", "checkpoint_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ParameterError(f"train.{name}={getattr(self, name)} is not a fraction of the iterations in "
+                                     f"[0, 1]", "use the default")
+        if not 0 < self.refine_every_fraction <= 1 or not 0 < self.sh_degree_fraction:
+            raise ParameterError("train.refine_every_fraction and train.sh_degree_fraction must be in (0, 1]",
+                                 "use e.g. 0.05 and 0.1")
+        if self.refine_start_fraction >= self.refine_stop_fraction and self.densify:
+            raise ParameterError(f"train.refine_start_fraction={self.refine_start_fraction} is not below "
+                                 f"train.refine_stop_fraction={self.refine_stop_fraction}: nothing would densify",
+                                 "lower refine_start_fraction, or set train.densify=false")
         if self.prior_on_dynamic not in PRIOR_ON_DYNAMIC:
             raise ParameterError(f"train.prior_on_dynamic={self.prior_on_dynamic!r} is unknown",
                                  f"use one of {', '.join(PRIOR_ON_DYNAMIC)}")
@@ -206,6 +241,45 @@ class Params:
             raise ParameterError(f"train.device={self.device!r} is unknown", "use auto, cpu or cuda")
         if self.backend not in ("auto", "gsplat", "torch"):
             raise ParameterError(f"train.backend={self.backend!r} is unknown", "use auto, gsplat or torch")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The step numbers of :class:`Params`' schedule for its ``iterations``: densification from
+    ``refine_start`` (exclusive, gsplat's convention) to ``refine_stop`` every ``refine_every``
+    steps, opacity resets every ``opacity_reset_every`` steps (0 = never), the SH degree growing
+    every ``sh_degree_every`` steps, and log / evaluation (0 = only at the end) / checkpoint
+    intervals."""
+
+    refine_start: int
+    refine_stop: int
+    refine_every: int
+    opacity_reset_every: int
+    sh_degree_every: int
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+
+
+def make_schedule(params: Params) -> Schedule:
+    """:class:`Schedule` of ``params``: each fraction times ``iterations``, rounded, at least 1
+    step (the fractions that may be 0 keep their "off" meaning)."""
+
+    def steps(fraction: float) -> int:
+        return max(1, round(fraction * params.iterations))
+
+    return Schedule(refine_start=round(params.refine_start_fraction * params.iterations),
+                    refine_stop=round(params.refine_stop_fraction * params.iterations) if params.densify else 0,
+                    refine_every=steps(params.refine_every_fraction),
+                    opacity_reset_every=steps(params.opacity_reset_fraction) if params.opacity_reset_fraction else 0,
+                    sh_degree_every=steps(params.sh_degree_fraction), log_every=steps(params.log_fraction),
+                    eval_every=steps(params.eval_fraction) if params.eval_fraction else 0,
+                    checkpoint_every=steps(params.checkpoint_fraction))
+
+
+def sh_degree_at(step: int, schedule: Schedule, max_degree: int) -> int:
+    """The SH degree in use at ``step``."""
+    return min(step // schedule.sh_degree_every, max_degree)
 
 
 @dataclass
@@ -320,28 +394,45 @@ def set_learning_rates(optimizers: dict, field_optimizer, params: Params, scene_
         group["lr"] = params.lr_deformation * 0.1 ** progress
 
 
-def make_strategy(params: Params, scene_scale: float):
-    """gsplat's DefaultStrategy with this stage's schedule, and its fresh state dict."""
+def make_strategy(params: Params, schedule: Schedule, scene_scale: float):
+    """gsplat's DefaultStrategy with this stage's schedule, and its fresh state dict. Its
+    ``reset_every`` is the opacity-reset interval (it also gates the pruning of too large
+    Gaussians to after the first reset) or, without resets, longer than the run; the reset itself
+    is :func:`maybe_reset_opacities`' (gsplat releases differ: see ``Params``)."""
     from gsplat import DefaultStrategy
 
-    stop = int(params.refine_stop_fraction * params.iterations) if params.densify else 0
-    strategy = DefaultStrategy(refine_start_iter=params.refine_start, refine_stop_iter=stop,
-                               refine_every=params.refine_every, grow_grad2d=params.grow_grad2d)
+    strategy = DefaultStrategy(refine_start_iter=schedule.refine_start, refine_stop_iter=schedule.refine_stop,
+                               refine_every=schedule.refine_every, grow_grad2d=params.grow_grad2d,
+                               reset_every=schedule.opacity_reset_every or params.iterations + 1)
     return strategy, strategy.initialize_state(scene_scale=scene_scale)
 
 
-def training_loss(model, variables: dict, data: TrainingData, frame: int, step: int, params: Params, graph,
+def maybe_reset_opacities(model, optimizers: dict, variables: dict, strategy, schedule: Schedule, step: int) -> bool:
+    """3DGS's opacity reset after ``step``: clamp every opacity to twice the strategy's pruning
+    threshold every ``opacity_reset_every`` steps while densifying, never at step 0. Returns
+    whether it reset. (Idempotent with a gsplat release that resets at the same steps.)"""
+    from gsplat.strategy.ops import reset_opa
+
+    every = schedule.opacity_reset_every
+    if not every or step == 0 or step % every or step >= strategy.refine_stop_iter:
+        return False
+    reset_opa(params=model.params, optimizers=optimizers, state=variables, value=strategy.prune_opa * 2.0)
+    return True
+
+
+def training_loss(model, variables: dict, data: TrainingData, frame: int, sh_degree: int, params: Params, graph,
                   generator, background) -> tuple[object, dict, dict]:
-    """Render ``frame`` and compute the weighted loss. Returns ``(loss, parts, render output)``;
-    ``parts`` maps each active term's name to its unweighted float value (and ``psnr``). ``graph``
-    is the dynamic Gaussians' :class:`~models.losses.NeighbourGraph` (None: priors off)."""
+    """Render ``frame`` with SH degree ``sh_degree`` (and the frame's colour affine when the model
+    has one) and compute the weighted loss. Returns ``(loss, parts, render output)``; ``parts``
+    maps each active term's name to its unweighted float value (and ``psnr``). ``graph`` is the
+    dynamic Gaussians' :class:`~models.losses.NeighbourGraph` (None: priors off)."""
     from models import losses
     from models.gaussians import render
 
-    sh_degree = min(step // params.sh_degree_interval, model.sh_degree)
     time = float(data.times[frame])
+    exposure = None if model.exposure is None else model.exposure[frame]
     out = render(model.params, variables, model.field, time, data.K[frame], data.w2c[frame], data.width,
-                 data.height, sh_degree, background, params.backend)
+                 data.height, sh_degree, background, params.backend, exposure)
     target = data.images[frame].float() / 255.0
     loss = losses.photometric_loss(out["rgb"], target, params.ssim_weight)
     parts = {"photometric": float(loss.detach()), "psnr": float(losses.psnr(out["rgb"].detach(), target))}
@@ -423,8 +514,9 @@ def file_digest(path: Path) -> str:
 
 @dataclass
 class LoopState:
-    """Mutable state of the optimisation: the strategy's per-Gaussian ``variables``, optimisers,
-    the next ``step``, the ``curves`` recorded so far and the torch ``generator``."""
+    """Mutable state of the optimisation: the strategy's per-Gaussian ``variables``, optimisers
+    (``exposure_optimizer`` None without ``Params.exposure``), the next ``step``, the ``curves``
+    recorded so far and the torch ``generator``."""
 
     variables: dict
     optimizers: dict
@@ -433,11 +525,13 @@ class LoopState:
     step: int
     curves: dict
     generator: object
+    exposure_optimizer: object = None
 
 
 def new_curves() -> dict:
-    """Empty training curves: losses every ``log_every`` steps, evaluations every ``eval_every``."""
-    return {"step": [], "loss": [], "psnr_train_step": [], "num_gaussians": [], "parts": {},
+    """Empty training curves: losses every ``Schedule.log_every`` steps, evaluations every
+    ``Schedule.eval_every``."""
+    return {"step": [], "loss": [], "psnr_train_step": [], "num_gaussians": [], "sh_degree": [], "parts": {},
             "eval_step": [], "psnr_eval": [], "ssim_eval": []}
 
 
@@ -450,6 +544,8 @@ def save_resumable(path: Path, model, state: LoopState, init_digest: str, params
              "optimizers": {name: optimizer.state_dict() for name, optimizer in state.optimizers.items()},
              "field_optimizer": state.field_optimizer.state_dict(), "strategy_state": strategy_state,
              "generator": state.generator.get_state()}
+    if state.exposure_optimizer is not None:
+        extra["exposure_optimizer"] = state.exposure_optimizer.state_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model(path, model, extra)
 
@@ -481,7 +577,7 @@ def optimize(model, data: TrainingData, params: Params, device: str, resume_path
     """Run the optimisation loop on ``model`` (a :class:`models.gaussians.SceneModel`) in place.
 
     ``evaluate_fn(model, variables, step) -> dict`` (optional) scores the evaluation frames for the
-    curves every ``eval_every`` steps. Returns ``(variables, curves, stats)`` with ``stats``
+    curves every ``Schedule.eval_every`` steps. Returns ``(variables, curves, stats)`` with ``stats``
     holding ``iterations_per_second`` and ``resumed_from_step``.
     """
     import torch
@@ -490,13 +586,14 @@ def optimize(model, data: TrainingData, params: Params, device: str, resume_path
 
     notes = notes if notes is not None else []
     generator = torch.Generator().manual_seed(params.seed)
-    strategy, strategy_state = make_strategy(params, data.scene_scale)
+    schedule = make_schedule(params)
+    strategy, strategy_state = make_strategy(params, schedule, data.scene_scale)
     resumed_from = 0
     resumed = try_resume(resume_path, init_digest, params, device, notes) if resume_path else None
     if resumed is not None:
         resumed_model, extra = resumed
         model.params, model.field = resumed_model.params, resumed_model.field
-        model.variables = resumed_model.variables
+        model.variables, model.exposure = resumed_model.variables, resumed_model.exposure
         strategy_state.update({key: (value.to(device) if torch.is_tensor(value) else value)
                                for key, value in extra["strategy_state"].items()})
         generator.set_state(extra["generator"])
@@ -505,13 +602,22 @@ def optimize(model, data: TrainingData, params: Params, device: str, resume_path
     variables["is_dynamic"] = model.variables["is_dynamic"].to(device)
     model.variables = variables
     optimizers, field_optimizer = make_optimizers(model, params, data.scene_scale)
+    exposure_optimizer = None
+    if params.exposure:
+        if model.exposure is None or len(model.exposure) != len(data.images):
+            model.exposure = torch.nn.Parameter(torch.zeros(len(data.images), 2, 3, device=device))
+        exposure_optimizer = torch.optim.Adam([model.exposure], lr=params.lr_exposure)
+    else:
+        model.exposure = None
     if resumed is not None:
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(extra["optimizers"][name])
         field_optimizer.load_state_dict(extra["field_optimizer"])
+        if exposure_optimizer is not None and "exposure_optimizer" in extra:
+            exposure_optimizer.load_state_dict(extra["exposure_optimizer"])
     strategy.check_sanity(model.params, optimizers)
     state = LoopState(variables, optimizers, field_optimizer, strategy, resumed_from,
-                      extra["curves"] if resumed is not None else new_curves(), generator)
+                      extra["curves"] if resumed is not None else new_curves(), generator, exposure_optimizer)
 
     graph, graph_means = None, None
     started, first_step = timer.perf_counter(), state.step
@@ -521,39 +627,43 @@ def optimize(model, data: TrainingData, params: Params, device: str, resume_path
         if needs_priors(params) and model.num_dynamic > params.knn:
             # densification replaces the parameter tensors (and reorders Gaussians): rebuild then,
             # and every refine_every steps as the canonical positions drift
-            if graph_means is not model.params["means"] or step % params.refine_every == 0:
+            if graph_means is not model.params["means"] or step % schedule.refine_every == 0:
                 dynamic = torch.nonzero(variables["is_dynamic"], as_tuple=True)[0]
                 graph, graph_means = knn_graph(model.params["means"][dynamic], params.knn), model.params["means"]
         frame = data.train_frames[int(torch.randint(len(data.train_frames), (1,), generator=generator))]
         background = (torch.rand(3, generator=generator).to(device) if params.background == "random"
                       else data.eval_background)
-        loss, parts, out = training_loss(model, variables, data, frame, step, params, graph, generator, background)
+        sh_degree = sh_degree_at(step, schedule, model.sh_degree)
+        loss, parts, out = training_loss(model, variables, data, frame, sh_degree, params, graph, generator,
+                                         background)
         strategy.step_pre_backward(model.params, optimizers, variables, step, out["info"])
         loss.backward()
-        for optimizer in optimizers.values():
+        for optimizer in [*optimizers.values(), field_optimizer, *([exposure_optimizer] if params.exposure else [])]:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        field_optimizer.step()
-        field_optimizer.zero_grad(set_to_none=True)
-        strategy.step_post_backward(model.params, optimizers, variables, step, out["info"],
-                                    packed=out["info"]["means2d"].dim() == 2)
+        if step > 0:  # older gsplat releases reset all opacities at step 0 (see Params)
+            strategy.step_post_backward(model.params, optimizers, variables, step, out["info"],
+                                        packed=out["info"]["means2d"].dim() == 2)
+            maybe_reset_opacities(model, optimizers, variables, strategy, schedule, step)
         if model.num_gaussians >= params.max_gaussians and strategy.refine_stop_iter > step:
             strategy.refine_stop_iter = step
             notes.append(f"densification stopped at step {step}: {model.num_gaussians} Gaussians reached "
                          f"train.max_gaussians")
         state.step = step + 1
-        if step % params.log_every == 0 or step == params.iterations - 1:
+        if step % schedule.log_every == 0 or step == params.iterations - 1:
             loss_value = float(loss.detach())
-            record(state.curves, step, loss_value, parts, model.num_gaussians)
+            record(state.curves, step, loss_value, parts, model.num_gaussians, sh_degree)
             progress.set_postfix(loss=f"{loss_value:.4f}", psnr=f"{parts['psnr']:.2f}", n=model.num_gaussians)
-        if evaluate_fn is not None and params.eval_every and step > 0 and step % params.eval_every == 0:
+        if evaluate_fn is not None and schedule.eval_every and step > 0 and step % schedule.eval_every == 0:
             scores = evaluate_fn(model, variables, step)
             state.curves["eval_step"].append(step)
             state.curves["psnr_eval"].append(scores["psnr"])
             state.curves["ssim_eval"].append(scores["ssim"])
-        if resume_path and (state.step % params.checkpoint_every == 0):
+        if resume_path and (state.step % schedule.checkpoint_every == 0):
             save_resumable(resume_path, model, state, init_digest, params)
     elapsed = timer.perf_counter() - started
+    if model.exposure is not None:
+        fill_exposure(model.exposure, data)
     if resume_path:
         save_resumable(resume_path, model, state, init_digest, params)
     steps_run = params.iterations - first_step
@@ -562,12 +672,27 @@ def optimize(model, data: TrainingData, params: Params, device: str, resume_path
     return variables, state.curves, stats
 
 
-def record(curves: dict, step: int, loss: float, parts: dict, num_gaussians: int) -> None:
+def fill_exposure(exposure, data: TrainingData) -> None:
+    """Set the colour affine ``exposure (T, 2, 3)`` of the frames not trained on (held out,
+    unposed) to the training frames' interpolated in time (:func:`models.gaussians.exposure_at`)."""
+    import torch
+
+    from models.gaussians import exposure_at
+
+    trained = set(data.train_frames)
+    with torch.no_grad():
+        for frame in range(len(exposure)):
+            if frame not in trained:
+                exposure[frame] = exposure_at(exposure, data.times, data.train_frames, float(data.times[frame]))
+
+
+def record(curves: dict, step: int, loss: float, parts: dict, num_gaussians: int, sh_degree: int) -> None:
     """Append one point of the training curves."""
     curves["step"].append(step)
     curves["loss"].append(round(loss, 6))
     curves["psnr_train_step"].append(round(parts["psnr"], 3))
     curves["num_gaussians"].append(num_gaussians)
+    curves.setdefault("sh_degree", []).append(sh_degree)
     for name, value in parts.items():
         if name != "psnr":
             curves["parts"].setdefault(name, []).append(round(value, 6))

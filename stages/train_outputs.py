@@ -7,8 +7,8 @@ Files under the stage folder:
   per-frame ``psnr``, ``ssim`` (dB / [0, 1], at training resolution, evaluation background),
   ``psnr_dynamic`` (pixels with mask > 0; absent without dynamic pixels) and ``depth_order``
   (fraction of random pixel pairs whose rendered depth order matches the aligned depth's).
-- ``curves.json`` / ``curves.png``: loss terms and training-step PSNR every ``log_every`` steps,
-  held-out PSNR/SSIM every ``eval_every`` steps, Gaussian counts.
+- ``curves.json`` / ``curves.png``: loss terms and training-step PSNR every ``log_fraction`` of
+  the iterations, held-out PSNR/SSIM every ``eval_fraction``, Gaussian counts.
 - ``renders/heldout`` and ``renders/train``: ``rgb/{i:06d}.png``, ``depth/{i:06d}.npy`` (float32
   expected z-depth, world units), ``depth_vis/{i:06d}.png``, ``gt/{i:06d}.png`` (the frame at
   training resolution, what ``rgb`` is scored against); ``renders/heldout/compare`` puts
@@ -43,14 +43,17 @@ DEPTH_ORDER_MIN_GAP = 0.05
 
 def render_view(model, data, time: float, K, w2c, params, background=None) -> dict[str, np.ndarray]:
     """Render one view without gradients: ``rgb (H, W, 3)`` uint8, ``rgb_float`` tensor,
-    ``depth (H, W)`` float32, ``alpha (H, W)`` float32."""
+    ``depth (H, W)`` float32, ``alpha (H, W)`` float32. A model with a colour affine uses the
+    training frames' affine interpolated at ``time`` (:func:`models.gaussians.exposure_at`)."""
     import torch
 
-    from models.gaussians import render
+    from models.gaussians import exposure_at, render
 
     with torch.no_grad():
+        exposure = None if model.exposure is None else exposure_at(model.exposure, data.times, data.train_frames, time)
         out = render(model.params, model.variables, model.field, time, K, w2c, data.width, data.height,
-                     model.sh_degree, data.eval_background if background is None else background, params.backend)
+                     model.sh_degree, data.eval_background if background is None else background, params.backend,
+                     exposure)
     rgb = out["rgb"].clamp(0.0, 1.0)
     return {"rgb": (rgb * 255.0 + 0.5).byte().cpu().numpy(), "rgb_float": rgb,
             "depth": out["depth"].cpu().numpy().astype(np.float32), "alpha": out["alpha"].cpu().numpy()}

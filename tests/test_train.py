@@ -17,7 +17,7 @@ from tests.test_init import write_ground_truth_stages
 
 #: A small but dense init: 16k Gaussians reach > 22 dB on held-out frames within ~120 steps.
 TEST_INIT = dict(max_static=12000, max_dynamic=4000, fit_iterations=200, fit_batch=2048, sh_degree=1)
-QUICK = dict(make_videos=False, export_ply=False, eval_every=0, refine_start=100, refine_every=100)
+QUICK = dict(make_videos=False, export_ply=False, eval_fraction=0.0, densify=False)
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -38,8 +38,7 @@ def trained(stage_inputs, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("train")
     resume = tmp_path_factory.mktemp("resume") / "state.pt"
-    params = train.Params(iterations=120, eval_every=60, refine_start=60, refine_every=60, ply_every=6,
-                          resume_from=str(resume))
+    params = train.Params(iterations=120, eval_fraction=0.5, densify=False, ply_every=6, resume_from=str(resume))
     return out, train.run(stage_inputs, params, out), resume
 
 
@@ -122,10 +121,11 @@ def test_resume_continues_from_checkpoint(stage_inputs, tmp_path):
     from stages import train
 
     resume = tmp_path / "resume" / "state.pt"
-    settings = dict(downscale=4, checkpoint_every=10, resume_from=str(resume), **QUICK)
-    first = train.run(stage_inputs, train.Params(iterations=20, **settings), tmp_path / "a")
+    settings = dict(downscale=4, resume_from=str(resume), **QUICK)
+    first = train.run(stage_inputs, train.Params(iterations=20, checkpoint_fraction=0.5, **settings), tmp_path / "a")
     assert first["resumed_from_step"] == 0 and resume.is_file()
-    second = train.run(stage_inputs, train.Params(iterations=30, **settings), tmp_path / "b")
+    second = train.run(stage_inputs, train.Params(iterations=30, checkpoint_fraction=1 / 3, **settings),
+                       tmp_path / "b")
     assert second["resumed_from_step"] == 20
     curves = json.loads((tmp_path / "b" / "curves.json").read_text())
     assert curves["step"][0] == 0 and curves["step"][-1] == 29  # one continuous history
@@ -143,7 +143,7 @@ def test_reprojection_and_priors_run(stage_inputs, tmp_path):
     from stages import train
 
     params = train.Params(iterations=12, downscale=4, reprojection_weight=0.5, rigidity_weight=0.5,
-                          rotation_weight=0.5, isometry_weight=0.5, log_every=1, **QUICK)
+                          rotation_weight=0.5, isometry_weight=0.5, log_fraction=0.0, **QUICK)
     figures = train.run(stage_inputs, params, tmp_path)
     curves = json.loads((tmp_path / "curves.json").read_text())
     for name in ("reprojection", "rigidity", "rotation", "isometry", "ordinal"):
@@ -214,9 +214,104 @@ def test_dnerf_mutant_trains(tmp_path):
     from stages.train import DnerfInit, Params, train_dnerf
 
     root = shared_path("dnerf/mutant")
-    params = Params(iterations=300, background="white", ordinal_weight=0.0, refine_start=100, refine_every=100,
-                    eval_every=0, make_videos=False, export_ply=False)
+    params = Params(iterations=300, background="white", ordinal_weight=0.0, refine_start_fraction=0.34,
+                    refine_every_fraction=0.34, eval_fraction=0.0, make_videos=False, export_ply=False)
     figures = train_dnerf(root, tmp_path, params, DnerfInit(num_points=8000), resolution=200)
     assert figures["psnr_test"] > 22.0, figures
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert len(metrics["eval"]["frames"]) == 20
+
+
+def test_schedule_is_relative_to_iterations():
+    """Every step-based setting scales with the budget: one number changes the whole schedule,
+    and the cpu preset's budget grows the SH degree to its maximum and densifies."""
+    from pipeline.config import load_config
+    from stages.train import Params, make_schedule, sh_degree_at
+
+    long, short = make_schedule(Params(iterations=3000)), make_schedule(Params(iterations=500))
+    for name in ("refine_start", "refine_stop", "refine_every", "sh_degree_every", "log_every", "eval_every",
+                 "checkpoint_every"):
+        assert getattr(long, name) == pytest.approx(6 * getattr(short, name), abs=3), name
+    assert (short.refine_start, short.refine_stop, short.refine_every) == (75, 375, 25)
+    assert short.opacity_reset_every == 0
+    assert make_schedule(Params(opacity_reset_fraction=0.3)).opacity_reset_every == 900
+    assert make_schedule(Params(iterations=10, log_fraction=0.0)).log_every == 1
+    cpu = load_config(preset="cpu").params["train"]
+    schedule = make_schedule(cpu)
+    assert sh_degree_at(cpu.iterations // 2, schedule, 3) == 3  # full SH degree by half the cpu budget
+    refinements = [step for step in range(schedule.refine_start + 1, schedule.refine_stop)
+                   if step % schedule.refine_every == 0]
+    assert len(refinements) >= 8, refinements
+    with pytest.raises(ParameterError):
+        Params(refine_start_fraction=0.8).validate()
+    with pytest.raises(ParameterError):
+        Params(eval_fraction=1.5).validate()
+
+
+def test_sh_degree_grows_to_the_maximum_in_a_short_run(trained):
+    """The 120-step fixture run used its model's full SH degree (1) after 10 % of the steps, and
+    the higher-order coefficients were trained (they start at 0)."""
+    from stages.train import load_trained
+
+    out, _, _ = trained
+    curves = json.loads((out / "curves.json").read_text())
+    degrees = dict(zip(curves["step"], curves["sh_degree"]))
+    assert degrees[0] == 0 and degrees[12] == 1 and curves["sh_degree"][-1] == 1
+    model = load_trained(out)
+    assert model.sh_degree == 1 and float(model.params["shN"].detach().abs().mean()) > 1e-4
+
+
+def test_init_opacities_survive_until_the_first_reset(stage_inputs, tmp_path, monkeypatch):
+    """With densification and opacity resets on, training starts from the init stage's
+    opacities (no reset at step 0, whatever gsplat does there) and resets them where scheduled."""
+    import torch
+
+    from stages import init, train, train_outputs
+
+    seen: dict[int, float] = {}
+    original = train_outputs.score_frames
+
+    def spy(model, data, frames, params, *args, **kwargs):
+        seen[len(seen)] = float(torch.sigmoid(model.params["opacities"].detach()).median())
+        return original(model, data, frames, params, *args, **kwargs)
+
+    monkeypatch.setattr(train_outputs, "score_frames", spy)
+    params = train.Params(iterations=20, downscale=4, eval_fraction=0.1, opacity_reset_fraction=0.5,
+                          refine_every_fraction=0.25, make_videos=False, export_ply=False)
+    train.run(stage_inputs, params, tmp_path)
+    initial = init.Params(**TEST_INIT).init_opacity
+    # evaluations after steps 2, 4, ..., 18 (then the final scores): the reset follows step 10
+    assert abs(seen[0] - initial) < 0.05 and abs(seen[3] - initial) < 0.1, seen
+    assert seen[4] <= 0.0101, seen  # step 10: clamped to twice gsplat's pruning threshold (0.005)
+
+
+def test_exposure_affine_recovers_per_frame_exposure(synthetic_frames_dir, stage_inputs, tmp_path):
+    """Frames whose exposure drifts (each frame's colours scaled by a smooth per-frame gain):
+    the per-frame colour affine learns the gains (up to one common factor, which the colours
+    absorb) and scores held-out frames, whose gains it interpolates, better than training without."""
+    import shutil
+
+    from data.images import read_rgb, write_rgb
+    from stages import train
+    from stages.frames import read_frames_meta
+    from stages.train import load_trained
+
+    frames = tmp_path / "frames"
+    shutil.copytree(synthetic_frames_dir, frames)
+    files = read_frames_meta(frames)["files"]
+    gains = np.exp(0.25 * np.sin(2 * np.pi * np.arange(len(files)) / len(files)))
+    for name, gain in zip(files, gains):
+        image = read_rgb(frames / name).astype(np.float32) * gain
+        write_rgb(frames / name, np.clip(np.rint(image), 0, 255).astype(np.uint8))
+    inputs = {**stage_inputs, "frames": frames}
+    psnr = {}
+    for exposure in (False, True):
+        out = tmp_path / f"exposure_{exposure}"
+        figures = train.run(inputs, train.Params(iterations=120, downscale=2, exposure=exposure, **QUICK), out)
+        psnr[exposure] = figures["psnr_heldout"]
+    assert psnr[True] > psnr[False] + 1.0, psnr
+    learned = load_trained(out).exposure.detach().numpy()  # (T, 2, 3) log gain, offset
+    log_gain = learned[:, 0].mean(axis=1)
+    relative = log_gain - np.log(gains)
+    assert np.std(relative) < 0.75 * np.std(np.log(gains)), (log_gain, np.log(gains))  # measured 0.11 vs 0.18
+    assert np.abs(learned[:, 1]).max() < 0.1
