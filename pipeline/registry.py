@@ -64,6 +64,8 @@ class Stage:
         (some also accept a non-path value, e.g. a hub model id); their content is hashed into
         the fingerprint when the value names an existing path.
     reads_source: ``run`` reads the run's INPUT (``inputs["source"]``, content-hashed).
+    input_names: upstream stage -> the ``inputs`` key ``run`` reads it under, where they differ
+        (init and train read the refined masks as ``inputs["masks"]``).
     uses_cuda: ``Params -> bool``: the chosen backend runs on CUDA; the task then holds a
         ``gpu`` resource unit so a machine never runs more CUDA stages than ``[resources] gpu``.
     """
@@ -77,6 +79,7 @@ class Stage:
     path_params: Sequence[str] = ()
     reads_source: bool = False
     uses_cuda: Callable[[Any], bool] = _never
+    input_names: Mapping[str, str] = field(default_factory=dict)
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -141,17 +144,21 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           uses_cuda=lambda p: p.backend == "transformers" and device_is_cuda(p.device)),
     Stage("align", "stages.align", "Depth scale/shift aligned to the SfM points, per frame (stages/align.py).",
           upstream=lambda p: ["depth", "cameras", "masks"] if p.use_masks else ["depth", "cameras"]),
+    Stage("masks_refine", "stages.masks_refine", "Motion masks redone with the residual against the flow the cameras "
+          "and aligned depth predict (stages/masks_refine.py).",
+          upstream=lambda p: ["frames", "flow", "masks", "cameras", "align"]),
     Stage("tracks", "stages.tracks", "Long-term 2D tracks and 3D flow pairs (stages/tracks.py).",
           upstream=lambda p: ["frames", "flow", "cameras", "align"]),
     Stage("init", "stages.init", "Stage 1 of the optimizer: deformation fitted to the 3D flow pairs, canonical "
           "Gaussians (stages/init.py).",
-          upstream=lambda p: ["frames", "cameras", "align", "masks", "tracks"],
-          uses_cuda=lambda p: device_is_cuda(p.device)),
+          upstream=lambda p: ["frames", "cameras", "align", "masks_refine", "tracks"],
+          input_names={"masks_refine": "masks"}, uses_cuda=lambda p: device_is_cuda(p.device)),
     # train.resume_from is not a path input: the stage writes that checkpoint itself.
     Stage("train", "stages.train", "Stage 2: photometric + ordinal depth + priors optimisation, renders, exports "
           "(stages/train.py).",
-          upstream=lambda p: ["init", "frames", "cameras", "align", "masks"] + (["tracks"] if p.reprojection_weight > 0
-                                                                                 else []),
+          upstream=lambda p: (["init", "frames", "cameras", "align", "masks_refine"]
+                              + (["tracks"] if p.reprojection_weight > 0 else [])),
+          input_names={"masks_refine": "masks"},
           uses_cuda=lambda p: p.backend == "gsplat" or device_is_cuda(p.device)),
 )}
 

@@ -187,7 +187,8 @@ class RunState:
 
     def stage_inputs(self, stage: str) -> dict[str, Path]:
         """What the stage function receives: upstream output folders and the run's input."""
-        inputs = {name: self.workspace.stage_dir(name) for name in self.upstream(stage)}
+        names = STAGES[stage].input_names
+        inputs = {names.get(name, name): self.workspace.stage_dir(name) for name in self.upstream(stage)}
         if STAGES[stage].reads_source:
             inputs["source"] = self.input
         return inputs

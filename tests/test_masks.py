@@ -582,3 +582,23 @@ def test_report_masks_page_shows_the_cues_next_to_each_overlay(motion_run, tmp_p
     for name in ("000000", "000023"):
         assert {f"{name}.png", f"score_{name}.png", f"confidence_{name}.png"} <= set(images)
     assert "motion score" in view.body and "flow confidence" in view.body
+
+
+def test_refined_masks_sit_between_align_and_the_optimizer(tmp_path):
+    """DAG order: masks -> cameras (SIFT masking) -> depth -> align -> masks_refine -> init/train,
+    which read the refined masks as their ``inputs["masks"]``."""
+    from pipeline import dag
+    from pipeline.config import load_config
+    from pipeline.state import RunState
+    from pipeline.workspace import Workspace
+
+    config = load_config("cpu")
+    assert dag.upstream("masks_refine", config) == ["frames", "flow", "masks", "cameras", "align"]
+    assert "masks" in dag.upstream("cameras", config) and "masks_refine" not in dag.closure("tracks", config)
+    order = dag.closure("train", config)
+    assert order.index("align") < order.index("masks_refine") < order.index("init")
+    state = RunState(Workspace(tmp_path), {"config": config.to_json(), "input": str(tmp_path / "video.mp4")})
+    for stage in ("init", "train"):
+        inputs = state.stage_inputs(stage)
+        assert inputs["masks"] == Workspace(tmp_path).stage_dir("masks_refine") and "masks_refine" not in inputs
+    assert state.stage_inputs("align")["masks"] == Workspace(tmp_path).stage_dir("masks")
