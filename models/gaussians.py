@@ -10,7 +10,10 @@ State is kept the way Dynamic 3D Gaussians and gsplat keep it:
   DC term of colour ``c`` in [0, 1] is ``(c - 0.5) / SH_C0``).
 - ``variables``: non-optimised per-Gaussian state, the dict gsplat's ``DefaultStrategy`` keeps
   its running statistics in (so densification duplicates, splits and prunes it along with the
-  parameters): ``is_dynamic (N,)`` bool, plus the strategy's ``grad2d``/``count``/``scene_scale``.
+  parameters): ``is_dynamic (N,)`` bool, ``label (N,)`` int64 mask label ids (0 static; ``is_dynamic``
+  is ``label > 0``; see :mod:`models.layers`), optionally ``offset (N, 3)`` world translations
+  added after the deformation (edited copies of layers), plus the strategy's
+  ``grad2d``/``count``/``scene_scale``.
 - ``field``: the :class:`~models.deformation.DeformationField` (an ``nn.Module`` with its own
   optimiser) that moves the dynamic Gaussians. Static Gaussians never move.
 - ``exposure`` (optional): ``(T, 2, 3)`` per-frame colour affine of the clip's T frames, row
@@ -52,10 +55,11 @@ def sh0_to_rgb(sh0: Tensor) -> Tensor:
 
 
 def create_params(means: Tensor, rgb: Tensor, scales: Tensor, is_dynamic: Tensor, sh_degree: int,
-                  opacity: float) -> tuple[dict[str, torch.nn.Parameter], dict]:
+                  opacity: float, labels: Tensor | None = None) -> tuple[dict[str, torch.nn.Parameter], dict]:
     """Fresh ``params`` and ``variables`` for Gaussians at ``means (N, 3)`` with colours
     ``rgb (N, 3)`` in [0, 1], isotropic or anisotropic standard deviations ``scales (N, 3)``
-    (world units, > 0), identity rotations and the same ``opacity`` in (0, 1)."""
+    (world units, > 0), identity rotations and the same ``opacity`` in (0, 1); ``labels (N,)``
+    mask label ids (None: 1 for the dynamic Gaussians, 0 for the others)."""
     count = len(means)
     quats = torch.zeros(count, 4, dtype=torch.float32, device=means.device)
     quats[:, 0] = 1.0
@@ -68,7 +72,9 @@ def create_params(means: Tensor, rgb: Tensor, scales: Tensor, is_dynamic: Tensor
         "shN": torch.zeros(count, num_sh_bases(sh_degree) - 1, 3, device=means.device),
     }
     params = {name: torch.nn.Parameter(value.contiguous()) for name, value in params.items()}
-    return params, {"is_dynamic": is_dynamic.bool().to(means.device)}
+    is_dynamic = is_dynamic.bool().to(means.device)
+    labels = is_dynamic.long() if labels is None else labels.long().to(means.device)
+    return params, {"is_dynamic": is_dynamic, "label": labels}
 
 
 def gaussians_at(params: dict[str, Tensor], variables: dict, field: DeformationField,
@@ -76,7 +82,8 @@ def gaussians_at(params: dict[str, Tensor], variables: dict, field: DeformationF
     """The Gaussians at normalised ``time``, activated: ``means (N, 3)`` world, ``quats (N, 4)``
     unit wxyz, ``scales (N, 3)`` standard deviations, ``opacities (N,)`` in (0, 1) and
     ``sh (N, K, 3)`` colour coefficients. Dynamic Gaussians are moved, turned and rescaled by
-    the deformation field; static ones are returned as they are. Also ``dynamic (D,)``, the
+    the deformation field; static ones are returned as they are; ``variables["offset"]`` (when
+    present) is added to every position after that. Also ``dynamic (D,)``, the
     indices of the dynamic Gaussians, and their ``rotation_delta (D, 4)`` (unit wxyz, canonical
     -> ``time``) for the physical priors. Differentiable."""
     dynamic = torch.nonzero(variables["is_dynamic"], as_tuple=True)[0]
@@ -88,6 +95,8 @@ def gaussians_at(params: dict[str, Tensor], variables: dict, field: DeformationF
         means = means.index_put((dynamic,), field.to_time(canonical, time))
         quats = quats.index_put((dynamic,), quaternion_multiply(rotation_delta, quats[dynamic]))
         log_scales = log_scales.index_put((dynamic,), log_scales[dynamic] + log_scale_delta)
+    if "offset" in variables:
+        means = means + variables["offset"]
     return {"means": means, "quats": quats, "scales": torch.exp(log_scales),
             "opacities": torch.sigmoid(params["opacities"]),
             "sh": torch.cat([params["sh0"], params["shN"]], dim=1),
@@ -177,6 +186,7 @@ def save_model(path: str | Path, model: SceneModel, extra: dict | None = None) -
         "format": CHECKPOINT_FORMAT,
         "params": {name: value.detach().cpu() for name, value in model.params.items()},
         "is_dynamic": model.variables["is_dynamic"].cpu(),
+        **{name: model.variables[name].cpu() for name in ("label", "offset") if name in model.variables},
         "field_config": model.field.export_config(),
         "field_state": {name: value.cpu() for name, value in model.field.state_dict().items()},
         "meta": model.meta,
@@ -199,5 +209,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Sc
     field = DeformationField.from_export(content["field_config"])
     field.load_state_dict(content["field_state"])
     variables = {"is_dynamic": content["is_dynamic"].to(device)}
+    variables["label"] = content["label"].to(device) if "label" in content else variables["is_dynamic"].long()
+    if "offset" in content:
+        variables["offset"] = content["offset"].to(device)
     exposure = torch.nn.Parameter(content["exposure"].to(device)) if "exposure" in content else None
     return SceneModel(params, variables, field.to(device), content["meta"], exposure), content["extra"]

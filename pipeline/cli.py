@@ -4,7 +4,8 @@
     mono4d batch INPUT... --work ROOT [--workers N] [--scheduler-host HOST]
     mono4d status DIR [--set stage.param=value ...]
     mono4d inspect DIR [--compare OTHER_DIR]
-    mono4d export DIR --format ply,colmap,nerfstudio,tracks,depth,video
+    mono4d export DIR --format ply,colmap,nerfstudio,tracks,depth,video [--layer static|hand|object_1]
+    mono4d edit DIR --remove LAYER | --duplicate LAYER --offset x,y,z [--out NEWDIR]
     mono4d view DIR [--port 8080]
     mono4d synth OUT [--preset ci] [--seed 0]
 
@@ -117,7 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--frames", default="all", help="frames for ply: all, 0,5,10 or start:stop:step")
     export.add_argument("--backend", default="auto", choices=("auto", "numba", "torch", "gsplat"),
                         help="rasterizer for the video export")
+    export.add_argument("--layer", default=None, metavar="LAYER",
+                        help="ply/video of one scene layer only (static, hand, object_1, a label name or id), "
+                             "written to <format>_<layer>/")
     export.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    edit = commands.add_parser("edit", help="a new workspace with scene layers removed or duplicated")
+    edit.add_argument("work", metavar="DIR", help="workspace folder with a trained model")
+    edit.add_argument("--remove", action="append", default=[], metavar="LAYER",
+                      help="remove a layer (static, hand, object_1, a label name or id; repeatable)")
+    edit.add_argument("--duplicate", action="append", default=[], metavar="LAYER",
+                      help="add a copy of a layer moved by --offset (repeatable)")
+    edit.add_argument("--offset", action="append", default=[], metavar="X,Y,Z",
+                      help="world offset of each --duplicate (one per --duplicate, or one for all)")
+    edit.add_argument("--out", metavar="NEWDIR", default=None,
+                      help="the new workspace (default: next to DIR, named after the edits)")
+    edit.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     view = commands.add_parser("view", help="interactive 4D viewer of the trained scene (web page, viser)")
     view.add_argument("work", metavar="DIR", help="workspace folder")
@@ -186,9 +202,19 @@ def command_export(args: argparse.Namespace) -> int:
     from pipeline.export import export_workspace
 
     written = export_workspace(Path(args.work), args.formats, Path(args.out) if args.out else None,
-                               frames=args.frames, backend=args.backend)
+                               frames=args.frames, backend=args.backend, layer=args.layer)
     for fmt, paths in written.items():
         print(f"{fmt:<10} {len(paths)} file(s) in {paths[0].parent if paths else '-'}")
+    return 0
+
+
+def command_edit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.edit import edit_workspace
+
+    out = edit_workspace(Path(args.work), args.remove, args.duplicate, args.offset, Path(args.out) if args.out else None)
+    print(f"edited workspace: {out}")
     return 0
 
 
@@ -216,7 +242,7 @@ def command_synth(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": command_run, "batch": command_batch, "status": command_status, "inspect": command_inspect,
-            "export": command_export, "view": command_view, "synth": command_synth}
+            "export": command_export, "edit": command_edit, "view": command_view, "synth": command_synth}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,10 @@ Formats (each written to ``OUT/<format>/``, default ``OUT = DIR/export``):
   ``video/time_sweep.mp4`` (a fixed input camera, time 0 -> 1), rendered from the trained model.
 
 ``frames`` (``"all"``, ``"0,5,10"``, ``"0:20:2"``, or a comma-separated mix) selects the frames of
-the per-frame formats (``ply``, ``depth``). Every format is built in a temporary folder next to
+the per-frame formats (``ply``, ``depth``). ``layer`` (``static``, ``hand``, ``object_1``, a label
+name or id; :mod:`models.layers`) restricts the formats rendered from the trained model (``ply``,
+``video``) to that layer's Gaussians; they are then written to ``OUT/<format>_<layer>/`` so the
+full scene's export stays. Every format is built in a temporary folder next to
 its destination and renamed into place, so a failed export never leaves a partial folder behind.
 
 Cameras follow OpenCV (x right, y down, z forward); ``w2c`` is 4x4 world-to-camera and ``K`` 3x3
@@ -46,6 +49,8 @@ from data.errors import InputError, ParameterError
 logger = logging.getLogger(__name__)
 
 FORMATS = ("ply", "colmap", "nerfstudio", "tracks", "depth", "video")
+#: Formats rendered from the trained model, which ``layer`` restricts to one scene layer.
+LAYER_FORMATS = ("ply", "video")
 #: Video exports: longest image side (pixels), frames per orbit, the orbit's swing (degrees
 #: either side of the middle input camera: a casual video sees one side of the scene, so a full
 #: turn would mostly show unobserved surfaces), the times of the orbits, and the frame rate.
@@ -253,16 +258,25 @@ def label(image: np.ndarray, text: str) -> np.ndarray:
 # Exporters: each writes into an empty folder and returns the files it wrote
 
 
-def export_ply(work: Path, out: Path, frames: str) -> list[Path]:
-    """``{i:06d}.ply`` of the trained Gaussians at each selected frame's time (see the module
-    docstring)."""
+def load_model_layer(work: Path, device: str, layer: str | None):
+    """The workspace's trained model on ``device``, restricted to ``layer`` unless it is None
+    (:class:`ParameterError` naming the layers when it matches none)."""
+    from models.layers import layer_model
+    from stages.train import load_trained
+
+    model = load_trained(stage_output(work, "train", "model.pt"), device)
+    return model if layer is None else layer_model(model, layer)
+
+
+def export_ply(work: Path, out: Path, frames: str, layer: str | None = None) -> list[Path]:
+    """``{i:06d}.ply`` of the trained Gaussians (of ``layer`` only, unless None) at each
+    selected frame's time (see the module docstring)."""
     import torch
 
     from data.ply import write_ply
     from models.gaussians import gaussians_at
-    from stages.train import load_trained
 
-    model = load_trained(stage_output(work, "train", "model.pt"), "cpu")
+    model = load_model_layer(work, "cpu", layer)
     times = np.asarray(model.meta["times"], np.float64)
     written = []
     with torch.no_grad():
@@ -392,14 +406,13 @@ def export_depth(work: Path, out: Path, frames: str) -> list[Path]:
     return written + [out / "scale.json"]
 
 
-def export_video(work: Path, out: Path, backend: str) -> list[Path]:
-    """``orbit.mp4`` and ``time_sweep.mp4`` rendered from the trained model (see the module
-    docstring)."""
+def export_video(work: Path, out: Path, backend: str, layer: str | None = None) -> list[Path]:
+    """``orbit.mp4`` and ``time_sweep.mp4`` rendered from the trained model (of ``layer`` only,
+    unless None; see the module docstring)."""
     from data.geometry import scale_intrinsics
-    from stages.train import load_trained
     from data.video import write_video
 
-    model = load_trained(stage_output(work, "train", "model.pt"), model_device(backend))
+    model = load_model_layer(work, model_device(backend), layer)
     _, K, w2c, posed = posed_cameras(work)
     width, height = int(model.meta["width"]), int(model.meta["height"])
     video_width, video_height = video_size(width, height)
@@ -447,11 +460,12 @@ def write_atomically(final: Path, build: Callable[[Path], list[Path]]) -> list[P
 
 
 def export_workspace(work: Path, formats: list[str] | str, out_dir: Path | None = None, frames: str = "all",
-                     backend: str = "auto") -> dict[str, list[Path]]:
+                     backend: str = "auto", layer: str | None = None) -> dict[str, list[Path]]:
     """Export the results of the workspace ``work`` in ``formats`` (names of :data:`FORMATS`, as a
     list or a comma-separated string) to ``out_dir/<format>/`` (default ``work/export``); ``frames`` selects the frames of the
     ``ply`` and ``depth`` exports (see :func:`parse_frame_selection`); ``backend`` is the
-    rasterizer of the ``video`` export ("auto", "numba", "torch", "gsplat").
+    rasterizer of the ``video`` export ("auto", "numba", "torch", "gsplat"); ``layer`` restricts
+    the ``ply`` and ``video`` exports to one scene layer, written to ``<format>_<layer>/``.
 
     Returns, per format, the files written. Raises :class:`ParameterError` for unknown formats or
     bad frame selections and :class:`InputError` naming the stage to run when a format's inputs
@@ -471,19 +485,30 @@ def export_workspace(work: Path, formats: list[str] | str, out_dir: Path | None 
     formats = list(dict.fromkeys(formats))
     check_prerequisites(work, formats)
     check_frame_selection(work, formats, frames)
+    folders = {name: name for name in formats}
+    if layer is not None:
+        layer_formats = [name for name in formats if name in LAYER_FORMATS]
+        if not layer_formats:
+            raise ParameterError(f"--layer selects the Gaussians of the {' and '.join(LAYER_FORMATS)} exports, "
+                                 f"not of {', '.join(formats)}", "add ply or video to --format, or leave --layer out")
+        from models.layers import resolve_layer
+        from stages.train import load_trained
+
+        layer_label, _ = resolve_layer(load_trained(stage_output(work, "train", "model.pt"), "cpu"), layer)
+        folders.update({name: f"{name}_{layer_label}" for name in layer_formats})
     out_dir = Path(out_dir) if out_dir is not None else work / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
     builders: dict[str, Callable[[Path, Path], list[Path]]] = {
-        "ply": lambda temporary, final: export_ply(work, temporary, frames),
+        "ply": lambda temporary, final: export_ply(work, temporary, frames, layer),
         "colmap": lambda temporary, final: export_colmap(work, temporary, final),
         "nerfstudio": lambda temporary, final: export_nerfstudio(work, temporary, final),
         "tracks": lambda temporary, final: export_tracks(work, temporary),
         "depth": lambda temporary, final: export_depth(work, temporary, frames),
-        "video": lambda temporary, final: export_video(work, temporary, backend),
+        "video": lambda temporary, final: export_video(work, temporary, backend, layer),
     }
     written: dict[str, list[Path]] = {}
     for name in formats:
-        final = out_dir / name
+        final = out_dir / folders[name]
         written[name] = write_atomically(final, lambda temporary: builders[name](temporary, final))
         logger.info("export %s: %d files in %s", name, len(written[name]), final)
     return written

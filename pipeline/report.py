@@ -811,6 +811,34 @@ def render_views(page: StagePage) -> list[View]:
     return views
 
 
+def layers_views(page: StagePage) -> list[View]:
+    """The scene layers of a train output side by side (``renders/<split>/layers/<layer>/rgb``
+    next to the full render ``renders/<split>/rgb``, :mod:`stages.train_layers`), for a few
+    frames, with each layer's labels, Gaussian count and mask IoU from ``layers.json``."""
+    table = (read_json(page.directory / "layers.json") or {}).get("layers", {})
+    views = []
+    for layers_dir in sorted(path for path in page.directory.glob("renders/*/layers") if path.is_dir()):
+        found = {path.name for path in layers_dir.iterdir() if (path / "rgb").is_dir()}
+        names = [name for name in table if name in found] + sorted(found - set(table))
+        full_dir = layers_dir.parent / "rgb"
+        columns = [("full render", full_dir)] * full_dir.is_dir() + [(name, layers_dir / name / "rgb") for name in names]
+        files = [image_files(folder) for _, folder in columns]
+        common = sorted(set.intersection(*(set(found_files) for found_files in files))) if files else []
+        if not common:
+            continue
+        cells = [f"<b>{esc(title)}</b>" for title, _ in columns]
+        for name in pick(common, SAMPLES):
+            cells += [page.figure(found_files[name], f"{title} {name}") for (title, _), found_files in zip(columns, files)]
+        rows = [(name, f"labels {', '.join(map(str, entry.get('labels', [])))} ({', '.join(entry.get('names', []))}) · "
+                 f"{entry.get('num_gaussians', '?')} Gaussians"
+                 + (f" · mask IoU {entry['mask_iou_heldout']:.3f}" if "mask_iou_heldout" in entry else ""))
+                for name, entry in table.items()]
+        split = layers_dir.parent.name
+        views.append(View(f"Scene layers: {split}", (facts_table(rows) if rows else "")
+                          + grid(cells, len(columns))))
+    return views
+
+
 def media_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
     return sorted(path for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in suffixes
                   and not any(part.startswith(".") for part in path.relative_to(folder).parts))
@@ -867,7 +895,8 @@ def preview(page: StagePage, path: Path) -> str:
 VIEW_BUILDERS: tuple[tuple[str, Callable[[StagePage], list[View]]], ...] = (
     ("Frame strip", frames_views), ("Depth", depth_views), ("Alignment", alignment_views),
     ("Optical flow", flow_views), ("Masks", masks_views), ("Cameras", cameras_views), ("Tracks", tracks_views),
-    ("Curves", curves_views), ("Renders vs ground truth", render_views), ("Videos", video_views),
+    ("Curves", curves_views), ("Renders vs ground truth", render_views), ("Scene layers", layers_views),
+    ("Videos", video_views),
     ("Other pictures and videos", other_files_views))
 
 

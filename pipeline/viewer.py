@@ -6,8 +6,9 @@ time slider changes, the server renders the model at that time with the rasteriz
 (:func:`pipeline.export.render_rgb`; the torch backend on CPU renders at low resolution,
 ``max_side`` pixels on the longer side) and sends the picture as the scene's background. The GUI
 panel has the time slider, play, the render resolution, a button that jumps to the input camera
-of the frame nearest the current time, and the input cameras drawn as frustums (click one to
-view from it at its time).
+of the frame nearest the current time, the input cameras drawn as frustums (click one to
+view from it at its time) and, for a model with more than one scene layer (:mod:`models.layers`:
+``static``, ``object_<k>``, ``hand``), a checkbox per layer that shows or hides its Gaussians.
 
 Cameras: viser reports the browser camera as ``T_world_camera`` in the OpenCV convention (x right,
 y down, z forward): rotation ``wxyz`` (unit quaternion, w first), camera centre ``position``, the
@@ -87,7 +88,8 @@ class SceneViewer:
     :class:`models.gaussians.SceneModel`), ``K``/``w2c`` (the input cameras, ``(T, 3, 3)`` /
     ``(T, 4, 4)``), ``posed`` (indices of the frames with a pose), ``centre`` (world point the
     middle input camera looks at), ``view_distance`` (its distance from that camera, world units),
-    ``renders`` (how many pictures were sent to browsers).
+    ``renders`` (how many pictures were sent to browsers), ``layers`` (layer name -> label ids),
+    ``shown_model`` (the model restricted to the layers shown; None when every layer is hidden).
     """
 
     def __init__(self, work: Path, host: str = "127.0.0.1", port: int = 8080, max_side: int = 256,
@@ -97,6 +99,7 @@ class SceneViewer:
         except ImportError as error:
             raise ModelUnavailableError(f"the viewer needs the viser package, which cannot be imported ({error})",
                                         "pip install viser") from None
+        from models.layers import model_layers
         from pipeline.export import look_at_centre, model_device, posed_cameras, scene_up, stage_output
         from stages.train import load_trained
 
@@ -108,6 +111,9 @@ class SceneViewer:
         work = Path(work)
         self.backend = backend
         self.model = load_trained(stage_output(work, "train", "model.pt"), model_device(backend))
+        self.layers = model_layers(self.model)
+        self.shown_model = self.model
+        self.layer_toggles: dict[str, object] = {}
         _, self.K, self.w2c, self.posed = posed_cameras(work)
         self.num_frames = int(self.model.meta["num_frames"])
         self.width, self.height = int(self.model.meta["width"]), int(self.model.meta["height"])
@@ -163,11 +169,14 @@ class SceneViewer:
         """``(H, W, 3)`` uint8 RGB of the model at normalised ``time`` seen by a viser camera (see
         :func:`viser_camera_to_opencv`), at most ``max_side`` (default: the GUI's resolution)
         pixels on the longer side."""
-        from pipeline.export import render_rgb
+        from pipeline.export import model_background, render_rgb
 
         side = int(self.resolution.value) if max_side is None else int(max_side)
         K, w2c, width, height = viser_camera_to_opencv(position, wxyz, fov_y, image_width, image_height, side)
-        return render_rgb(self.model, time, K, w2c, width, height, self.backend)
+        shown = self.shown_model
+        if shown is None:
+            return np.full((height, width, 3), np.round(np.array(model_background(self.model)) * 255), np.uint8)
+        return render_rgb(shown, time, K, w2c, width, height, self.backend)
 
     def _render_client(self, client) -> None:
         camera = client.camera
@@ -179,8 +188,9 @@ class SceneViewer:
         client.scene.set_background_image(image, format="jpeg", jpeg_quality=90)
         self.renders += 1
         elapsed_ms = 1000.0 * (timer.perf_counter() - started)
-        self.status.content = (f"{image.shape[1]}x{image.shape[0]} px in {elapsed_ms:.0f} ms · "
-                               f"{self.model.num_gaussians} Gaussians ({self.model.num_dynamic} dynamic)")
+        shown = self.shown_model
+        counts = f"{shown.num_gaussians} Gaussians ({shown.num_dynamic} dynamic)" if shown is not None else "no layer"
+        self.status.content = f"{image.shape[1]}x{image.shape[0]} px in {elapsed_ms:.0f} ms · {counts}"
 
     def _request(self, client) -> None:
         with self._lock:
@@ -228,11 +238,38 @@ class SceneViewer:
         self.snap = gui.add_button("view from input camera", hint="jump to the input camera nearest in time")
         self.show_cameras = gui.add_checkbox("show input cameras", False, hint="draw the input cameras; click one "
                                              "to view from it at its time")
+        if len(self.layers) > 1:
+            with gui.add_folder("layers"):
+                for layer, labels in self.layers.items():
+                    toggle = gui.add_checkbox(layer, True, hint=f"show the Gaussians of mask label(s) "
+                                              f"{', '.join(map(str, labels))}")
+                    toggle.on_update(lambda _: self._apply_layers())
+                    self.layer_toggles[layer] = toggle
         self.status = gui.add_markdown("waiting for a browser")
         self.time.on_update(lambda _: self._request_all())
         self.resolution.on_update(lambda _: self._request_all())
         self.snap.on_click(self._on_snap)
         self.show_cameras.on_update(self._on_show_cameras)
+
+    def set_layer_visible(self, layer: str, visible: bool) -> None:
+        """Show or hide a layer (as its checkbox does) and re-render for every browser."""
+        if layer not in self.layer_toggles:
+            raise ParameterError(f"the model has no layer {layer!r} to toggle", f"use one of {', '.join(self.layers)}")
+        self.layer_toggles[layer].value = bool(visible)
+        self._apply_layers()
+
+    def _apply_layers(self) -> None:
+        from models.layers import labels_mask, subset
+
+        shown = [layer for layer, toggle in self.layer_toggles.items() if toggle.value]
+        if len(shown) == len(self.layers):
+            self.shown_model = self.model
+        elif not shown:
+            self.shown_model = None
+        else:
+            labels = [label for layer in shown for label in self.layers[layer]]
+            self.shown_model = subset(self.model, labels_mask(self.model, labels))
+        self._request_all()
 
     def _set_initial_camera(self, frame: int) -> None:
         initial = self.server.initial_camera

@@ -14,7 +14,10 @@ pairs, then create canonical Gaussians from the aligned depth.
    canonical space with ``F^-1(., t_i)``. Each set is voxel-downsampled to its budget (voxel
    size found by bisection; positions and colours averaged per voxel); scales are the mean
    distance to the 3 nearest Gaussians (isotropic), rotations identity, opacity ``init_opacity``,
-   colours from the frames as the DC spherical-harmonics term.
+   colours from the frames as the DC spherical-harmonics term. Each Gaussian gets a label
+   (:mod:`models.layers`): 0 for static ones, a dynamic one the majority mask label of the
+   lifted points nearest to it; the label names come from the masks stage's ``labels.json``
+   (and ``label_names``) and are kept in the checkpoint's ``meta["labels"]``.
 
 Frames without a pose (NaN ``w2c``) and held-out frames (``holdout_every``) are not used; the
 train stage evaluates on the held-out frames and reads the list from this stage's checkpoint.
@@ -43,6 +46,7 @@ from tqdm import tqdm
 
 from data.errors import InputError, ParameterError, StageFailure
 from data.images import write_rgb
+from models.layers import nearest_labels, parse_label_names
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +87,9 @@ class Params:
     rigidity_weight: weight of the rigidity term that fits the field's rotation head.
     seed: random seed (pair batches, sampling).
     device: "auto" (CUDA when available), "cpu" or "cuda".
+    label_names: "ID:NAME,..." names of mask label ids that replace those of the masks stage's
+        labels.json (e.g. "2:hand": the file and motion backends cannot name a hand; a label
+        named hand goes to the hand layer, see :mod:`models.layers`); "" keeps labels.json's.
     """
 
     holdout_every: int = 8
@@ -103,6 +110,7 @@ class Params:
     rigidity_weight: float = 1.0
     seed: int = 0
     device: str = "auto"
+    label_names: str = ""
 
     def validate(self) -> None:
         """Raise :class:`ParameterError` for values that cannot make sense."""
@@ -141,6 +149,7 @@ class Params:
             raise ParameterError("init.smoothness_weight and init.rigidity_weight must be >= 0", "use 0 to turn off")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ParameterError(f"init.device={self.device!r} is unknown", "use auto, cpu or cuda")
+        parse_label_names(self.label_names)
 
 
 def resolve_device(device: str) -> str:
@@ -406,7 +415,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     from stages.align import load_aligned_depth
     from stages.cameras import load_cameras, read_cameras_json
     from stages.frames import load_frames
-    from stages.masks import load_masks
+    from stages.masks import LABELS_FILE, load_labels, load_masks
     from stages.tracks import depth_edges, load_pairs3d
 
     params.validate()
@@ -451,6 +460,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     stride = max(1, math.ceil(math.sqrt(len(train_frames) * height * width / MAX_LIFTED_POINTS)))
     rows, cols = pixel_centres(height, width, stride)
     static_points, static_colors, dynamic_by_frame, dynamic_colors_by_frame = [], [], {}, {}
+    dynamic_labels_by_frame = {}
     depth_values = []
     for frame in tqdm(train_frames, desc="lift depth", unit="frame", leave=False):
         frame_depth = depth[frame]
@@ -468,6 +478,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
         if dynamic.any():
             dynamic_by_frame[frame] = points[dynamic]
             dynamic_colors_by_frame[frame] = colors[dynamic]
+            dynamic_labels_by_frame[frame] = masks[frame, r, c][dynamic]
     if not depth_values:
         raise InputError("no training frame has valid aligned depth", "check the align stage's output (align/vis)")
     scene_scale = float(np.median(np.concatenate(depth_values)))
@@ -500,6 +511,9 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
             canonical = field.to_canonical(torch.as_tensor(points, dtype=torch.float32, device=device), float(times[frame]))
             canonical_parts.append(canonical.cpu().numpy().astype(np.float64))
     dynamic_points = np.concatenate(canonical_parts) if canonical_parts else np.zeros((0, 3))
+    lifted_dynamic = dynamic_points
+    lifted_labels = (np.concatenate([dynamic_labels_by_frame[f] for f in dynamic_by_frame])
+                     if dynamic_by_frame else np.zeros(0, np.int64))
     dynamic_colors = (np.concatenate([dynamic_colors_by_frame[f] for f in dynamic_by_frame])
                       if dynamic_by_frame else np.zeros((0, 3)))
     static_points, static_colors = voxel_downsample(static_points, static_colors, params.max_static)
@@ -511,14 +525,18 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
                            "check the align stage's depth maps (align/vis) and the cameras")
     scales = nearest_neighbour_scales(points)
     is_dynamic = np.concatenate([np.zeros(len(static_points), bool), np.ones(len(dynamic_points), bool)])
+    labels = np.concatenate([np.zeros(len(static_points), np.int64),
+                             nearest_labels(dynamic_points, lifted_dynamic, lifted_labels)])
     gaussians, variables = create_params(
         torch.as_tensor(points, dtype=torch.float32), torch.as_tensor(colors, dtype=torch.float32),
         torch.as_tensor(np.repeat(scales[:, None], 3, axis=1), dtype=torch.float32),
-        torch.as_tensor(is_dynamic), params.sh_degree, params.init_opacity)
+        torch.as_tensor(is_dynamic), params.sh_degree, params.init_opacity, torch.as_tensor(labels))
+    names = load_labels(inputs["masks"]) if (Path(inputs["masks"]) / LABELS_FILE).is_file() else {0: "background"}
+    names.update(parse_label_names(params.label_names))
     units = read_cameras_json(inputs["cameras"]).get("units", "sfm")
     meta = {"num_frames": num_frames, "width": width, "height": height, "times": times.tolist(),
             "train_frames": train_frames, "holdout_frames": held_out, "scene_scale": scene_scale, "units": units,
-            "stage": "init", "params": asdict(params)}
+            "stage": "init", "params": asdict(params), "labels": {str(k): v for k, v in sorted(names.items())}}
     save_model(out_dir / CHECKPOINT_FILE, SceneModel(gaussians, variables, field.cpu(), meta))
 
     # --- pictures and figures -----------------------------------------------------------------

@@ -17,6 +17,9 @@ or fixed background and minimises
   projected, against the tracked positions;
 - ``rigidity_weight``, ``rotation_weight``, ``isometry_weight`` x Dynamic 3D Gaussians' priors on
   the dynamic Gaussians (k nearest neighbours in canonical space, refreshed after densification);
+- ``label_weight`` x the label-map loss (:func:`models.layers.label_loss`): the Gaussians'
+  one-hot labels rendered as colours against the masks, so each layer (static, objects, hands)
+  covers its own pixels only;
 
 then steps Adam (per-parameter learning rates, positions decaying exponentially to 1 %, the
 deformation field to 10 %) and gsplat's ``DefaultStrategy`` (duplicate / split / prune; it runs
@@ -107,6 +110,9 @@ class Params:
     rigidity_weight, rotation_weight, isometry_weight: weights of Dynamic 3D Gaussians' local
         rigidity, rotation similarity and isometry priors on the dynamic Gaussians (0 = off).
     knn: neighbours per dynamic Gaussian in those priors.
+    label_weight: weight of the label-map loss (0 = off): the one-hot mask labels of the
+        Gaussians rendered as colours, half the L1 distance to the masks' one-hot labels (one
+        more rasterization per step; see :mod:`models.layers`).
     background: "random" (a random colour per step; evaluation on black), "black" or "white".
     exposure: learn a per-frame colour affine (Dynamic 3D Gaussians' per-camera ``cam_m`` /
         ``cam_c``): the render of frame i is ``C * exp(m_i) + alpha * c_i + (1 - alpha) * bg``
@@ -169,6 +175,7 @@ class Params:
     rotation_weight: float = 0.0
     isometry_weight: float = 0.0
     knn: int = 8
+    label_weight: float = 0.0
     background: str = "random"
     exposure: bool = False
     lr_exposure: float = 0.01
@@ -212,7 +219,7 @@ class Params:
                 raise ParameterError(f"train.{name}={getattr(self, name)} is not a learning rate in [0, 1)",
                                      "use the default")
         for name in ("ordinal_weight", "depth_l1_weight", "reprojection_weight", "rigidity_weight", "rotation_weight",
-                     "isometry_weight", "novel_offset", "grow_grad2d"):
+                     "isometry_weight", "label_weight", "novel_offset", "grow_grad2d"):
             if getattr(self, name) < 0:
                 raise ParameterError(f"train.{name}={getattr(self, name)} must not be negative", "use 0 to turn it off")
         if not 0 <= self.ssim_weight <= 1:
@@ -456,6 +463,15 @@ def training_loss(model, variables: dict, data: TrainingData, frame: int, sh_deg
         reprojection = track_reprojection(model, data, frame, out["depth"], params, generator)
         loss = loss + params.reprojection_weight * reprojection
         parts["reprojection"] = float(reprojection.detach())
+    if params.label_weight > 0 and data.masks is not None:
+        from models import layers
+
+        classes = layers.label_classes(model)
+        label_map = layers.render_label_map(out["gaussians"], layers.one_hot_labels(variables["label"], classes),
+                                            data.K[frame], data.w2c[frame], data.width, data.height, params.backend)
+        label_term = layers.label_loss(label_map, layers.class_index_map(data.masks[frame], classes))
+        loss = loss + params.label_weight * label_term
+        parts["label"] = float(label_term.detach())
     if graph is not None:
         gaussians = out["gaussians"]
         dynamic = gaussians["dynamic"]
@@ -539,7 +555,7 @@ def save_resumable(path: Path, model, state: LoopState, init_digest: str, params
     """Write the full optimisation state to ``path`` (atomically)."""
     from models.gaussians import save_model
 
-    strategy_state = {key: value for key, value in state.variables.items() if key != "is_dynamic"}
+    strategy_state = {key: value for key, value in state.variables.items() if key not in ("is_dynamic", "label")}
     extra = {"step": state.step, "curves": state.curves, "init_digest": init_digest, "params": asdict(params),
              "optimizers": {name: optimizer.state_dict() for name, optimizer in state.optimizers.items()},
              "field_optimizer": state.field_optimizer.state_dict(), "strategy_state": strategy_state,
@@ -582,6 +598,7 @@ def optimize(model, data: TrainingData, params: Params, device: str, resume_path
     """
     import torch
 
+    from models.layers import gaussian_labels
     from models.losses import knn_graph
 
     notes = notes if notes is not None else []
@@ -600,6 +617,7 @@ def optimize(model, data: TrainingData, params: Params, device: str, resume_path
         resumed_from = int(extra["step"])
     variables = dict(strategy_state)
     variables["is_dynamic"] = model.variables["is_dynamic"].to(device)
+    variables["label"] = gaussian_labels(model).to(device)  # kept through densification like is_dynamic
     model.variables = variables
     optimizers, field_optimizer = make_optimizers(model, params, data.scene_scale)
     exposure_optimizer = None
@@ -698,41 +716,17 @@ def record(curves: dict, step: int, loss: float, parts: dict, num_gaussians: int
             curves["parts"].setdefault(name, []).append(round(value, 6))
 
 
-def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
-    """Train the init stage's model on the frames (see the module docstring).
-
-    ``inputs``: ``init``, ``frames``, ``cameras``, ``align``, ``masks`` and optionally ``tracks``
-    (needed when ``reprojection_weight`` > 0). Returns key figures: ``psnr_heldout``,
-    ``ssim_heldout``, ``psnr_train``, ``ssim_train``, ``psnr_dynamic_heldout``,
-    ``depth_order_heldout`` (agreement of rendered depth order with the aligned depth),
-    ``num_gaussians``, ``num_dynamic``, ``iterations_per_second``, ``lpips`` (None: see the
-    module docstring), with ``notes``.
-    """
-    import torch
-
-    from stages import init as init_stage
-    from stages import train_outputs
+def load_training_data(inputs: Mapping[str, Path], params: Params, meta: dict, device: str,
+                       notes: list[str]) -> TrainingData:
+    """The :class:`TrainingData` of a model whose ``meta`` (frame count, size, times, training and
+    held-out frames, scene scale) the init stage wrote, from the stage outputs ``inputs``
+    (``frames``, ``cameras``, ``align``, ``masks``, and ``tracks`` when the reprojection loss is
+    on); appends what it notices to ``notes``."""
     from stages.align import load_aligned_depth, read_depth_kind
     from stages.cameras import load_cameras
     from stages.frames import load_frames, read_frames_meta
     from stages.masks import load_masks
 
-    params.validate()
-    for name in ("init", "frames", "cameras", "align", "masks"):
-        if name not in inputs:
-            raise InputError(f"the train stage needs the {name} stage's output (inputs[{name!r}])",
-                             f"run the {name} stage first")
-    if params.reprojection_weight > 0 and "tracks" not in inputs:
-        raise InputError("train.reprojection_weight > 0 needs the tracks stage's output (inputs['tracks'])",
-                         "run the tracks stage, or set train.reprojection_weight=0")
-    out_dir = Path(out_dir)
-    device = init_stage.resolve_device(params.device)
-    torch.manual_seed(params.seed)
-    notes: list[str] = []
-
-    init_path = Path(inputs["init"]) / init_stage.CHECKPOINT_FILE
-    model = init_stage.load_init(inputs["init"], device)
-    meta = model.meta
     images = load_frames(inputs["frames"])
     K, w2c, _ = load_cameras(inputs["cameras"])
     depth = load_aligned_depth(inputs["align"])
@@ -760,6 +754,42 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
                                float(meta["scene_scale"]), params, device, prior_depth=depth, masks=masks,
                                tracks=tracks)
     data.fps = float(read_frames_meta(inputs["frames"]).get("fps") or data.fps)
+    return data
+
+
+def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
+    """Train the init stage's model on the frames (see the module docstring).
+
+    ``inputs``: ``init``, ``frames``, ``cameras``, ``align``, ``masks`` and optionally ``tracks``
+    (needed when ``reprojection_weight`` > 0). Returns key figures: ``psnr_heldout``,
+    ``ssim_heldout``, ``psnr_train``, ``ssim_train``, ``psnr_dynamic_heldout``,
+    ``depth_order_heldout`` (agreement of rendered depth order with the aligned depth),
+    ``num_gaussians``, ``num_dynamic``, ``iterations_per_second``, ``lpips`` (None: see the
+    module docstring), with ``notes``.
+    """
+    import torch
+
+    from stages import init as init_stage
+    from stages import train_outputs
+
+    params.validate()
+    for name in ("init", "frames", "cameras", "align", "masks"):
+        if name not in inputs:
+            raise InputError(f"the train stage needs the {name} stage's output (inputs[{name!r}])",
+                             f"run the {name} stage first")
+    if params.reprojection_weight > 0 and "tracks" not in inputs:
+        raise InputError("train.reprojection_weight > 0 needs the tracks stage's output (inputs['tracks'])",
+                         "run the tracks stage, or set train.reprojection_weight=0")
+    out_dir = Path(out_dir)
+    device = init_stage.resolve_device(params.device)
+    torch.manual_seed(params.seed)
+    notes: list[str] = []
+
+    init_path = Path(inputs["init"]) / init_stage.CHECKPOINT_FILE
+    model = init_stage.load_init(inputs["init"], device)
+    meta = model.meta
+    data = load_training_data(inputs, params, meta, device, notes)
+    train_frames, eval_frames = data.train_frames, data.eval_frames
     if params.ordinal_weight > 0 and not np.any(data.depth_ranges[train_frames] > 0):
         notes.append("the aligned depth has no valid pixels: the ordinal depth loss is inactive")
 

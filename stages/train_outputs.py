@@ -15,6 +15,8 @@ Files under the stage folder:
   frame | render | rendered depth side by side.
 - ``novel_view.mp4``: the input trajectory swaying sideways by ``novel_offset`` x scene scale, time
   following the frames; ``time_sweep.mp4``: the middle training camera fixed, time 0 -> 1.
+- per scene layer (static, objects, hands): ``renders/*/layers/<layer>/``, ``layers.json`` and,
+  with hands, ``novel_view_without_hands.mp4`` (:mod:`stages.train_layers`).
 - ``ply/{i:06d}.ply``: the Gaussians at frame i's time (:mod:`data.ply`), every ``ply_every`` frames.
 - ``trajectories.npz``: dense 3D tracks of the dynamic Gaussians: ``xyz (D, T, 3)`` float32 world
   positions at every frame's time, ``rgb (D, 3)`` uint8, ``opacity (D,)``, ``index (D,)`` rows of
@@ -161,8 +163,9 @@ def novel_path(w2c: np.ndarray, offset: float) -> np.ndarray:
     return invert_rigid(c2w)
 
 
-def write_videos(out_dir: Path, model, data, params, posed_frames: list[int]) -> None:
-    """``novel_view.mp4`` and ``time_sweep.mp4`` (see the module docstring)."""
+def novel_view_frames(model, data, params, posed_frames: list[int]) -> list[np.ndarray]:
+    """``(H, W, 3)`` uint8 pictures of ``model`` along the novel camera path (:func:`novel_path`
+    of the ``posed_frames``' cameras), time following the frames."""
     import torch
 
     w2c = data.w2c[posed_frames].cpu().numpy().astype(np.float64)
@@ -173,7 +176,12 @@ def write_videos(out_dir: Path, model, data, params, posed_frames: list[int]) ->
         view = render_view(model, data, float(data.times[frame]), data.K[frame],
                            torch.as_tensor(path[k], dtype=torch.float32, device=device), params)
         frames.append(view["rgb"])
-    write_video(out_dir / "novel_view.mp4", frames, fps=data.fps)
+    return frames
+
+
+def write_videos(out_dir: Path, model, data, params, posed_frames: list[int]) -> None:
+    """``novel_view.mp4`` and ``time_sweep.mp4`` (see the module docstring)."""
+    write_video(out_dir / "novel_view.mp4", novel_view_frames(model, data, params, posed_frames), fps=data.fps)
     middle = data.train_frames[len(data.train_frames) // 2]
     sweep = []
     for time in tqdm(np.linspace(0.0, 1.0, max(len(posed_frames), 24)), desc="time sweep video", unit="frame",
@@ -212,7 +220,8 @@ def export_trajectories(path: Path, model, times: np.ndarray) -> int:
     dynamic = torch.nonzero(model.variables["is_dynamic"], as_tuple=True)[0]
     with torch.no_grad():
         canonical = model.params["means"][dynamic]
-        xyz = np.stack([model.field.to_time(canonical, float(t)).cpu().numpy() for t in times], axis=1) \
+        shift = model.variables["offset"][dynamic] if "offset" in model.variables else 0.0  # edited copies
+        xyz = np.stack([(model.field.to_time(canonical, float(t)) + shift).cpu().numpy() for t in times], axis=1) \
             if len(dynamic) else np.zeros((0, len(times), 3))
         rgb = (sh0_to_rgb(model.params["sh0"][dynamic, 0]).clamp(0, 1) * 255 + 0.5).byte().cpu().numpy()
         opacity = torch.sigmoid(model.params["opacities"][dynamic]).cpu().numpy()
@@ -223,6 +232,8 @@ def export_trajectories(path: Path, model, times: np.ndarray) -> int:
 
 def write_all(out_dir: Path, model, data, params, curves: dict) -> dict:
     """Everything the train stage writes (see the module docstring); returns its key figures."""
+    from stages import train_layers
+
     eval_frames = data.eval_frames or data.train_frames
     eval_scores = score_frames(model, data, eval_frames, params, out_dir / "renders" / "heldout", compare=True)
     train_scores = score_frames(model, data, data.train_frames, params, out_dir / "renders" / "train")
@@ -232,8 +243,10 @@ def write_all(out_dir: Path, model, data, params, curves: dict) -> dict:
         curves["ssim_eval"].append(eval_scores["mean"]["ssim"])
     write_metrics_and_curves(out_dir, model, eval_scores, train_scores, curves)
     posed = sorted(set(data.train_frames) | set(data.eval_frames))
+    layer_figures = train_layers.write_layer_renders(out_dir, model, data, params)
     if params.make_videos:
         write_videos(out_dir, model, data, params, posed)
+        train_layers.write_video_without_hands(out_dir, model, data, params, posed)
     num_ply = export_plys(out_dir, model, data.times, params.ply_every) if params.export_ply else 0
     num_tracks = export_trajectories(out_dir / "trajectories.npz", model, data.times)
     figures = {"psnr_heldout": eval_scores["mean"]["psnr"], "ssim_heldout": eval_scores["mean"]["ssim"],
@@ -243,4 +256,5 @@ def write_all(out_dir: Path, model, data, params, curves: dict) -> dict:
     for key in ("psnr_dynamic", "depth_order"):
         if key in eval_scores["mean"]:
             figures[f"{key}_heldout"] = eval_scores["mean"][key]
+    figures.update(layer_figures)
     return figures
