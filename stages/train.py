@@ -150,7 +150,8 @@ class Params:
     ply_every: export every this many frames.
     seed: random seed.
     device: "auto" (CUDA when available), "cpu" or "cuda".
-    backend: rasterizer backend, "auto" (gsplat on CUDA, else torch), "gsplat" or "torch".
+    backend: rasterizer backend, "auto" (gsplat on CUDA, else numba), "gsplat", "numba" (compiled
+        CPU) or "torch" (pure-PyTorch reference).
     """
 
     iterations: int = 3000
@@ -246,8 +247,8 @@ class Params:
             raise ParameterError(f"train.background={self.background!r} is unknown", f"use one of {', '.join(BACKGROUNDS)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ParameterError(f"train.device={self.device!r} is unknown", "use auto, cpu or cuda")
-        if self.backend not in ("auto", "gsplat", "torch"):
-            raise ParameterError(f"train.backend={self.backend!r} is unknown", "use auto, gsplat or torch")
+        if self.backend not in ("auto", "gsplat", "numba", "torch"):
+            raise ParameterError(f"train.backend={self.backend!r} is unknown", "use auto, gsplat, numba or torch")
 
 
 @dataclass(frozen=True)
