@@ -334,7 +334,8 @@ def test_antialiased_mode_dims_small_gaussians():
     torch.testing.assert_close(antialiased, torch.tensor(0.8 * 0.01 / 0.31), atol=1e-4, rtol=0)
 
 
-def test_default_strategy_densifies_and_prunes_with_the_torch_backend():
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_default_strategy_densifies_and_prunes_with_the_cpu_backends(backend: str):
     from gsplat.strategy import DefaultStrategy
 
     scene = random_scene(30, seed=6)
@@ -353,9 +354,11 @@ def test_default_strategy_densifies_and_prunes_with_the_torch_backend():
         colors, _, info = rasterization(params["means"], params["quats"], torch.exp(params["scales"]),
                                         torch.sigmoid(params["opacities"]), params["colors"],
                                         torch.eye(4)[None], intrinsics(), WIDTH, HEIGHT, render_mode="RGB",
-                                        backend="torch")
+                                        backend=backend)
         strategy.step_pre_backward(params, optimizers, state, step, info)
         (colors - target).abs().mean().backward()
+        visible = (info["radii"] > 0).all(-1)
+        assert (info["means2d"].grad[visible].norm(dim=-1) > 0).all()
         strategy.step_post_backward(params, optimizers, state, step, info, packed=False)
         for optimizer in optimizers.values():
             optimizer.step()

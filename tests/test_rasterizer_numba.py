@@ -180,38 +180,3 @@ def test_backend_selection_and_options():
     # The torch backend's memory bound is accepted and changes nothing.
     plain = rasterization(**scene, backend="numba", **common)[0]
     torch.testing.assert_close(rasterization(**scene, backend="numba", max_pairs=10, **common)[0], plain)
-
-
-def test_default_strategy_densifies_and_prunes_with_the_numba_backend():
-    from gsplat.strategy import DefaultStrategy
-
-    scene = random_scene(30, seed=6)
-    params = torch.nn.ParameterDict({
-        "means": scene["means"], "quats": scene["quats"], "scales": torch.log(scene["scales"]),
-        "opacities": torch.logit(scene["opacities"]), "colors": scene["colors"]})
-    params["opacities"].data[25:] = -10.0  # 5 nearly transparent Gaussians: never drawn, pruned
-    optimizers = {name: torch.optim.Adam([param], lr=1e-3) for name, param in params.items()}
-    strategy = DefaultStrategy(refine_start_iter=1, refine_every=2, refine_stop_iter=100, reset_every=1000,
-                               grow_grad2d=1e-12, prune_opa=0.005)
-    strategy.check_sanity(params, optimizers)
-    state = strategy.initialize_state(scene_scale=1.0)
-    target = torch.rand(1, HEIGHT, WIDTH, 3, generator=torch.Generator().manual_seed(0))
-    counts = []
-    for step in range(3):
-        colors, _, info = rasterization(params["means"], params["quats"], torch.exp(params["scales"]),
-                                        torch.sigmoid(params["opacities"]), params["colors"],
-                                        torch.eye(4)[None], intrinsics(), WIDTH, HEIGHT, render_mode="RGB",
-                                        backend="numba")
-        strategy.step_pre_backward(params, optimizers, state, step, info)
-        (colors - target).abs().mean().backward()
-        assert info["means2d"].grad is not None
-        visible = (info["radii"] > 0).all(-1)
-        assert (info["means2d"].grad[visible].norm(dim=-1) > 0).all()
-        strategy.step_post_backward(params, optimizers, state, step, info, packed=False)
-        for optimizer in optimizers.values():
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        counts.append(len(params["means"]))
-    # Step 2 refines: each of the 25 drawn Gaussians is duplicated or split (+1 each), 5 are pruned.
-    assert counts == [30, 30, 30 + 25 - 5]
-    assert (torch.sigmoid(params["opacities"]) > 0.005).all()
