@@ -27,7 +27,7 @@ import numpy as np
 
 from data.datasets import DatasetFrames, read_json
 from data.errors import InputError
-from data.hypernerf import nerfies_frames
+from data.hypernerf import keep_camera, nerfies_frames
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -83,16 +83,7 @@ def read_dycheck(root: str | Path, split: str = "train", factor: int = 0, camera
     """
     root = Path(root)
     names, time_ids, camera_ids = read_split(root, split)
-    notes = []
-    if camera != -1:
-        keep = camera_ids == camera
-        if not keep.any():
-            raise InputError(f"camera {camera} has no {split} frame in {root}",
-                             f"pick one of the split's cameras: {dycheck_camera_ids(root, split)}")
-        names = [name for name, kept in zip(names, keep) if kept]
-        time_ids = time_ids[keep]
-    elif len(set(camera_ids.tolist())) > 1:
-        notes.append(f"the {split} split of {root.name} holds cameras {sorted(set(camera_ids.tolist()))}")
+    names, time_ids, notes = keep_camera(names, time_ids, camera_ids, camera, split, root)
     if split == "val":
         notes.append("score val frames on their covisible, valid pixels (data.dycheck.evaluation_mask), "
                      "as DyCheck and Shape of Motion report mPSNR/mSSIM")

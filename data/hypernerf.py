@@ -195,6 +195,23 @@ def read_split_ids(root: Path, split: str) -> tuple[list[str], list[str]]:
     return ids, chosen
 
 
+def keep_camera(names: list[str], time_ids: np.ndarray, camera_ids: np.ndarray, camera: int, split: str,
+                root: Path) -> tuple[list[str], np.ndarray, list[str]]:
+    """The frames of one camera id (``camera``; -1 keeps every frame), their time ids, and notes.
+
+    Raises :class:`InputError` naming the split's cameras when ``camera`` has no frame; with -1,
+    a note says when the split mixes several cameras.
+    """
+    present = sorted(set(camera_ids.tolist()))
+    if camera == -1:
+        notes = [f"the {split} split of {root.name} interleaves cameras {present}"] if len(present) > 1 else []
+        return names, time_ids, notes
+    keep = camera_ids == camera
+    if not keep.any():
+        raise InputError(f"camera {camera} has no {split} frame in {root}", f"pick one of the split's cameras: {present}")
+    return [name for name, kept in zip(names, keep) if kept], time_ids[keep], []
+
+
 def hypernerf_camera_ids(root: str | Path, split: str = "train") -> list[int]:
     """The camera ids (``metadata.json`` ``camera_id``) of a split, sorted."""
     root = Path(root)
@@ -214,15 +231,6 @@ def read_hypernerf(root: str | Path, split: str = "train", factor: int = 0, came
     ids, chosen = read_split_ids(root, split)
     all_times, _ = read_metadata(root, ids)
     time_ids, camera_ids = read_metadata(root, chosen)
-    notes = []
-    if camera != -1:
-        keep = camera_ids == camera
-        if not keep.any():
-            raise InputError(f"camera {camera} has no {split} frame in {root}",
-                             f"pick one of the split's cameras: {sorted(set(camera_ids.tolist()))}")
-        chosen = [name for name, kept in zip(chosen, keep) if kept]
-        time_ids = time_ids[keep]
-    elif len(set(camera_ids.tolist())) > 1:
-        notes.append(f"the {split} split of {root.name} interleaves cameras {sorted(set(camera_ids.tolist()))}")
+    chosen, time_ids, notes = keep_camera(chosen, time_ids, camera_ids, camera, split, root)
     scale = max(int(all_times.max()), 1)
     return nerfies_frames(root, chosen, time_ids / scale, factor, "hypernerf", notes)
