@@ -145,6 +145,16 @@ WALKER_LABELS = {0: "background", 1: "walker"}
 WALKER_MASKS_CONVENTION = "0 static, 1 walker (articulated: torso, head, arms and legs move relative to each other)"
 
 
+def describe_presets() -> str:
+    """One line listing every preset of :data:`PRESETS` with its size and frame count (and the
+    layout for the walker presets), e.g. for a command line's help."""
+    entries = []
+    for name, config in PRESETS.items():
+        layout = "; plain wall, walking figure" if name in WALKER_PRESETS else ""
+        entries.append(f"{name} ({config.width}x{config.height}, {config.num_frames} frames{layout})")
+    return ", ".join(entries)
+
+
 def scene_config(preset: str, overrides: Mapping[str, object] | None = None) -> SceneConfig:
     """The validated configuration of ``preset`` with ``overrides`` (field name -> value; strings
     such as ``"320"`` from a command line are converted). Raises :class:`ParameterError`."""

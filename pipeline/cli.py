@@ -68,6 +68,9 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``mono4d`` argument parser with one subcommand per entry of :data:`COMMANDS`."""
+    from data.synthetic import describe_presets
+
     parser = argparse.ArgumentParser(prog="mono4d", description="Dynamic 3D Gaussian reconstruction of casual videos, "
                                      "as a DAG of cached, inspectable stages.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, including Luigi's scheduler")
@@ -145,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth = commands.add_parser("synth", help="write a synthetic dynamic scene with ground truth")
     synth.add_argument("out", metavar="OUT", help="output folder")
-    synth.add_argument("--preset", default="ci", help="size preset: tiny, ci or bench (default ci)")
+    synth.add_argument("--preset", default="ci", help=f"scene preset: {describe_presets()} (default ci)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synth.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                        help="override a preset field, e.g. --set num_frames=32")
