@@ -3,9 +3,10 @@ multi-threaded tile-based CPU compositor (``models.rasterizer_numba``, numba) an
 reference (``models.rasterizer_torch``) that runs on any torch device.
 
 All take and return what ``gsplat.rasterization`` does, so the training code (and gsplat's
-``DefaultStrategy``) is the same for each. The numba backend shares the torch backend's projection
-and spherical harmonics (torch autograd) and replaces only its compositing, so their outputs and
-``info`` agree to float rounding. Conventions: OpenCV cameras (x right, y down,
+``DefaultStrategy``) is the same for each. The numba backend runs the torch backend's pipeline with
+compiled stages (compositing always; pinhole projection and spherical harmonics unless cameras are
+optimised, see ``models.rasterizer_numba.kernels``), so their outputs and ``info`` agree to float
+rounding. Conventions: OpenCV cameras (x right, y down,
 z forward), ``viewmats`` world-to-camera 4x4, ``Ks`` 3x3 pixel intrinsics with pixel centres at
 half-integers (as gsplat and COLMAP), quaternions wxyz, linear scales, opacities in [0, 1].
 
@@ -158,14 +159,15 @@ def rasterization(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tenso
         elif name not in TORCH_BACKEND_IGNORED:
             raise ParameterError(f"unknown rasterization argument {name!r}",
                                  f"the {chosen} rasterizer takes {', '.join(TORCH_BACKEND_OPTIONS)}")
-    compositor = None
+    stages = {}
     if chosen == "numba":
         from models import rasterizer_numba
 
-        compositor = functools.partial(rasterizer_numba.composite, tile_size=tile_size)
+        stages = rasterizer_numba.kernels(viewmats, Ks, options.get("camera_model", "pinhole"),
+                                          options.get("covars"), sh_degree, tile_size)
     render_colors, render_alphas, info = rasterizer_torch.rasterize(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane=near_plane,
         far_plane=far_plane, sh_degree=sh_degree, backgrounds=backgrounds, render_mode=render_mode,
-        compositor=compositor, **options)
+        **stages, **options)
     info["backend"] = chosen
     return render_colors, render_alphas, info

@@ -1,9 +1,11 @@
-"""Compiled, multi-threaded, tile-based CPU compositor of projected Gaussians (numba), with an exact backward.
+"""Compiled, multi-threaded, tile-based CPU compositor of projected Gaussians (numba), with an exact
+backward, and the choice of compiled stages of the numba rasterizer backend (:func:`kernels`).
 
-It replaces only the compositing step of :mod:`models.rasterizer_torch` (projection, covariances
-and spherical harmonics stay torch autograd on gsplat's pure-torch code), so its images, alphas and
-``info`` are those of the torch backend. The rules are the torch backend's (and gsplat's CUDA
-kernel's): per pixel, front to back in camera depth order, ``alpha = min(0.999, o exp(-sigma))``
+The backend runs :func:`models.rasterizer_torch.rasterize` with compiled stages: this compositor
+always, and :mod:`models.projection_numba`'s projection (pinhole cameras, covariances from quats
+and scales) and spherical harmonics (degrees 0 to 3) when cameras are not optimised; otherwise
+those stages are the torch backend's. Its images, alphas and ``info`` are the torch backend's to
+float rounding. The compositing rules are the torch backend's (and gsplat's CUDA kernel's): per pixel, front to back in camera depth order, ``alpha = min(0.999, o exp(-sigma))``
 with ``sigma = a dx^2 / 2 + b dx dy + c dy^2 / 2`` (conic ``(a, b, c)``, ``d`` the offset from the
 pixel centre to the projected mean), a Gaussian is skipped where ``alpha < 1/255`` or outside its
 bounding box, and a pixel stops before the Gaussian that would bring its transmittance to 1e-4.
@@ -21,6 +23,9 @@ only the first run on a machine pays the compile time (about half a minute on 2 
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numba
 import numpy as np
 import torch
@@ -28,6 +33,7 @@ from numba import njit, prange
 from torch import Tensor
 
 from data.errors import ParameterError
+from models.projection_numba import MAX_SH_DEGREE, project, set_threads, shade
 from models.rasterizer_torch import ALPHA_THRESHOLD, MAX_ALPHA, MIN_TRANSMITTANCE
 
 DEFAULT_TILE_SIZE = 16
@@ -78,6 +84,17 @@ def _bin_tiles(boxes: np.ndarray, cameras: np.ndarray, n_cameras: int, tiles_x: 
                 fill[tile] += 1
                 pair += 1
     return tile_offsets, tile_entries, entry_offsets, entry_pairs
+
+
+@njit(inline="always")
+def _tile_bounds(tile: int, tiles_x: int, tiles_y: int, tile_size: int, width: int,
+                 height: int) -> tuple[int, int, int, int, int]:
+    """Camera and inclusive pixel bounds (x_first, x_last, y_first, y_last) of tile ``tile`` (tiles
+    numbered camera-major, then row, then column), clipped to the image."""
+    camera = tile // (tiles_x * tiles_y)
+    y_first = (tile // tiles_x) % tiles_y * tile_size
+    x_first = tile % tiles_x * tile_size
+    return camera, x_first, min(x_first + tile_size, width) - 1, y_first, min(y_first + tile_size, height) - 1
 
 
 @njit(inline="always")
@@ -134,10 +151,7 @@ def _forward(splats: np.ndarray, features: np.ndarray, boxes: np.ndarray, tile_o
         start, stop = tile_offsets[tile], tile_offsets[tile + 1]
         if start == stop:
             continue
-        camera = tile // (tiles_x * tiles_y)
-        y_first = (tile // tiles_x) % tiles_y * tile_size
-        x_first = tile % tiles_x * tile_size
-        y_last, x_last = min(y_first + tile_size, height) - 1, min(x_first + tile_size, width) - 1
+        camera, x_first, x_last, y_first, y_last = _tile_bounds(tile, tiles_x, tiles_y, tile_size, width, height)
         stopped = np.zeros((tile_size, tile_size), dtype=np.bool_)
         running = (y_last - y_first + 1) * (x_last - x_first + 1)
         for k in range(start, stop):
@@ -188,10 +202,7 @@ def _backward(splats: np.ndarray, features: np.ndarray, boxes: np.ndarray, tile_
         start, stop = tile_offsets[tile], tile_offsets[tile + 1]
         if start == stop:
             continue
-        camera = tile // (tiles_x * tiles_y)
-        y_first = (tile // tiles_x) % tiles_y * tile_size
-        x_first = tile % tiles_x * tile_size
-        y_last, x_last = min(y_first + tile_size, height) - 1, min(x_first + tile_size, width) - 1
+        camera, x_first, x_last, y_first, y_last = _tile_bounds(tile, tiles_x, tiles_y, tile_size, width, height)
         transmittance = final_t[camera, y_first:y_last + 1, x_first:x_last + 1].copy()
         rest = np.zeros((tile_size, tile_size))
         walked = counts[camera, y_first:y_last + 1, x_first:x_last + 1]
@@ -240,11 +251,6 @@ def _backward(splats: np.ndarray, features: np.ndarray, boxes: np.ndarray, tile_
     return grads
 
 
-def _set_threads() -> None:
-    """Run numba's parallel loops on as many threads as torch uses (at most numba's pool size)."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-
-
 class _Composite(torch.autograd.Function):
     """Autograd wrapper of the numba kernels (see :func:`composite`)."""
 
@@ -256,7 +262,7 @@ class _Composite(torch.autograd.Function):
         features64 = features.detach().to(torch.float64).contiguous().numpy()
         boxes64 = boxes.to(torch.int64).contiguous().numpy()
         tiles_x, tiles_y = -(-width // tile_size), -(-height // tile_size)
-        _set_threads()
+        set_threads()
         bins = _bin_tiles(boxes64, cameras.to(torch.int64).contiguous().numpy(), n_cameras, tiles_x, tiles_y, tile_size)
         with numba.parallel_chunksize(1):
             colors, alphas, final_t, counts = _forward(splats, features64, boxes64, bins[0], bins[1], n_cameras,
@@ -270,7 +276,7 @@ class _Composite(torch.autograd.Function):
     def backward(ctx, grad_colors: Tensor, grad_alphas: Tensor) -> tuple[Tensor | None, ...]:
         splats, features64, boxes64, (tile_offsets, tile_entries, entry_offsets, entry_pairs), final_t, counts = (
             ctx.kernel_inputs)
-        _set_threads()
+        set_threads()
         with numba.parallel_chunksize(1):
             grads = _backward(splats, features64, boxes64, tile_offsets, tile_entries, entry_offsets, entry_pairs,
                               final_t, counts, grad_colors.to(torch.float64).contiguous().numpy(),
@@ -294,3 +300,19 @@ def composite(means2d: Tensor, conics: Tensor, opacities: Tensor, features: Tens
         raise ParameterError(f"tile_size must be positive, got {tile_size}", "use e.g. 16 (the default)")
     return _Composite.apply(means2d, conics, opacities, features, cameras, boxes, n_cameras, width, height,
                             tile_size)
+
+
+def kernels(viewmats: Tensor, Ks: Tensor, camera_model: str, covars: Tensor | None, sh_degree: int | None,
+            tile_size: int = DEFAULT_TILE_SIZE) -> dict[str, Callable]:
+    """The compiled stages for :func:`models.rasterizer_torch.rasterize` (its ``compositor``,
+    ``projector`` and ``shader`` arguments) for one call: the compositor always; the projection
+    for pinhole cameras from quats and scales; the spherical harmonics for degrees 0 to 3. Where
+    ``viewmats`` (or, for the projection, ``Ks``) require gradients, the torch stages run instead,
+    since the compiled ones do not differentiate with respect to cameras."""
+    stages: dict[str, Callable] = {"compositor": functools.partial(composite, tile_size=tile_size)}
+    if not viewmats.requires_grad:
+        if not Ks.requires_grad and camera_model == "pinhole" and covars is None:
+            stages["projector"] = project
+        if sh_degree is not None and sh_degree <= MAX_SH_DEGREE:
+            stages["shader"] = shade
+    return stages

@@ -50,7 +50,7 @@ CAMERA_MODELS = ("pinhole", "ortho", "fisheye")
 
 
 @dataclass
-class _Projection:
+class Projection:
     """Projected Gaussians: dense per (camera, Gaussian) tensors as gsplat returns them unpacked,
     and the visible subset, sorted by camera depth, that the compositor works on."""
 
@@ -66,7 +66,7 @@ class _Projection:
 
 def _project(means: Tensor, covars: Tensor, opacities: Tensor, viewmats: Tensor, Ks: Tensor,
              width: int, height: int, near_plane: float, far_plane: float, eps2d: float,
-             radius_clip: float, antialiased: bool, camera_model: str) -> _Projection:
+             radius_clip: float, antialiased: bool, camera_model: str) -> Projection:
     """Project N Gaussians (world ``means`` [N, 3], ``covars`` [N, 3, 3]) into C cameras.
 
     Only (camera, Gaussian) entries with ``near_plane < z < far_plane`` go through gsplat's torch
@@ -125,7 +125,7 @@ def _project(means: Tensor, covars: Tensor, opacities: Tensor, viewmats: Tensor,
         ], -1).to(torch.int64)
         nonempty = (boxes[:, 1] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 2])
     visible, boxes = visible[nonempty], boxes[nonempty]
-    return _Projection(radii=radii, means2d=means2d, depths=depths, conics=conics, opacities=dense_opacities,
+    return Projection(radii=radii, means2d=means2d, depths=depths, conics=conics, opacities=dense_opacities,
                        visible_cameras=cam_ids[visible], visible_gaussians=gs_ids[visible], boxes=boxes)
 
 
@@ -238,6 +238,22 @@ def composite_bands(means2d: Tensor, conics: Tensor, opacities: Tensor, features
 
 Compositor = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, int, int], tuple[Tensor, Tensor]]
 """A compositor with :func:`composite_bands`'s arguments (without ``max_pairs``) and outputs."""
+Projector = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, int, float, float, float, float, bool],
+                     Projection]
+"""A projection of (means, quats, scales, opacities, viewmats, Ks, width, height, near_plane, far_plane,
+eps2d, radius_clip, antialiased) into a :class:`Projection`, as :func:`_project` after the covariances."""
+Shader = Callable[[int, Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+"""A spherical-harmonics colouring with :func:`shade`'s arguments and output."""
+
+
+def shade(sh_degree: int, means: Tensor, coefficients: Tensor, camera_centres: Tensor, cameras: Tensor,
+          gaussians: Tensor) -> Tensor:
+    """Colours [V, 3] ``max(SH(dir) + 0.5, 0)`` of the V visible entries (``cameras``, ``gaussians``
+    [V] int64) from ``coefficients`` [N, K, 3] or [C, N, K, 3], ``dir`` the vector from the camera
+    centre (``camera_centres`` [C, 3]) to the mean (``means`` [N, 3]), normalised, as gsplat."""
+    selected = coefficients[gaussians] if coefficients.dim() == 3 else coefficients[cameras, gaussians]
+    directions = means[gaussians] - camera_centres[cameras]
+    return torch.clamp_min(_spherical_harmonics(sh_degree, directions, selected) + 0.5, 0.0)
 
 
 def rasterize(means: Tensor, quats: Tensor | None, scales: Tensor | None, opacities: Tensor, colors: Tensor,
@@ -246,7 +262,8 @@ def rasterize(means: Tensor, quats: Tensor | None, scales: Tensor | None, opacit
               render_mode: str = "RGB+ED", eps2d: float = 0.3, radius_clip: float = 0.0,
               rasterize_mode: str = "classic", camera_model: str = "pinhole", covars: Tensor | None = None,
               max_pairs: int = DEFAULT_MAX_PAIRS,
-              compositor: Compositor | None = None) -> tuple[Tensor, Tensor, dict]:
+              compositor: Compositor | None = None, projector: Projector | None = None,
+              shader: Shader | None = None) -> tuple[Tensor, Tensor, dict]:
     """Render N Gaussians into C cameras with autograd, as ``gsplat.rasterization(..., packed=False)``.
 
     Args:
@@ -266,6 +283,10 @@ def rasterize(means: Tensor, quats: Tensor | None, scales: Tensor | None, opacit
             about 200 bytes per pair with autograd).
         compositor: replaces :func:`composite_bands` (the numba backend passes its compiled one;
             ``max_pairs`` is then unused).
+        projector: replaces the covariance from quats and scales and :func:`_project` (the numba
+            backend passes its compiled pinhole projection when it applies; ``camera_model`` and
+            ``covars`` are then unused).
+        shader: replaces :func:`shade` for the spherical-harmonics colours.
 
     Returns:
         render_colors [C, H, W, X], render_alphas [C, H, W, 1], and gsplat's unpacked info dict:
@@ -276,10 +297,15 @@ def rasterize(means: Tensor, quats: Tensor | None, scales: Tensor | None, opacit
     n_gaussians, n_cameras = means.shape[0], viewmats.shape[0]
     _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, sh_degree, backgrounds, render_mode,
                   rasterize_mode, camera_model, covars, max_pairs)
-    if covars is None:
-        covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_covar=True, compute_preci=False)
-    projection = _project(means, covars, opacities, viewmats, Ks, width, height, near_plane, far_plane,
-                          eps2d, radius_clip, rasterize_mode == "antialiased", camera_model)
+    antialiased = rasterize_mode == "antialiased"
+    if projector is not None:
+        projection = projector(means, quats, scales, opacities, viewmats, Ks, width, height, near_plane, far_plane,
+                               eps2d, radius_clip, antialiased)
+    else:
+        if covars is None:
+            covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_covar=True, compute_preci=False)
+        projection = _project(means, covars, opacities, viewmats, Ks, width, height, near_plane, far_plane,
+                              eps2d, radius_clip, antialiased, camera_model)
     cams, gaussians = projection.visible_cameras, projection.visible_gaussians
 
     features = []
@@ -288,9 +314,7 @@ def rasterize(means: Tensor, quats: Tensor | None, scales: Tensor | None, opacit
             features.append(colors[gaussians] if colors.dim() == 2 else colors[cams, gaussians])
         else:
             camera_centres = torch.linalg.inv(viewmats)[:, :3, 3]  # [C, 3]
-            coefficients = colors[gaussians] if colors.dim() == 3 else colors[cams, gaussians]
-            directions = means[gaussians] - camera_centres[cams]
-            features.append(torch.clamp_min(_spherical_harmonics(sh_degree, directions, coefficients) + 0.5, 0.0))
+            features.append((shader or shade)(sh_degree, means, colors, camera_centres, cams, gaussians))
     if render_mode != "RGB":
         features.append(projection.depths[cams, gaussians][:, None])
     features = torch.cat(features, -1)
