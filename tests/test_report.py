@@ -23,7 +23,7 @@ from data.images import read_gray, read_rgb, write_gray, write_rgb
 from data.visualize import colorize, colorize_depth, flow_to_color, overlay_labels
 from data.video import write_video
 from pipeline.registry import STAGES
-from pipeline.report import collect_series, line_chart, video_to_gif, write_report
+from pipeline.report import collect_series, line_chart, write_report
 from pipeline.runner import run_pipeline
 from pipeline.workspace import Workspace
 
@@ -172,6 +172,7 @@ class PageParser(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.links: list[str] = []
         self.images: list[str] = []
+        self.videos: list[str] = []
         self.text: list[str] = []
         self.scripts: dict[str, str] = {}
         self._script_id: str | None = None
@@ -184,6 +185,8 @@ class PageParser(HTMLParser):
                 self.links.append(values[name])
         if tag == "img":
             self.images.append(values.get("src", ""))
+        if tag == "video":
+            self.videos.append(values.get("src", ""))
         if tag == "script" and values.get("type") == "application/json":
             self._script_id = values.get("id")
         if tag not in ("img", "link", "meta", "br", "input", "circle", "line", "rect", "polyline"):
@@ -212,6 +215,32 @@ def parse(path: Path) -> PageParser:
 
 def text_of(path: Path) -> str:
     return " ".join(" ".join(parse(path).text).split())
+
+
+def chart_texts(page: Path) -> list[tuple[str, list[str]]]:
+    """Title and ``<text>`` contents of each chart (an SVG file shown with ``<img>``) of ``page``."""
+    import xml.etree.ElementTree as ElementTree
+
+    svg = "{http://www.w3.org/2000/svg}"
+    charts = []
+    for link in parse(page).images:
+        if link.endswith(".svg") and "/chart_" in link:
+            root = ElementTree.parse(local_target(page, link)).getroot()
+            assert root.tag == f"{svg}svg", link
+            (title,) = [node for node in root.iter(f"{svg}g") if node.get("id") == "title"]
+            charts.append(("".join(title.itertext()).strip(),
+                           ["".join(node.itertext()) for node in root.iter(f"{svg}text")]))
+    return charts
+
+
+def decode(path: Path) -> tuple[str, int, int, int]:
+    """Codec name, decoded frame count, width and height of the first video stream of ``path``."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        count = sum(1 for _ in container.decode(stream))
+        return stream.codec_context.name, count, stream.codec_context.width, stream.codec_context.height
 
 
 def local_target(page: Path, link: str) -> Path | None:
@@ -295,7 +324,8 @@ def test_frames_depth_and_align_views(report, workspace, tiny_scene):
     align_text = text_of(report.parent / "align.html")
     assert "scatter.png" in " ".join(parse(report.parent / "align.html").images)
     assert "1 frames had fewer than 50 inlier SfM points" in align_text
-    assert "<svg" in (report.parent / "align.html").read_text()
+    titles = [title for title, _ in chart_texts(report.parent / "align.html")]
+    assert titles == ["scale", "shift", "median relative residual of inliers", "inlier fraction"]
 
 
 def test_flow_view_renders_validity_from_the_pairs(report, workspace):
@@ -313,7 +343,7 @@ def test_flow_view_renders_validity_from_the_pairs(report, workspace):
     assert "pairs per frame offset 1: 11, 2: 10" in text_of(page)
 
 
-def test_masks_cameras_and_tracks_views(report, tiny_scene):
+def test_masks_cameras_and_tracks_views(report, workspace, tiny_scene):
     masks_page = report.parent / "masks.html"
     overlays = [Path(link).name for link in parse(masks_page).images if "masks/vis/" in link]
     assert overlays[:4] == ["000000.png", "000004.png", "000007.png", "000011.png"]
@@ -330,9 +360,13 @@ def test_masks_cameras_and_tracks_views(report, tiny_scene):
 
     tracks = report.parent / "tracks.html"
     images = parse(tracks).images
-    gif = local_target(tracks, next(link for link in images if link.endswith(".gif")))
-    with Image.open(gif) as animation:
-        assert animation.n_frames == tiny_scene.num_frames
+    (video,) = parse(tracks).videos
+    assert local_target(tracks, video) == (workspace / "tracks" / "tracks.mp4").resolve()  # embedded as it is
+    assert decode(local_target(tracks, video)) == ("h264", tiny_scene.num_frames, tiny_scene.width, tiny_scene.height)
+    html_text = tracks.read_text()
+    assert f'<video src="{video}" controls muted loop playsinline' in html_text
+    assert f"{tiny_scene.num_frames} frames" in text_of(tracks)
+    assert [title for title, _ in chart_texts(tracks)] == ["visible tracks per frame"]
     assert any(link.endswith("tracks/tracks.png") for link in images)
     assert "tracks.mp4" in " ".join(parse(tracks).links)
     assert f"tracks {len(tiny_scene.tracks_xy)}" in text_of(tracks)
@@ -340,8 +374,9 @@ def test_masks_cameras_and_tracks_views(report, tiny_scene):
 
 def test_train_view_curves_renders_errors_and_videos(report, workspace):
     page = report.parent / "train.html"
-    html_text = page.read_text()
-    assert html_text.count("<svg") == 2  # loss, psnr
+    charts = chart_texts(page)
+    assert [title for title, _ in charts] == ["loss", "psnr"]
+    assert "step" in charts[0][1] and {"0.01", "0.1", "1"} <= set(charts[0][1])  # the loss spans decades: log scale
     assert "Curves: curves.json" in text_of(page)
     images = parse(page).images
     errors = [link for link in images if "/train/error_renders_" in link]
@@ -350,7 +385,35 @@ def test_train_view_curves_renders_errors_and_videos(report, workspace):
     render = read_rgb(workspace / "train" / "eval" / "renders" / "000000.png").astype(np.float64)
     psnr = 10 * np.log10(1.0 / np.mean(((render - truth) / 255.0) ** 2))
     assert f"PSNR {psnr:.2f} dB" in text_of(page)
-    assert any(link.endswith("novel_view.mp4.gif") for link in images)
+    videos = parse(page).videos
+    assert [local_target(page, link) for link in videos] == [(workspace / "train" / "novel_view.mp4").resolve()]
+    assert decode(local_target(page, videos[0]))[0] == "h264"
+
+
+def test_videos_browsers_do_not_play_are_re_encoded_to_h264(workspace, tiny_scene, tmp_path):
+    """An mp4v video (what OpenCV writes; an older workspace's) is shown as an H.264 copy in assets/."""
+    import cv2
+
+    copy = tmp_path / "legacy"
+    shutil.copytree(workspace, copy, ignore=shutil.ignore_patterns("report"))
+    legacy = copy / "train" / "legacy.mp4"
+    writer = cv2.VideoWriter(str(legacy), cv2.VideoWriter_fourcc(*"mp4v"), 8.0, (tiny_scene.width, tiny_scene.height))
+    for image in scene_frames(tiny_scene):
+        writer.write(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    writer.release()
+    assert decode(legacy)[0] == "mpeg4"
+    index = write_report(copy)
+    page = index.parent / "train.html"
+    shown = [local_target(page, link) for link in parse(page).videos]
+    assert shown == [(index.parent / "assets" / "a" / "train" / "video_legacy.mp4.mp4").resolve(),
+                     (copy / "train" / "novel_view.mp4").resolve()]
+    assert decode(shown[0]) == ("h264", tiny_scene.num_frames, tiny_scene.width, tiny_scene.height)
+    assert "re-encoded from mpeg4" in text_of(page)
+    assert "legacy.mp4" in " ".join(parse(page).links)  # the original stays linked
+
+
+def scene_frames(scene) -> list[np.ndarray]:
+    return [np.ascontiguousarray(image) for image in scene.images]
 
 
 def test_no_picture_of_a_stage_is_hidden(report, workspace):
@@ -399,7 +462,7 @@ def test_unreadable_outputs_are_reported_not_fatal(workspace, tmp_path):
     assert "could not draw this view" in flow_text
     assert "last attempt failed: StageFailure: DIS diverged — try flow.backend=raft" in flow_text
     assert "flow unchecked last attempt failed" in text_of(index) or "flow stale last attempt failed" in text_of(index)
-    assert "OpenCV cannot decode this video" in text_of(index.parent / "tracks.html")
+    assert "tracks.mp4: cannot decode this video (InvalidDataError" in text_of(index.parent / "tracks.html")
     assert "cameras" in text_of(index)
 
 
@@ -431,13 +494,21 @@ def test_collect_series_reads_common_curve_layouts():
     assert np.isnan(groups["stage2"]["psnr"][1])
 
 
-def test_line_chart_and_gif_edge_cases(tmp_path):
+def test_line_chart_breaks_at_missing_values_and_picks_a_log_scale():
+    import xml.etree.ElementTree as ElementTree
+
+    def artists(svg: str) -> list[str]:
+        return [node.get("id") for node in ElementTree.fromstring(svg.encode()).iter()
+                if (node.get("id") or "").startswith(("line-", "point-"))]
+
     chart = line_chart({"loss": ([0, 1, 2, 3], [1.0, None, 0.01, 0.001])}, "loss")
-    assert chart.startswith("<svg") and chart.count("<polyline") == 1 and chart.count("<circle") == 1
-    assert "0.001" in chart  # log scale ticks reach the smallest value
+    assert "<svg" in chart and artists(chart) == ["point-0-0", "line-0-1"]  # the NaN breaks the line
+    assert ">0.001</text>" in chart  # log scale ticks reach the smallest value, as text
+    assert ">10</text>" not in chart
     assert "no finite values" in line_chart({"x": ([0, 1], [None, None])}, "x")
     flat = line_chart({"x": ([0, 1], [2.0, 2.0])}, "x")
-    assert "<polyline" in flat
-    (tmp_path / "bad.mp4").write_bytes(b"nope")
-    assert video_to_gif(tmp_path / "bad.mp4", tmp_path / "bad.gif") == 0
-    assert not (tmp_path / "bad.gif").exists()
+    assert artists(flat) == ["line-0-0"]
+    two = line_chart({"a": ([0, 1, 2], [1.0, 2.0, 3.0]), "b": ([0, 1, 2], [3.0, None, None])}, "two", "step")
+    assert artists(two) == ["line-0-0", "point-1-0"] and ">a</text>" in two and ">b</text>" in two  # legend
+    linear = line_chart({"x": ([0, 1], [-1.0, 1000.0])}, "x")
+    assert ">0.001</text>" not in linear and ">1000</text>" in linear  # not all positive: linear scale

@@ -136,6 +136,36 @@ def test_every_page_loads_every_image_without_console_errors(browser, report):
         assert browser.script("return document.querySelector('nav a') !== null;")
 
 
+def wait_for_videos(browser: WebDriver, timeout: float = 20.0) -> list[dict[str, Any]]:
+    """Wait until every ``<video>`` has its first frame (readyState >= 2) or failed; returns each
+    one's src, readyState, size and MediaError code (null when none)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        videos = browser.script("""return Array.from(document.querySelectorAll('video')).map(v => ({
+            src: v.currentSrc || v.src, ready: v.readyState, width: v.videoWidth, height: v.videoHeight,
+            error: v.error ? v.error.code : null}));""")
+        if all(video["ready"] >= 2 or video["error"] for video in videos) or time.monotonic() > deadline:
+            return videos
+
+
+def test_videos_play_in_the_browser(browser, report):
+    """The H.264 MP4s written by data/video.py load in Chromium's <video> (Debian's Chromium
+    decodes H.264 through its bundled FFmpeg) and their first frame has the video's size."""
+    from tests.test_report import decode
+
+    seen = 0
+    for page in sorted(report.parent.glob("*.html")):
+        browser.open(page)
+        for video in wait_for_videos(browser):
+            assert video["error"] is None and video["ready"] >= 2, f"{page.name}: {video}"
+            _, _, width, height = decode(Path(urllib.request.url2pathname(video["src"].removeprefix("file://"))))
+            assert (video["width"], video["height"]) == (width, height), f"{page.name}: {video}"
+            seen += 1
+    assert seen >= 2  # tracks.mp4 and train/novel_view.mp4
+    assert browser.script("""const v = document.createElement('video');
+        return v.canPlayType('video/mp4; codecs="avc1.640028"');""") in ("probably", "maybe")
+
+
 def test_camera_view_draws_and_orbits_with_the_mouse(browser, report, tmp_path):
     browser.open(report.parent / "cameras.html")
     wait_for_images(browser)
