@@ -40,7 +40,7 @@ Conventions
   ``xy (N, T, 2)`` their projections (half-integer-centre pixels), ``visible (N, T)`` with the
   same visibility test as the flow.
 
-Files under ``root``: ``video.mp4`` (mp4v), ``images/000000.png ...`` (lossless RGB),
+Files under ``root``: ``video.mp4`` (H.264, data/video.py ``write_video``), ``images/000000.png ...`` (lossless RGB),
 ``gt/cameras.json``, ``gt/depth.npy (T, H, W) float32``, ``gt/masks.npy (T, H, W) uint8``,
 ``gt/flow.npz`` (``flow (T-1, H, W, 2) float32``, ``occluded (T-1, H, W) bool``),
 ``gt/tracks.npz`` (``xy``, ``visible``, ``xyz``, ``query_frame (N,) int32``) and ``scene.json``

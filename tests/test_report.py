@@ -466,6 +466,26 @@ def test_unreadable_outputs_are_reported_not_fatal(workspace, tmp_path):
     assert "cameras" in text_of(index)
 
 
+def test_text_from_the_workspace_is_escaped(workspace, tmp_path):
+    """Notes, parameters and file names reach the pages as text (jinja2 autoescape), never as markup."""
+    copy = tmp_path / "hostile"
+    shutil.copytree(workspace, copy, ignore=shutil.ignore_patterns("report"))
+    manifest_path = copy / "align" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["notes"] = ['<img src=x onerror="alert(1)"> & </td>']
+    manifest["params"]["method"] = "<script>alert(2)</script>"
+    manifest_path.write_text(json.dumps(manifest))
+    write_rgb(copy / "align" / 'a"<b>.png', np.zeros((4, 4, 3), np.uint8))
+    page = write_report(copy).parent / "align.html"
+    html_text = page.read_text()
+    assert "<script>alert" not in html_text and "<img src=x" not in html_text
+    assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt; &amp; &lt;/td&gt;" in html_text
+    text = text_of(page)
+    assert '<img src=x onerror="alert(1)"> & </td>' in text and "<script>alert(2)</script>" in text
+    assert 'a"<b>.png' in text  # the file is listed by its name ...
+    assert any(urllib.parse.unquote(link).endswith('align/a"<b>.png') for link in parse(page).links)  # ... and linked
+
+
 def test_rewriting_replaces_the_previous_report_and_refuses_foreign_folders(workspace, tmp_path):
     out = tmp_path / "out"
     write_report(workspace, out_dir=out)

@@ -21,8 +21,8 @@ def environment() -> Environment:
     """The report's jinja2 environment: templates of this package, HTML autoescape for
     ``*.html.j2``, undefined names are errors, ``tojson`` compact."""
     env = Environment(loader=PackageLoader(TEMPLATE_PACKAGE, "templates"),
-                      autoescape=select_autoescape(enabled_extensions=("html", "html.j2", "j2"),
-                                                   default_for_string=True, default=True),
+                      autoescape=select_autoescape(enabled_extensions=("html", "j2"), default_for_string=True,
+                                                   default=True),
                       undefined=StrictUndefined, keep_trailing_newline=True)
     env.policies["json.dumps_kwargs"] = {"separators": (",", ":"), "sort_keys": False}
     env.globals["ui"] = env.get_template("components.html.j2").module

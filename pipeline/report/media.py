@@ -70,7 +70,7 @@ def chart_figure(page: StagePage, svg: str, title: str) -> Markup:
     page.charts += 1
     path = page.asset(f"chart_{page.charts:02d}_{re.sub(r'[^A-Za-z0-9_-]', '_', title)[:60]}.svg")
     path.write_text(svg, encoding="utf-8")
-    return ui().figure(page.url(path), "", title, None, "chart")  # the title is in the chart
+    return page.figure(path, title, css="chart")  # the title also as caption: searchable page text
 
 
 @dataclass(frozen=True)
