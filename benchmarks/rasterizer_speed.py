@@ -14,7 +14,9 @@ follows. On a shared, busy machine compare the ratios, which are measured in one
 
 Usage: ``python benchmarks/rasterizer_speed.py [--repeats 3] [--threads N] [--sizes 10000,100000]
 [--resolutions 128x96,480x270] [--backends torch,numba] [--json OUT.json]``. Prints one JSON
-document, then a table.
+document, then a table. ``--breakdown 100000x480x270`` instead times the numba backend's stages
+(projection, spherical harmonics, tile binning, compositing; forward and forward+backward; wall and
+CPU time) and the whole step, and prints them as JSON.
 """
 from __future__ import annotations
 
@@ -57,19 +59,26 @@ def make_scene(n: int, width: int, height: int, device: str, seed: int = 0) -> d
 
 def time_ms(function, repeats: int, device: str) -> float:
     """Median wall time of ``function()`` in milliseconds after one warm-up call."""
+    return time_wall_cpu_ms(function, repeats, device)[0]
+
+
+def time_wall_cpu_ms(function, repeats: int, device: str = "cpu") -> tuple[float, float]:
+    """Median wall time and median process CPU time (all threads) of ``function()`` in
+    milliseconds, after one warm-up call. On a busy machine CPU time is the steadier figure."""
     def synchronize() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
 
     function()
     synchronize()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         function()
         synchronize()
-        times.append(1000.0 * (time.perf_counter() - started))
-    return statistics.median(times)
+        walls.append(1000.0 * (time.perf_counter() - started))
+        cpus.append(1000.0 * (time.process_time() - started_cpu))
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def measure(backend: str, device: str, n: int, width: int, height: int, repeats: int) -> dict:
@@ -100,6 +109,75 @@ def measure(backend: str, device: str, n: int, width: int, height: int, repeats:
         "forward_ms": round(time_ms(forward, repeats, device), 2),
         "forward_backward_ms": round(time_ms(step, repeats, device), 2),
     }
+
+
+def breakdown(n: int, width: int, height: int, repeats: int) -> list[dict]:
+    """Wall and CPU milliseconds of the numba backend's stages on the benchmark scene: projection,
+    spherical harmonics (degree 3, on the visible entries), tile binning, compositing (its forward
+    includes the binning), each forward (building the autograd graph) and forward+backward, and the
+    whole training step (RGB colours, as :func:`measure`), whose remainder is torch glue (gathers,
+    concatenations, conversions, the loss)."""
+    from models import projection_numba, rasterizer_numba
+
+    scene = make_scene(n, width, height, "cpu")
+    names = ("means", "quats", "scales", "opacities")
+    leaves = {name: scene[name].clone().requires_grad_(True) for name in names}
+    args = (scene["viewmats"], scene["Ks"], width, height, 0.01, 1e10, 0.3, 0.0, False)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        projection = projection_numba.project(*(scene[name] for name in names), *args)
+    cams, gaussians = projection.visible_cameras, projection.visible_gaussians
+    projected = (projection.means2d, projection.depths, projection.conics, projection.opacities)
+    projection_grads = [torch.randn(value.shape, generator=generator) for value in projected]
+    coefficients = (0.3 * torch.randn(n, 16, 3, generator=generator)).requires_grad_(True)
+    centres = torch.linalg.inv(scene["viewmats"])[:, :3, 3]
+    visible = [value[cams, gaussians].detach().requires_grad_(True)
+               for value in (projection.means2d, projection.conics, projection.opacities)]
+    features = torch.cat([scene["colors"][gaussians], projection.depths[cams, gaussians][:, None]], 1)
+    features.requires_grad_(True)
+    boxes = projection.boxes
+    tile_size = rasterizer_numba.DEFAULT_TILE_SIZE
+    tiles_x, tiles_y = -(-width // tile_size), -(-height // tile_size)
+    boxes64, cams64 = boxes.contiguous().numpy(), cams.contiguous().numpy()
+    pixel_grads = [torch.randn(1, height, width, 4, generator=generator), torch.randn(1, height, width, 1,
+                                                                                       generator=generator)]
+
+    def projection_forward() -> tuple:
+        return projection_numba.project(*leaves.values(), *args)
+
+    def projection_step() -> None:
+        result = projection_forward()
+        torch.autograd.backward([result.means2d, result.depths, result.conics, result.opacities], projection_grads)
+
+    def sh_forward() -> torch.Tensor:
+        return projection_numba.shade(3, leaves["means"], coefficients, centres, cams, gaussians)
+
+    def sh_step() -> None:
+        sh_forward().sum().backward()
+
+    def binning() -> None:
+        rasterizer_numba._bin_tiles(boxes64, cams64, 1, tiles_x, tiles_y, tile_size)
+
+    def composite_forward() -> tuple:
+        return rasterizer_numba.composite(*visible, features, cams, boxes, 1, width, height)
+
+    def composite_step() -> None:
+        torch.autograd.backward(list(composite_forward()), pixel_grads)
+
+    stages = [("projection", projection_forward, projection_step), ("spherical harmonics (degree 3)", sh_forward,
+              sh_step), ("tile binning", binning, None), ("compositing", composite_forward, composite_step)]
+    rows = []
+    for name, forward, step in stages:
+        wall, cpu = time_wall_cpu_ms(forward, repeats)
+        row = {"stage": name, "forward_ms": round(wall, 1), "forward_cpu_ms": round(cpu, 1)}
+        if step is not None:
+            wall, cpu = time_wall_cpu_ms(step, repeats)
+            row.update(forward_backward_ms=round(wall, 1), forward_backward_cpu_ms=round(cpu, 1))
+        rows.append(row)
+    whole = measure("numba", "cpu", n, width, height, repeats)
+    rows.append({"stage": "whole training step (RGB+ED)", "forward_ms": whole["forward_ms"],
+                 "forward_backward_ms": whole["forward_backward_ms"]})
+    return rows
 
 
 def speedups(results: list[dict]) -> None:
@@ -133,9 +211,17 @@ def main() -> None:
                         help="comma-separated CPU backends (torch, numba); CUDA runs are added when available")
     parser.add_argument("--threads", type=int, default=0, help="torch (and numba) CPU threads (0: torch's default)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--breakdown", default="", metavar="NxWxH",
+                        help="instead, time the numba backend's stages for N Gaussians at WxH, e.g. 100000x480x270")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.breakdown:
+        n, width, height = (int(value) for value in args.breakdown.split("x"))
+        rows = breakdown(n, width, height, args.repeats)
+        print(json.dumps({"torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "gaussians": n,
+                          "width": width, "height": height, "stages": rows}, indent=2))
+        return
     sizes = [int(value) for value in args.sizes.split(",")]
     resolutions = [tuple(int(v) for v in value.split("x")) for value in args.resolutions.split(",")]
 

@@ -12,9 +12,9 @@ Both follow gsplat's pure-torch code operation by operation (clamps, ``1e-12`` n
 floors, ``1e-10`` determinant floor) so that values and gradients match the torch backend to float
 rounding.
 
-Kernels run in float64 over Gaussians in parallel (``prange``; each thread owns its Gaussians'
-gradient rows, so results do not depend on the thread count) and are cached on disk
-(``cache=True``). Results are returned in the input dtype.
+Kernels read the inputs in their dtype, compute in float64 over Gaussians in parallel (``prange``;
+each thread owns its Gaussians' gradient rows, so results do not depend on the thread count) and
+write results in the input dtype; they are cached on disk (``cache=True``).
 """
 from __future__ import annotations
 
@@ -63,14 +63,14 @@ def _t(a: tuple) -> tuple:
 def _gaussian_frame(quats: np.ndarray, scales: np.ndarray, n: int) -> tuple:
     """Gaussian ``n``'s quaternion norm, normalised quaternion (w, x, y, z), rotation R and
     ``M = R diag(scales)`` (row-major 9-tuples), so that its covariance is ``M M^T``."""
-    w, x, y, z = quats[n, 0], quats[n, 1], quats[n, 2], quats[n, 3]
+    w, x, y, z = float(quats[n, 0]), float(quats[n, 1]), float(quats[n, 2]), float(quats[n, 3])
     norm = np.sqrt(w * w + x * x + y * y + z * z)
     inverse = 1.0 / max(norm, NORMALIZE_EPS)
     w, x, y, z = w * inverse, x * inverse, y * inverse, z * inverse
     r = (1.0 - 2.0 * (y * y + z * z), 2.0 * (x * y - w * z), 2.0 * (x * z + w * y),
          2.0 * (x * y + w * z), 1.0 - 2.0 * (x * x + z * z), 2.0 * (y * z - w * x),
          2.0 * (x * z - w * y), 2.0 * (y * z + w * x), 1.0 - 2.0 * (x * x + y * y))
-    sx, sy, sz = scales[n, 0], scales[n, 1], scales[n, 2]
+    sx, sy, sz = float(scales[n, 0]), float(scales[n, 1]), float(scales[n, 2])
     m = (r[0] * sx, r[1] * sy, r[2] * sz, r[3] * sx, r[4] * sy, r[5] * sz, r[6] * sx, r[7] * sy, r[8] * sz)
     return norm, (w, x, y, z), r, m
 
@@ -85,10 +85,10 @@ def _rotation(viewmats: np.ndarray, c: int) -> tuple:
 @njit(cache=True)
 def _camera_point(means: np.ndarray, viewmats: np.ndarray, n: int, c: int) -> tuple[float, float, float]:
     """Gaussian ``n``'s mean in camera ``c``'s coordinates."""
-    v, p = viewmats[c], means[n]
-    return (v[0, 0] * p[0] + v[0, 1] * p[1] + v[0, 2] * p[2] + v[0, 3],
-            v[1, 0] * p[0] + v[1, 1] * p[1] + v[1, 2] * p[2] + v[1, 3],
-            v[2, 0] * p[0] + v[2, 1] * p[1] + v[2, 2] * p[2] + v[2, 3])
+    v, x, y, z = viewmats[c], float(means[n, 0]), float(means[n, 1]), float(means[n, 2])
+    return (v[0, 0] * x + v[0, 1] * y + v[0, 2] * z + v[0, 3],
+            v[1, 0] * x + v[1, 1] * y + v[1, 2] * z + v[1, 3],
+            v[2, 0] * x + v[2, 1] * y + v[2, 2] * z + v[2, 3])
 
 
 @njit(cache=True)
@@ -133,7 +133,8 @@ def _project_forward(means: np.ndarray, quats: np.ndarray, scales: np.ndarray, o
                      antialiased: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
                                                  np.ndarray, np.ndarray]:
     """Project N Gaussians into C pinhole cameras (world ``means`` [N, 3], ``quats`` [N, 4] wxyz,
-    ``scales`` [N, 3], ``opacities`` [N], ``viewmats`` [C, 4, 4], ``Ks`` [C, 3, 3]).
+    ``scales`` [N, 3], ``opacities`` [N], all of one float dtype; float64 ``viewmats`` [C, 4, 4]
+    and ``Ks`` [C, 3, 3]). Arithmetic is float64; the float outputs have the inputs' dtype.
 
     Returns dense [C, N, ...] ``means2d`` (pixels), ``depths`` (camera z), ``conics`` (a, b, c of
     the inverse blurred 2D covariance), ``opacities`` (times the compensation when antialiased),
@@ -142,10 +143,10 @@ def _project_forward(means: np.ndarray, quats: np.ndarray, scales: np.ndarray, o
     ``drawn`` [C, N]: visible with a non-empty box.
     """
     n_cameras, n_gaussians = viewmats.shape[0], means.shape[0]
-    means2d = np.zeros((n_cameras, n_gaussians, 2))
-    depths = np.zeros((n_cameras, n_gaussians))
-    conics = np.zeros((n_cameras, n_gaussians, 3))
-    projected_opacities = np.zeros((n_cameras, n_gaussians))
+    means2d = np.zeros((n_cameras, n_gaussians, 2), dtype=means.dtype)
+    depths = np.zeros((n_cameras, n_gaussians), dtype=means.dtype)
+    conics = np.zeros((n_cameras, n_gaussians, 3), dtype=means.dtype)
+    projected_opacities = np.zeros((n_cameras, n_gaussians), dtype=means.dtype)
     radii = np.zeros((n_cameras, n_gaussians, 2), dtype=np.int32)
     boxes = np.zeros((n_cameras, n_gaussians, 4), dtype=np.int64)
     drawn = np.zeros((n_cameras, n_gaussians), dtype=np.bool_)
@@ -161,7 +162,7 @@ def _project_forward(means: np.ndarray, quats: np.ndarray, scales: np.ndarray, o
             det_orig = c00 * c11 - c01 * c01
             b00, b11 = c00 + eps2d, c11 + eps2d
             det = max(b00 * b11 - c01 * c01, MIN_DETERMINANT)
-            opacity = opacities[n]
+            opacity = float(opacities[n])
             if antialiased:
                 opacity *= np.sqrt(max(det_orig / det, 0.0))
             mx = (k[0, 0] * tx + k[0, 1] * ty + k[0, 2] * tz) / tz
@@ -200,15 +201,17 @@ def _project_backward(means: np.ndarray, quats: np.ndarray, scales: np.ndarray, 
                       grad_opacities: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Exact gradients of :func:`_project_forward`'s means2d, depths, conics and opacities
     (``grad_*`` [C, N, ...]) with respect to means [N, 3], quats [N, 4], scales [N, 3] and
-    opacities [N]. Clamps pass gradient where torch's do (inside the bounds, bounds included)."""
+    opacities [N], in the inputs' dtype (summed over cameras in float64). Clamps pass gradient
+    where torch's do (inside the bounds, bounds included)."""
     n_cameras, n_gaussians = viewmats.shape[0], means.shape[0]
-    grad_means = np.zeros((n_gaussians, 3))
-    grad_quats = np.zeros((n_gaussians, 4))
-    grad_scales = np.zeros((n_gaussians, 3))
-    grad_opac = np.zeros(n_gaussians)
+    grad_means = np.zeros((n_gaussians, 3), dtype=means.dtype)
+    grad_quats = np.zeros((n_gaussians, 4), dtype=means.dtype)
+    grad_scales = np.zeros((n_gaussians, 3), dtype=means.dtype)
+    grad_opac = np.zeros(n_gaussians, dtype=means.dtype)
     for n in prange(n_gaussians):
         norm, q, r, m = _gaussian_frame(quats, scales, n)
         gm = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # dL/dM, summed over cameras
+        g_mean_x = g_mean_y = g_mean_z = g_opacity_total = 0.0
         for c in range(n_cameras):
             tx, ty, tz = _camera_point(means, viewmats, n, c)
             if not (near_plane < tz < far_plane):
@@ -228,13 +231,13 @@ def _project_backward(means: np.ndarray, quats: np.ndarray, scales: np.ndarray, 
             if antialiased:
                 ratio = det_orig / det
                 compensation = np.sqrt(max(ratio, 0.0))
-                grad_opac[n] += g_opacity * compensation
+                g_opacity_total += g_opacity * compensation
                 if ratio > 0.0:
-                    g_ratio = g_opacity * opacities[n] * 0.5 / compensation
+                    g_ratio = g_opacity * float(opacities[n]) * 0.5 / compensation
                     g_det_orig = g_ratio / det
                     g_det -= g_ratio * ratio / det
             else:
-                grad_opac[n] += g_opacity
+                g_opacity_total += g_opacity
             if det_raw < MIN_DETERMINANT:
                 g_det = 0.0
             # dL/dcov2d (each entry of the symmetric 2x2; 01 and 10 get the same).
@@ -269,17 +272,19 @@ def _project_backward(means: np.ndarray, quats: np.ndarray, scales: np.ndarray, 
             g_ty += (gmx * k[0, 1] + gmy * k[1, 1]) / tz
             g_tz -= (gmx * (k[0, 0] * tx + k[0, 1] * ty) + gmy * (k[1, 0] * tx + k[1, 1] * ty)) / tz2
             g_tz += grad_depths[c, n]
-            grad_means[n, 0] += rot[0] * g_tx + rot[3] * g_ty + rot[6] * g_tz
-            grad_means[n, 1] += rot[1] * g_tx + rot[4] * g_ty + rot[7] * g_tz
-            grad_means[n, 2] += rot[2] * g_tx + rot[5] * g_ty + rot[8] * g_tz
+            g_mean_x += rot[0] * g_tx + rot[3] * g_ty + rot[6] * g_tz
+            g_mean_y += rot[1] * g_tx + rot[4] * g_ty + rot[7] * g_tz
+            g_mean_z += rot[2] * g_tx + rot[5] * g_ty + rot[8] * g_tz
             # S = (V M)(V M)^T: dL/d(VM) = 2 G_S VM, dL/dM = V^T dL/d(VM).
             g_vm = _mm(gs, vm)
             g_m = _mm(_t(rot), g_vm)
             gm = (gm[0] + 2.0 * g_m[0], gm[1] + 2.0 * g_m[1], gm[2] + 2.0 * g_m[2],
                   gm[3] + 2.0 * g_m[3], gm[4] + 2.0 * g_m[4], gm[5] + 2.0 * g_m[5],
                   gm[6] + 2.0 * g_m[6], gm[7] + 2.0 * g_m[7], gm[8] + 2.0 * g_m[8])
+        grad_means[n, 0], grad_means[n, 1], grad_means[n, 2] = g_mean_x, g_mean_y, g_mean_z
+        grad_opac[n] = g_opacity_total
         # M = R diag(s).
-        sx, sy, sz = scales[n, 0], scales[n, 1], scales[n, 2]
+        sx, sy, sz = float(scales[n, 0]), float(scales[n, 1]), float(scales[n, 2])
         grad_scales[n, 0] = gm[0] * r[0] + gm[3] * r[3] + gm[6] * r[6]
         grad_scales[n, 1] = gm[1] * r[1] + gm[4] * r[4] + gm[7] * r[7]
         grad_scales[n, 2] = gm[2] * r[2] + gm[5] * r[5] + gm[8] * r[8]
@@ -303,9 +308,33 @@ def _project_backward(means: np.ndarray, quats: np.ndarray, scales: np.ndarray, 
     return grad_means, grad_quats, grad_scales, grad_opac
 
 
-def _float64(tensor: Tensor) -> np.ndarray:
-    """A detached, contiguous float64 numpy view or copy of a CPU tensor."""
-    return tensor.detach().to(torch.float64).contiguous().numpy()
+@njit(cache=True)
+def _visible_list(drawn: np.ndarray, depths: np.ndarray,
+                  boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Camera and Gaussian indices [V] of the ``drawn`` [C, N] entries sorted by ``depths`` [C, N]
+    (stable, from camera-major order, as the torch backend's ``argsort``), and their ``boxes``
+    [V, 4] (from [C, N, 4])."""
+    n_cameras, n_gaussians = drawn.shape
+    cameras = np.empty(drawn.sum(), dtype=np.int64)
+    gaussians = np.empty_like(cameras)
+    keys = np.empty(cameras.shape[0], dtype=depths.dtype)
+    v = 0
+    for c in range(n_cameras):
+        for n in range(n_gaussians):
+            if drawn[c, n]:
+                cameras[v], gaussians[v], keys[v] = c, n, depths[c, n]
+                v += 1
+    order = np.argsort(keys, kind="mergesort")
+    cameras, gaussians = cameras[order], gaussians[order]
+    visible_boxes = np.empty((cameras.shape[0], 4), dtype=np.int64)
+    for v in range(cameras.shape[0]):
+        visible_boxes[v] = boxes[cameras[v], gaussians[v]]
+    return cameras, gaussians, visible_boxes
+
+
+def _native(tensor: Tensor, dtype: torch.dtype) -> np.ndarray:
+    """A detached, contiguous numpy view (or copy) of a CPU tensor in ``dtype``."""
+    return tensor.detach().to(dtype).contiguous().numpy()
 
 
 class _Project(torch.autograd.Function):
@@ -314,14 +343,13 @@ class _Project(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, viewmats: Tensor, Ks: Tensor,
                 settings: tuple) -> tuple[Tensor, ...]:
-        inputs = tuple(_float64(value) for value in (means, quats, scales, opacities, viewmats, Ks))
-        set_threads()
-        means2d, depths, conics, projected, radii, boxes, drawn = _project_forward(*inputs, *settings)
-        ctx.inputs, ctx.settings, ctx.dtype = inputs, settings, means.dtype
         dtype = means.dtype
-        outputs = (torch.from_numpy(means2d).to(dtype), torch.from_numpy(depths).to(dtype),
-                   torch.from_numpy(conics).to(dtype), torch.from_numpy(projected).to(dtype),
-                   torch.from_numpy(radii), torch.from_numpy(boxes), torch.from_numpy(drawn))
+        inputs = tuple(_native(value, dtype) for value in (means, quats, scales, opacities)) + (
+            _native(viewmats, torch.float64), _native(Ks, torch.float64))
+        set_threads()
+        outputs = _project_forward(*inputs, *settings)
+        ctx.inputs, ctx.settings, ctx.dtype = inputs, settings, dtype
+        outputs = tuple(torch.from_numpy(value) for value in outputs)
         ctx.mark_non_differentiable(*outputs[4:])
         return outputs
 
@@ -331,9 +359,9 @@ class _Project(torch.autograd.Function):
         width, height, near_plane, far_plane, eps2d, _, antialiased = ctx.settings
         set_threads()
         grads = _project_backward(*ctx.inputs, width, height, near_plane, far_plane, eps2d, antialiased,
-                                  _float64(grad_means2d), _float64(grad_depths), _float64(grad_conics),
-                                  _float64(grad_opacities))
-        return tuple(torch.from_numpy(grad).to(ctx.dtype) for grad in grads) + (None, None, None)
+                                  *(_native(grad, ctx.dtype) for grad in (grad_means2d, grad_depths, grad_conics,
+                                                                          grad_opacities)))
+        return tuple(torch.from_numpy(grad) for grad in grads) + (None, None, None)
 
 
 def project(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, viewmats: Tensor, Ks: Tensor,
@@ -351,11 +379,10 @@ def project(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, vie
                 bool(antialiased))
     means2d, depths, conics, projected, radii, boxes, drawn = _Project.apply(means, quats, scales, opacities,
                                                                              viewmats, Ks, settings)
-    cameras, gaussians = torch.nonzero(drawn, as_tuple=True)
-    order = torch.argsort(depths.detach()[cameras, gaussians], stable=True)
-    cameras, gaussians = cameras[order], gaussians[order]
+    cameras, gaussians, visible_boxes = _visible_list(drawn.numpy(), depths.detach().numpy(), boxes.numpy())
     return Projection(radii=radii, means2d=means2d, depths=depths, conics=conics, opacities=projected,
-                      visible_cameras=cameras, visible_gaussians=gaussians, boxes=boxes[cameras, gaussians])
+                      visible_cameras=torch.from_numpy(cameras), visible_gaussians=torch.from_numpy(gaussians),
+                      boxes=torch.from_numpy(visible_boxes))
 
 
 SH_C1 = 0.48860251190292
@@ -428,10 +455,11 @@ def _sh_bases_backward(degree: int, x: float, y: float, z: float,
 def _shade_forward(degree: int, means: np.ndarray, coefficients: np.ndarray, centres: np.ndarray,
                    cameras: np.ndarray, gaussians: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Colours [V, 3] ``max(sum_k basis_k(dir) coefficients[rows[v], k] + 0.5, 0)`` of the V entries
-    (camera ``cameras[v]``, Gaussian ``gaussians[v]``); ``coefficients`` [R, K, 3], ``centres`` [C, 3]."""
+    (camera ``cameras[v]``, Gaussian ``gaussians[v]``); ``coefficients`` [R, K, 3] (and the output)
+    in the dtype of ``means`` [N, 3], float64 ``centres`` [C, 3]; arithmetic in float64."""
     n_entries, n_bases = cameras.shape[0], (degree + 1) ** 2
-    colors = np.zeros((n_entries, 3))
-    bases = np.zeros((n_entries, 16))
+    colors = np.empty((n_entries, 3), dtype=means.dtype)
+    bases = np.empty((n_entries, 16))
     for v in prange(n_entries):
         _, x, y, z = _direction(means, centres, gaussians[v], cameras[v])
         _sh_bases(degree, x, y, z, bases[v])
@@ -450,11 +478,12 @@ def _shade_backward(degree: int, means: np.ndarray, coefficients: np.ndarray, ce
                     n_slots: int, grad_colors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Gradients of :func:`_shade_forward` for ``grad_colors`` [V, 3]: per camera and Gaussian for
     the means ([C, N, 3], summed over cameras by the caller) and per slot and row for the
-    coefficients ([n_slots, R, K, 3]; ``slots[v]`` makes (slot, row) unique per entry)."""
+    coefficients ([n_slots, R, K, 3]; ``slots[v]`` makes (slot, row) unique per entry), in the
+    dtype of ``means``."""
     n_entries, n_bases = cameras.shape[0], (degree + 1) ** 2
-    grad_means = np.zeros((centres.shape[0], means.shape[0], 3))
-    grad_coefficients = np.zeros((n_slots,) + coefficients.shape)
-    bases = np.zeros((n_entries, 16))
+    grad_means = np.zeros((centres.shape[0], means.shape[0], 3), dtype=means.dtype)
+    grad_coefficients = np.zeros((n_slots,) + coefficients.shape, dtype=means.dtype)
+    bases = np.empty((n_entries, 16))
     grad_bases = np.zeros((n_entries, 16))
     for v in prange(n_entries):
         n, c, row = gaussians[v], cameras[v], rows[v]
@@ -490,21 +519,22 @@ class _Shade(torch.autograd.Function):
         rows = cameras * n_gaussians + gaussians if per_camera else gaussians
         # Shared coefficients seen from several cameras get one gradient slot per camera.
         shared = not per_camera and centres.shape[0] > 1
-        inputs = (degree, _float64(means), _float64(flat), _float64(centres), cameras.contiguous().numpy(),
-                  gaussians.contiguous().numpy(), rows.contiguous().numpy())
+        inputs = (degree, _native(means, means.dtype), _native(flat, means.dtype), _native(centres, torch.float64),
+                  cameras.contiguous().numpy(), gaussians.contiguous().numpy(), rows.contiguous().numpy())
         set_threads()
         colors = _shade_forward(*inputs)
         ctx.inputs, ctx.dtype, ctx.shape = inputs, means.dtype, coefficients.shape
         ctx.slots = (cameras if shared else torch.zeros_like(cameras)).contiguous().numpy()
         ctx.n_slots = centres.shape[0] if shared else 1
-        return torch.from_numpy(colors).to(means.dtype)
+        return torch.from_numpy(colors)
 
     @staticmethod
     def backward(ctx, grad_colors: Tensor) -> tuple[Tensor | None, ...]:
         set_threads()
-        grad_means, grad_coefficients = _shade_backward(*ctx.inputs, ctx.slots, ctx.n_slots, _float64(grad_colors))
-        grad_means = torch.from_numpy(grad_means).sum(0).to(ctx.dtype)
-        grad_coefficients = torch.from_numpy(grad_coefficients).sum(0).to(ctx.dtype).reshape(ctx.shape)
+        grad_means, grad_coefficients = _shade_backward(*ctx.inputs, ctx.slots, ctx.n_slots,
+                                                        _native(grad_colors, ctx.dtype))
+        grad_means = torch.from_numpy(grad_means).sum(0)
+        grad_coefficients = torch.from_numpy(grad_coefficients).sum(0).reshape(ctx.shape)
         return grad_means, grad_coefficients, None, None, None, None
 
 

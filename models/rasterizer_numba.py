@@ -106,7 +106,7 @@ def _row_span(splats: np.ndarray, boxes: np.ndarray, v: int, py: int, x_first: i
     first, last = max(boxes[v, 0], x_first), min(boxes[v, 1], x_last)
     a, b, c = splats[v, 2], splats[v, 3], splats[v, 4]
     dy = splats[v, 1] - (py + 0.5)
-    discriminant = dy * dy * (b * b - a * c) + 2.0 * a * np.log(splats[v, 5] / ALPHA_THRESHOLD)
+    discriminant = dy * dy * (b * b - a * c) + 2.0 * a * splats[v, 6]
     if discriminant < 0.0 or a <= 0.0:
         return 1, 0
     half_span = np.sqrt(discriminant) / a
@@ -115,29 +115,29 @@ def _row_span(splats: np.ndarray, boxes: np.ndarray, v: int, py: int, x_first: i
 
 
 @njit(inline="always")
-def _alpha(splats: np.ndarray, v: int, px: int, py: int) -> tuple[float, float, float, float]:
-    """Alpha of entry ``v`` at pixel (px, py) (0 where skipped), ``exp(-sigma)``, and the offsets
-    dx, dy from the pixel centre to the mean. ``splats`` [V, 6]: mx, my, a, b, c, o."""
-    dx = splats[v, 0] - (px + 0.5)
-    dy = splats[v, 1] - (py + 0.5)
-    sigma = 0.5 * (splats[v, 2] * dx * dx + splats[v, 4] * dy * dy) + splats[v, 3] * dx * dy
+def _alpha(a: float, b: float, c: float, opacity: float, dx: float, dy: float) -> tuple[float, float]:
+    """Alpha of a splat with conic (a, b, c) and ``opacity`` at offset (dx, dy) from the pixel
+    centre to its mean (0 where skipped), and ``exp(-sigma)``."""
+    sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
     if sigma < 0.0:
-        return 0.0, 0.0, dx, dy
+        return 0.0, 0.0
     gauss = np.exp(-sigma)
-    alpha = min(MAX_ALPHA, splats[v, 5] * gauss)
+    alpha = min(MAX_ALPHA, opacity * gauss)
     if alpha < ALPHA_THRESHOLD:
-        return 0.0, gauss, dx, dy
-    return alpha, gauss, dx, dy
+        return 0.0, gauss
+    return alpha, gauss
 
 
 @njit(parallel=True, cache=True)
 def _forward(splats: np.ndarray, features: np.ndarray, boxes: np.ndarray, tile_offsets: np.ndarray,
              tile_entries: np.ndarray, n_cameras: int, width: int, height: int, tiles_x: int, tiles_y: int,
              tile_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Composite every tile front to back. ``splats`` [V, 6] (mx, my, a, b, c, o), ``features`` [V, D].
+    """Composite every tile front to back. ``splats`` [V, 7] (mx, my, a, b, c, o, log(255 o)),
+    ``features`` [V, D].
 
     Within a tile, entries are taken in depth order and each updates only the pixels of its row
     spans, skipping pixels that have stopped; the tile ends when all its pixels have stopped.
+    Pixels accumulate in tile-local buffers, written out once per tile.
     Returns ``colors`` [C, H, W, D] (sum of weight * feature), ``alphas`` [C, H, W] (sum of weights),
     ``final_t`` [C, H, W] transmittance after the last blended entry, and ``counts`` [C, H, W] how
     many entries of the pixel's tile list come up to and including its last blended one.
@@ -152,32 +152,48 @@ def _forward(splats: np.ndarray, features: np.ndarray, boxes: np.ndarray, tile_o
         if start == stop:
             continue
         camera, x_first, x_last, y_first, y_last = _tile_bounds(tile, tiles_x, tiles_y, tile_size, width, height)
-        stopped = np.zeros((tile_size, tile_size), dtype=np.bool_)
-        running = (y_last - y_first + 1) * (x_last - x_first + 1)
+        rows, columns = y_last - y_first + 1, x_last - x_first + 1
+        transmittance = np.ones((rows, columns))
+        color = np.zeros((rows, columns, n_features))
+        weights = np.zeros((rows, columns))
+        count = np.zeros((rows, columns), dtype=np.int64)
+        stopped = np.zeros((rows, columns), dtype=np.bool_)
+        running = rows * columns
         for k in range(start, stop):
             v = tile_entries[k]
+            mx, my, a, b, c, opacity = splats[v, 0], splats[v, 1], splats[v, 2], splats[v, 3], splats[v, 4], splats[v, 5]
             for py in range(max(boxes[v, 2], y_first), min(boxes[v, 3], y_last) + 1):
                 first, last = _row_span(splats, boxes, v, py, x_first, x_last)
+                ty, dy = py - y_first, my - (py + 0.5)
                 for px in range(first, last + 1):
-                    if stopped[py - y_first, px - x_first]:
+                    tx = px - x_first
+                    if stopped[ty, tx]:
                         continue
-                    alpha, _, _, _ = _alpha(splats, v, px, py)
+                    alpha, _ = _alpha(a, b, c, opacity, mx - (px + 0.5), dy)
                     if alpha == 0.0:
                         continue
-                    transmittance = final_t[camera, py, px]
-                    after = transmittance * (1.0 - alpha)
+                    before = transmittance[ty, tx]
+                    after = before * (1.0 - alpha)
                     if after <= MIN_TRANSMITTANCE:
-                        stopped[py - y_first, px - x_first] = True
+                        stopped[ty, tx] = True
                         running -= 1
                         continue
-                    weight = alpha * transmittance
+                    weight = alpha * before
                     for d in range(n_features):
-                        colors[camera, py, px, d] += weight * features[v, d]
-                    alphas[camera, py, px] += weight
-                    final_t[camera, py, px] = after
-                    counts[camera, py, px] = k - start + 1
+                        color[ty, tx, d] += weight * features[v, d]
+                    weights[ty, tx] += weight
+                    transmittance[ty, tx] = after
+                    count[ty, tx] = k - start + 1
             if running == 0:
                 break
+        for ty in range(rows):
+            for tx in range(columns):
+                py, px = y_first + ty, x_first + tx
+                for d in range(n_features):
+                    colors[camera, py, px, d] = color[ty, tx, d]
+                alphas[camera, py, px] = weights[ty, tx]
+                final_t[camera, py, px] = transmittance[ty, tx]
+                counts[camera, py, px] = count[ty, tx]
     return colors, alphas, final_t, counts
 
 
@@ -197,40 +213,47 @@ def _backward(splats: np.ndarray, features: np.ndarray, boxes: np.ndarray, tile_
     """
     n_features = features.shape[1]
     n_slots = SPLAT_GRADIENTS + n_features
-    pair_grads = np.zeros((tile_entries.shape[0], n_slots))
+    pair_grads = np.empty((tile_entries.shape[0], n_slots))
     for tile in prange(n_cameras * tiles_y * tiles_x):
         start, stop = tile_offsets[tile], tile_offsets[tile + 1]
         if start == stop:
             continue
         camera, x_first, x_last, y_first, y_last = _tile_bounds(tile, tiles_x, tiles_y, tile_size, width, height)
         transmittance = final_t[camera, y_first:y_last + 1, x_first:x_last + 1].copy()
-        rest = np.zeros((tile_size, tile_size))
-        walked = counts[camera, y_first:y_last + 1, x_first:x_last + 1]
-        for k in range(start + walked.max() - 1, start - 1, -1):
+        rest = np.zeros(transmittance.shape)
+        walked = counts[camera, y_first:y_last + 1, x_first:x_last + 1].copy()
+        tile_grad_colors = grad_colors[camera, y_first:y_last + 1, x_first:x_last + 1].copy()
+        tile_grad_alphas = grad_alphas[camera, y_first:y_last + 1, x_first:x_last + 1].copy()
+        feature_grads = np.zeros(n_features)
+        last_walked = start + walked.max() - 1
+        pair_grads[last_walked + 1:stop] = 0.0
+        for k in range(last_walked, start - 1, -1):
             v = tile_entries[k]
-            a, b, c = splats[v, 2], splats[v, 3], splats[v, 4]
+            mx, my, a, b, c, opacity = splats[v, 0], splats[v, 1], splats[v, 2], splats[v, 3], splats[v, 4], splats[v, 5]
             grad_mx = grad_my = grad_a = grad_b = grad_c = grad_o = 0.0
+            feature_grads[:] = 0.0
             for py in range(max(boxes[v, 2], y_first), min(boxes[v, 3], y_last) + 1):
                 first, last = _row_span(splats, boxes, v, py, x_first, x_last)
-                ty = py - y_first
+                ty, dy = py - y_first, my - (py + 0.5)
                 for px in range(first, last + 1):
                     tx = px - x_first
                     if k - start >= walked[ty, tx]:
                         continue
-                    alpha, gauss, dx, dy = _alpha(splats, v, px, py)
+                    dx = mx - (px + 0.5)
+                    alpha, gauss = _alpha(a, b, c, opacity, dx, dy)
                     if alpha == 0.0:
                         continue
                     before = transmittance[ty, tx] / (1.0 - alpha)
                     transmittance[ty, tx] = before
                     weight = alpha * before
-                    shade = grad_alphas[camera, py, px]
+                    shade = tile_grad_alphas[ty, tx]
                     for d in range(n_features):
-                        grad = grad_colors[camera, py, px, d]
+                        grad = tile_grad_colors[ty, tx, d]
                         shade += features[v, d] * grad
-                        pair_grads[k, SPLAT_GRADIENTS + d] += weight * grad
+                        feature_grads[d] += weight * grad
                     grad_alpha = before * shade - rest[ty, tx] / (1.0 - alpha)
                     rest[ty, tx] += weight * shade
-                    if splats[v, 5] * gauss > MAX_ALPHA:
+                    if opacity * gauss > MAX_ALPHA:
                         continue
                     grad_o += grad_alpha * gauss
                     grad_sigma = -grad_alpha * alpha
@@ -241,6 +264,8 @@ def _backward(splats: np.ndarray, features: np.ndarray, boxes: np.ndarray, tile_
                     grad_c += grad_sigma * 0.5 * dy * dy
             pair_grads[k, 0], pair_grads[k, 1], pair_grads[k, 2] = grad_mx, grad_my, grad_a
             pair_grads[k, 3], pair_grads[k, 4], pair_grads[k, 5] = grad_b, grad_c, grad_o
+            for d in range(n_features):
+                pair_grads[k, SPLAT_GRADIENTS + d] = feature_grads[d]
     n_entries = splats.shape[0]
     grads = np.zeros((n_entries, n_slots))
     for v in prange(n_entries):
@@ -258,7 +283,9 @@ class _Composite(torch.autograd.Function):
     def forward(ctx, means2d: Tensor, conics: Tensor, opacities: Tensor, features: Tensor, cameras: Tensor,
                 boxes: Tensor, n_cameras: int, width: int, height: int,
                 tile_size: int) -> tuple[Tensor, Tensor]:
-        splats = torch.cat([means2d, conics, opacities[:, None]], 1).detach().to(torch.float64).numpy()
+        splats = torch.cat([means2d, conics, opacities[:, None], opacities[:, None]], 1).detach().to(torch.float64)
+        splats[:, 6] = torch.log(splats[:, 5] / ALPHA_THRESHOLD)
+        splats = splats.numpy()
         features64 = features.detach().to(torch.float64).contiguous().numpy()
         boxes64 = boxes.to(torch.int64).contiguous().numpy()
         tiles_x, tiles_y = -(-width // tile_size), -(-height // tile_size)
