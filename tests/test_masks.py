@@ -81,10 +81,11 @@ def test_motion_masks_match_ground_truth(motion_run, synthetic_scene):
     truth = synthetic_scene.masks > 0
     assert predicted.shape == truth.shape and predicted.dtype == np.uint8
     assert set(np.unique(predicted)) <= {0, 1}
+    # measured (benchmarks/masks_accuracy.py): IoU 0.699, 0.95 % of the static pixels marked dynamic
     iou = mean_iou(predicted > 0, truth)
-    assert iou >= 0.6, f"motion masks IoU {iou:.3f} with the ground-truth dynamic masks"
+    assert iou >= 0.66, f"motion masks IoU {iou:.3f} with the ground-truth dynamic masks"
     false_positives = false_positive_share(predicted > 0, truth)
-    assert false_positives < 0.02, f"{false_positives:.2%} of the static pixels marked dynamic"
+    assert false_positives < 0.0125, f"{false_positives:.2%} of the static pixels marked dynamic"
     assert result["backend"] == "motion" and result["num_frames"] == synthetic_scene.num_frames
     assert result["dynamic_fraction_mean"] == pytest.approx(float((predicted > 0).mean()), abs=1e-5)
     assert abs(result["dynamic_fraction_mean"] - truth.mean()) < 0.05
@@ -114,12 +115,15 @@ def test_motion_first_pass_leaves_a_plain_wall_static(walker):
     """The walker's back wall is one flat colour: optical flow there is interpolated noise and
     must not be called dynamic (the old backend marked 4.9 % of the static pixels, blobs on the
     wall in every frame). The figure walks nearly along the epipolar lines of the camera's
-    motion, so the first pass finds only part of it; the refined pass finds the rest."""
+    motion, so the first pass finds only part of it (measured: IoU 0.693, 0.13 % of the static
+    pixels; 0.584 when regions were cut at 40 % of their peak score, which dropped the slower
+    limbs); the refined pass finds the rest."""
     predicted = masks.load_masks(walker["masks"]) > 0
     truth = walker["scene"].masks > 0
     false_positives = false_positive_share(predicted, truth)
-    assert false_positives < 0.01, f"{false_positives:.2%} of the static pixels marked dynamic"
-    assert (predicted & truth).sum() > 0.3 * truth.sum()
+    assert false_positives < 0.004, f"{false_positives:.2%} of the static pixels marked dynamic"
+    iou = mean_iou(predicted, truth)
+    assert iou >= 0.65, f"first-pass IoU {iou:.3f} on the walker"
 
 
 def test_texture_confidence_tells_flat_from_textured():
@@ -172,9 +176,10 @@ def test_camera_flow_is_the_static_scene_flow(synthetic_scene):
     assert np.median(error[scene.masks[0] > 0]) > 0.5  # the moving objects do not follow it
 
 
-@pytest.mark.parametrize("scene_name", ["ci", "walker"])
-def test_refined_masks_match_ground_truth(scene_name, synthetic_scene, synthetic_frames_dir, synthetic_flow_dir,
-                                          motion_run, walker, tmp_path):
+# measured (benchmarks/masks_accuracy.py): CI scene IoU 0.898, 1.48 % false positives; walker 0.826, 0.23 %
+@pytest.mark.parametrize("scene_name, min_iou, max_false_positives", [("ci", 0.86, 0.02), ("walker", 0.8, 0.008)])
+def test_refined_masks_match_ground_truth(scene_name, min_iou, max_false_positives, synthetic_scene,
+                                          synthetic_frames_dir, synthetic_flow_dir, motion_run, walker, tmp_path):
     if scene_name == "ci":
         scene, frames_dir, flow_dir, first_dir = synthetic_scene, synthetic_frames_dir, synthetic_flow_dir, motion_run[0]
     else:
@@ -188,8 +193,9 @@ def test_refined_masks_match_ground_truth(scene_name, synthetic_scene, synthetic
     truth = scene.masks > 0
     first_iou = mean_iou(masks.load_masks(first_dir) > 0, truth)
     iou, false_positives = mean_iou(predicted, truth), false_positive_share(predicted, truth)
-    assert iou >= 0.8 and iou > first_iou, f"{scene_name}: refined IoU {iou:.3f} (first pass {first_iou:.3f})"
-    assert false_positives < 0.02, f"{scene_name}: {false_positives:.2%} of the static pixels marked dynamic"
+    assert iou >= min_iou and iou > first_iou + 0.1, f"{scene_name}: refined IoU {iou:.3f} (first pass {first_iou:.3f})"
+    assert false_positives < max_false_positives, \
+        f"{scene_name}: {false_positives:.2%} of the static pixels marked dynamic"
     assert masks.load_labels(out) == {0: "background", 1: "dynamic"}
     assert result["backend"] == "residual" and result["residual_defined_fraction"] > 0.9
     assert result["added_fraction"] > 0
