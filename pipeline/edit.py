@@ -70,6 +70,21 @@ def link_or_copy(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
+def training_inputs(work: Path) -> dict[str, Path]:
+    """The folders of workspace ``work`` the train stage reads, by their ``inputs`` key: ``init``,
+    ``frames``, ``cameras``, ``align``, ``tracks`` (those present) and, as ``masks``, the refined
+    masks (``masks_refine``, the final ones the train stage was given) or, where the workspace has
+    none, the first-pass ``masks``."""
+    from stages.masks import MASKS_DIR
+
+    inputs = {name: work / name for name in ("init", "frames", "cameras", "align", "tracks") if (work / name).is_dir()}
+    for stage in ("masks_refine", "masks"):
+        if (work / stage / MASKS_DIR).is_dir():
+            inputs["masks"] = work / stage
+            break
+    return inputs
+
+
 def train_params(meta: dict):
     """The :class:`stages.train.Params` a model was trained with (fields this version does not
     know are left out, missing ones take their defaults)."""
@@ -139,8 +154,7 @@ def edit_workspace(work: Path, remove: list[str] | None = None, duplicate: list[
         edited_train.mkdir()
         with stage_log(edited_train / "log.txt"):
             logger.info("edit of %s: %s", work, "; ".join(json.dumps(record) for record in records))
-            inputs = {name: temporary / name for name in ("init", "frames", "cameras", "align", "masks", "tracks")
-                      if (temporary / name).is_dir()}
+            inputs = training_inputs(temporary)
             notes: list[str] = []
             model.meta = {**model.meta, "edit": records, "edited_from": str(work.resolve())}
             model.params = {name: value.to(device) for name, value in model.params.items()}
