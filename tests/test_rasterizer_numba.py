@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from data.errors import ParameterError
+from models import projection_numba, rasterizer_numba
 from models.rasterizer import rasterization
 from tests.test_rasterizer import HEIGHT, WIDTH, brute_force_render, intrinsics, look_from, random_scene
 
@@ -110,11 +111,88 @@ def test_edge_cases_behind_off_image_huge_tiny_and_transparent_match():
     scene["scales"][7] = torch.tensor([8.0, 6.0, 5.0])  # huge: covers the whole image
     scene["scales"][8] = torch.tensor([1e-4, 2e-4, 1e-4])  # tiny: below one pixel, blurred by eps2d
     scene["opacities"][9] = 0.5 / 255  # transparent: culled
-    results = render_both(scene, torch.eye(4)[None], intrinsics(), render_mode="RGB+ED")
-    assert_same(results)
-    radii = results["numba"]["info"]["radii"][0]
-    assert (radii[[4, 5, 9]] == 0).all() and (radii[[6, 7, 8]] > 0).all()
-    assert radii[7].min() > WIDTH
+    scene["means"][10] = torch.tensor([-2.0, 0.3, 2.0])  # outside the clamped field of view, footprint reaches in
+    scene["scales"][10] = torch.tensor([1.5, 1.0, 0.5])
+    scene["means"][11] = torch.tensor([0.0, 0.0, 0.005])  # in front of the camera but nearer than near_plane
+    for rasterize_mode in ("classic", "antialiased"):
+        results = render_both(scene, torch.eye(4)[None], intrinsics(), render_mode="RGB+ED",
+                              rasterize_mode=rasterize_mode)
+        assert_same(results)
+        radii = results["numba"]["info"]["radii"][0]
+        assert (radii[[4, 5, 9, 11]] == 0).all() and (radii[[6, 7, 10]] > 0).all()
+        # The tiny one is drawn, blurred by eps2d, unless antialiasing compensates its opacity below 1/255.
+        assert (radii[8] > 0).all() == (rasterize_mode == "classic")
+        assert radii[7].min() > WIDTH
+        assert (results["numba"]["info"]["depths"][0, [4, 11]] == 0).all()  # culled entries stay zero
+        assert (results["numba"]["grads"]["quats"][10] != 0).any()  # the clamped Jacobian passes gradients
+
+
+def test_far_plane_and_radius_clip_match():
+    scene = random_scene(30, seed=4)
+    assert_same(render_both(scene, torch.eye(4)[None], intrinsics(), far_plane=3.2, radius_clip=2.5))
+
+
+@pytest.mark.parametrize("sh_degree", [0, 1, 2, 3])
+def test_spherical_harmonics_degrees_in_two_cameras_match(sh_degree: int):
+    """Shared coefficients [N, K, 3] (one Gaussian seen by both cameras) and per-camera ones
+    [C, N, K, 3], with more coefficients than the degree uses; colours clamp at 0 for some."""
+    viewmats, Ks = two_cameras()
+    generator = torch.Generator().manual_seed(sh_degree)
+    scene = random_scene(30, seed=sh_degree)
+    for shape in ((30, 16, 3), (2, 30, 16, 3)):
+        scene["colors"] = 0.6 * torch.randn(shape, generator=generator)
+        results = render_both(scene, viewmats, Ks, seed=sh_degree, sh_degree=sh_degree, render_mode="RGB+D")
+        assert_same(results)
+        used = (sh_degree + 1) ** 2
+        assert (results["numba"]["grads"]["colors"][..., used:, :] == 0).all()
+        assert (results["numba"]["grads"]["colors"][..., :used, :] != 0).any()
+
+
+def test_compiled_stages_apply_only_where_they_are_exact():
+    viewmats, Ks = two_cameras()
+    chosen = rasterizer_numba.kernels(viewmats, Ks, "pinhole", None, 3)
+    assert chosen["projector"] is projection_numba.project and chosen["shader"] is projection_numba.shade
+    assert set(rasterizer_numba.kernels(viewmats, Ks, "ortho", None, 4)) == {"compositor"}
+    assert "projector" not in rasterizer_numba.kernels(viewmats, Ks, "pinhole", torch.eye(3)[None], None)
+    assert "projector" not in rasterizer_numba.kernels(viewmats, Ks.requires_grad_(True), "pinhole", None, 1)
+    assert set(rasterizer_numba.kernels(viewmats.requires_grad_(True), Ks, "pinhole", None, 1)) == {"compositor"}
+
+
+@pytest.mark.parametrize("case", ["optimised cameras", "covars", "ortho", "fisheye", "sh degree 4"])
+def test_fallback_to_the_torch_stages_matches(case: str):
+    viewmats, Ks = two_cameras()
+    scene, options = random_scene(30, seed=6), {}
+    if case == "covars":
+        from gsplat.cuda._torch_impl import _quat_scale_to_covar_preci
+
+        options["covars"] = _quat_scale_to_covar_preci(scene["quats"], scene["scales"], compute_preci=False)[0]
+    elif case in ("ortho", "fisheye"):
+        options["camera_model"] = case
+        if case == "ortho":
+            Ks = Ks.clone()
+            Ks[:, 0, 0] = Ks[:, 1, 1] = 6.0
+    elif case == "sh degree 4":
+        scene["colors"] = 0.3 * torch.randn(30, 25, 3, generator=torch.Generator().manual_seed(0))
+        options["sh_degree"] = 4
+    results = {}
+    for backend in ("torch", "numba"):
+        cameras = viewmats.clone().requires_grad_(case == "optimised cameras")
+        leaves = {name: value.clone().requires_grad_(True) for name, value in scene.items()}
+        colors, alphas, _ = rasterization(**leaves, viewmats=cameras, Ks=Ks, width=WIDTH, height=HEIGHT,
+                                          backend=backend, **options)
+        (colors.square().sum() + alphas.sum()).backward()
+        results[backend] = (colors.detach(), {name: leaf.grad for name, leaf in leaves.items()}, cameras.grad)
+    torch.testing.assert_close(results["numba"][0], results["torch"][0], atol=1e-5, rtol=1e-5)
+    assert results["numba"][0].abs().sum() > 0
+    for name, expected in results["torch"][1].items():
+        if expected is None:  # quats and scales, replaced by covars
+            assert results["numba"][1][name] is None, name
+            continue
+        scale = max(float(expected.abs().max()), 1e-6)
+        torch.testing.assert_close(results["numba"][1][name], expected, atol=1e-4 * scale, rtol=1e-4, msg=name)
+    if case == "optimised cameras":
+        assert results["numba"][2] is not None and results["numba"][2].abs().sum() > 0
+        torch.testing.assert_close(results["numba"][2], results["torch"][2], atol=1e-4, rtol=1e-4)
 
 
 def test_all_transparent_and_empty_scenes_render_the_background_with_zero_gradients():
@@ -149,15 +227,18 @@ def test_tile_size_does_not_change_the_result(tile_size: int):
         torch.testing.assert_close(grad_b, grad_a, atol=1e-6, rtol=1e-6, msg=name)
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("options", [{}, {"rasterize_mode": "antialiased", "sh_degree": 3}])
+def test_gradcheck_float64(options: dict):
     scene = {name: value.double() for name, value in random_scene(6, seed=5).items()}
     scene["opacities"] = scene["opacities"].clamp(max=0.9)  # no clamped alphas (kinks) at any pixel
+    if "sh_degree" in options:  # small coefficients: no colour clamped at 0 (a kink)
+        scene["colors"] = 0.15 * torch.randn(6, 16, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     viewmats, K = torch.eye(4, dtype=torch.float64)[None], intrinsics().double()
     weights = torch.rand(1, HEIGHT, WIDTH, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
     def render(*values):
         colors, alphas, _ = rasterization(**dict(zip(PARAMETERS, values)), viewmats=viewmats, Ks=K, width=WIDTH,
-                                          height=HEIGHT, render_mode="RGB+D", backend="numba")
+                                          height=HEIGHT, render_mode="RGB+D", backend="numba", **options)
         return (colors * weights).sum() + alphas.square().sum()
 
     inputs = tuple(scene[name].clone().requires_grad_(True) for name in PARAMETERS)
