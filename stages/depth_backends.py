@@ -47,6 +47,7 @@ from typing import Callable, Iterable, Sequence
 
 import cv2
 import numpy as np
+from numba import njit
 
 from data.errors import InputError, ModelUnavailableError, ParameterError
 from data.geometry import camera_centers, invert_rigid, scale_intrinsics
@@ -372,8 +373,66 @@ def choose_neighbors(w2c: np.ndarray, usable: np.ndarray, scene_depth: np.ndarra
     return neighbors
 
 
-def _box(image: np.ndarray, window: int) -> np.ndarray:
-    return cv2.boxFilter(image, -1, (window, window), borderType=cv2.BORDER_REFLECT)
+def _box(image: np.ndarray, window: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Mean over ``window`` x ``window`` patches (reflected border), into ``out`` when given."""
+    return cv2.boxFilter(image, -1, (window, window), dst=out, borderType=cv2.BORDER_REFLECT)
+
+
+# Compiled element-wise passes of the plane sweep over flattened (h * w) float32 images. They
+# repeat the NumPy expressions they replace in float32 (identical results), branch-free so they
+# vectorise (error_model="numpy": no zero-division checks), and release the GIL.
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _plane_maps(base: np.ndarray, step: np.ndarray, width: int, height: int, map_x: np.ndarray,
+                map_y: np.ndarray, inside: np.ndarray) -> None:
+    """Sampling maps of one plane and source for cv2.remap (pixel centres at integers): ``base``
+    ``(3, N)`` direction term plus ``step`` ``(3,)`` translation term x 1/z are homogeneous
+    source pixels; ``inside`` ``(N,)``: in front of the source and within [-0.5, size - 0.5]."""
+    near, half, one = np.float32(1e-6), np.float32(0.5), np.float32(1.0)
+    right, bottom = np.float32(width - 0.5), np.float32(height - 0.5)
+    for i in range(map_x.shape[0]):
+        z = base[2, i] + step[2]
+        front = z > near
+        safe = z if front else one
+        x = (base[0, i] + step[0]) / safe - half
+        y = (base[1, i] + step[1]) / safe - half
+        map_x[i] = x
+        map_y[i] = y
+        inside[i] = front & (x >= -half) & (x <= right) & (y >= -half) & (y <= bottom)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _squares_and_products(reference: np.ndarray, warped: np.ndarray, squares: np.ndarray,
+                          products: np.ndarray) -> None:
+    """``squares = warped * warped`` and ``products = reference * warped`` ``(N,)`` in one pass."""
+    for i in range(warped.shape[0]):
+        value = warped[i]
+        squares[i] = value * value
+        products[i] = reference[i] * value
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _insert_zncc(ref_mean: np.ndarray, ref_var: np.ndarray, warped_mean: np.ndarray, squares_mean: np.ndarray,
+                 products_mean: np.ndarray, inside: np.ndarray, min_var: np.float32, score: np.ndarray,
+                 top: np.ndarray) -> None:
+    """ZNCC ``score`` ``(N,)`` of one plane and source from the patch means of the reference, the
+    warped source, its square and the product, -1 outside the source or where the warped patch's
+    variance is at most ``min_var``; then inserted into the plane's descending running top-k
+    ``top`` ``(k, N)`` (``score`` is left holding what fell out)."""
+    zero, tiny, missing = np.float32(0.0), np.float32(1e-8), np.float32(-1.0)
+    for i in range(score.shape[0]):
+        mean = warped_mean[i]
+        difference = squares_mean[i] - mean * mean
+        variance = difference if difference > zero else zero
+        covariance = products_mean[i] - ref_mean[i] * mean
+        zncc = covariance / np.sqrt(ref_var[i] * variance + tiny)
+        score[i] = zncc if inside[i] & (variance > min_var) else missing
+    for rank in range(top.shape[0]):
+        best = top[rank]
+        for i in range(score.shape[0]):
+            current, value = best[i], score[i]
+            best[i] = value if value > current else current
+            score[i] = current if value > current else value
 
 
 def plane_sweep(reference: np.ndarray, sources: Sequence[np.ndarray], K_ref: np.ndarray, w2c_ref: np.ndarray,
@@ -400,29 +459,36 @@ def plane_sweep(reference: np.ndarray, sources: Sequence[np.ndarray], K_ref: np.
         base = (K_j @ relative[:3, :3] @ rays).astype(np.float32)      # (3, N): direction term
         offset = (K_j @ relative[:3, 3]).astype(np.float32)            # (3,): translation term x 1/z
         per_source.append((source, base, offset))
+    # Flattened buffers reused over every (plane, source); the element-wise work runs in the
+    # compiled passes above, without the GIL, so the frames on :func:`_map_frames`' threads run in
+    # parallel.
+    count = height * width
+    map_x, map_y, warped, squares, products, warped_mean, squares_mean, products_mean, score = (
+        np.empty(count, np.float32) for _ in range(9))
+    inside = np.empty(count, bool)
+    top = np.empty((keep, count), np.float32)   # best scores per pixel, descending
+    images = {name: buffer.reshape(height, width) for name, buffer in
+              (("map_x", map_x), ("map_y", map_y), ("warped", warped), ("squares", squares), ("products", products),
+               ("warped_mean", warped_mean), ("squares_mean", squares_mean), ("products_mean", products_mean))}
+    reference_flat, ref_mean_flat, ref_var_flat = (np.ascontiguousarray(a, np.float32).ravel()
+                                                   for a in (reference, ref_mean, ref_var))
+    min_var = np.float32(MIN_TEXTURE_STD ** 2)
     for plane, inverse_depth in enumerate(inverse_depths):
-        top = [np.full((height, width), -1.0, np.float32) for _ in range(keep)]   # best scores, descending
+        top.fill(-1.0)
         for source, base, offset in per_source:
-            homogeneous = base + offset[:, None] * np.float32(inverse_depth)
-            z = homogeneous[2]
-            in_front = z > 1e-6
-            safe_z = np.where(in_front, z, 1.0)
-            # cv2.remap samples with pixel centres at integers; K puts them at half-integers.
-            map_x = (homogeneous[0] / safe_z - 0.5).reshape(height, width)
-            map_y = (homogeneous[1] / safe_z - 0.5).reshape(height, width)
-            inside = (in_front.reshape(height, width) & (map_x >= -0.5) & (map_x <= width - 0.5)
-                      & (map_y >= -0.5) & (map_y <= height - 0.5))
-            warped = cv2.remap(source, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-            warped_mean = _box(warped, window)
-            warped_var = np.maximum(_box(warped * warped, window) - warped_mean * warped_mean, 0.0)
-            covariance = _box(reference * warped, window) - ref_mean * warped_mean
-            zncc = covariance / np.sqrt(ref_var * warped_var + 1e-8)
-            score = np.where(inside & (warped_var > MIN_TEXTURE_STD ** 2), zncc, np.float32(-1.0))
-            for rank in range(keep):   # insert into the running top-k
-                higher = np.maximum(top[rank], score)
-                score = np.minimum(top[rank], score)
-                top[rank] = higher
-        volume[plane] = sum(top) / keep
+            _plane_maps(base, offset * np.float32(inverse_depth), width, height, map_x, map_y, inside)
+            cv2.remap(source, images["map_x"], images["map_y"], cv2.INTER_LINEAR, dst=images["warped"],
+                      borderMode=cv2.BORDER_REPLICATE)
+            _squares_and_products(reference_flat, warped, squares, products)
+            for name in ("warped", "squares", "products"):
+                _box(images[name], window, out=images[f"{name}_mean"])
+            _insert_zncc(ref_mean_flat, ref_var_flat, warped_mean, squares_mean, products_mean, inside, min_var,
+                         score, top)
+        total = volume[plane].reshape(count)
+        np.copyto(total, top[0])
+        for rank in range(1, keep):
+            np.add(total, top[rank], out=total)
+        np.divide(total, np.float32(keep), out=total)
     best = np.argmax(volume, axis=0)
     best_score = np.take_along_axis(volume, best[None], axis=0)[0]
     # Parabolic refinement in plane index (uniform in inverse depth).
@@ -445,8 +511,9 @@ def consistency_count(depths: np.ndarray, K: np.ndarray, w2c: np.ndarray, neighb
     num_frames, height, width = depths.shape
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
     pixels = np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size)])
-    counts = np.zeros(depths.shape, np.int32)
-    for frame in range(num_frames):
+
+    def count(frame: int) -> np.ndarray:
+        agreeing = np.zeros((height, width), np.int32)
         depth = depths[frame].ravel().astype(np.float64)
         cam = (np.linalg.inv(K[frame]) @ pixels) * depth
         for j in neighbors[frame]:
@@ -460,8 +527,12 @@ def consistency_count(depths: np.ndarray, K: np.ndarray, w2c: np.ndarray, neighb
             other = np.zeros_like(depth)
             other[ok] = depths[j][v[ok], u[ok]]
             agree = ok & (other > 0) & (np.abs(other - z) <= tolerance * z)
-            counts[frame] += agree.reshape(height, width)
-    return counts
+            agreeing += agree.reshape(height, width)
+        return agreeing
+
+    if not num_frames:
+        return np.zeros(depths.shape, np.int32)
+    return np.stack(_map_frames(count, range(num_frames)))
 
 
 def forward_project_depth(depth: np.ndarray, K_src: np.ndarray, w2c_src: np.ndarray, K_dst: np.ndarray,
@@ -499,12 +570,13 @@ def fuse_temporal(measured: np.ndarray, K: np.ndarray, w2c: np.ndarray, sources:
     measurements per pixel ``(T, h, w)`` int (0 = no depth)."""
     fused = np.zeros_like(measured)
     support = np.zeros(measured.shape, np.int32)
-    for frame in range(len(measured)):
+
+    def fuse(frame: int) -> None:   # writes only row `frame` of fused and support
         own = measured[frame]
         splats = [forward_project_depth(measured[j], K[j], w2c[j], K[frame], w2c[frame]) for j in sources[frame]]
         if not splats:
             fused[frame], support[frame] = own, (own > 0)
-            continue
+            return
         stacked = np.stack(splats)
         present = (stacked > 0).sum(axis=0)
         ordered = np.sort(np.where(stacked > 0, stacked, np.inf), axis=0)     # valid depths first
@@ -517,22 +589,25 @@ def fuse_temporal(measured: np.ndarray, K: np.ndarray, w2c: np.ndarray, sources:
         keep = count >= 2
         fused[frame] = np.where(keep & (count > 0), count / np.where(keep, inverse_sum, 1.0), 0.0)
         support[frame] = np.where(keep, count, 0)
+
+    _map_frames(fuse, range(len(measured)))
     return fused, support
 
 
+@njit(cache=True, nogil=True)
 def _recursive_pass(signal: np.ndarray, feedback: np.ndarray) -> np.ndarray:
     """One causal and one anti-causal first-order recursive pass along axis 0 of ``signal``
-    ``(L, ...)``: ``J[n] = I[n] + a_n (J[n-1] - I[n])`` with ``a_n = feedback[n-1]`` ``(L-1, ...)``,
-    then the same backwards. In place; returns ``signal``."""
-    step = np.empty_like(signal[0])
-    for n in range(1, len(signal)):
-        np.subtract(signal[n - 1], signal[n], out=step)
-        step *= feedback[n - 1]
-        signal[n] += step
-    for n in range(len(signal) - 2, -1, -1):
-        np.subtract(signal[n + 1], signal[n], out=step)
-        step *= feedback[n]
-        signal[n] += step
+    ``(L, k, M)`` float32: ``J[n] = I[n] + a_n (J[n-1] - I[n])`` with ``a_n = feedback[n-1]``
+    ``(L-1, M)``, then the same backwards. In place (compiled, float32); returns ``signal``."""
+    length, channels, count = signal.shape
+    for n in range(1, length):
+        for c in range(channels):
+            for m in range(count):
+                signal[n, c, m] += (signal[n - 1, c, m] - signal[n, c, m]) * feedback[n - 1, m]
+    for n in range(length - 2, -1, -1):
+        for c in range(channels):
+            for m in range(count):
+                signal[n, c, m] += (signal[n + 1, c, m] - signal[n, c, m]) * feedback[n, m]
     return signal
 
 

@@ -297,21 +297,23 @@ def unproject(xy: np.ndarray, depth: np.ndarray, K: np.ndarray, w2c: np.ndarray)
 def lift_flow_pairs(flow_fwd: np.ndarray, valid: np.ndarray, depth_i: np.ndarray, depth_j: np.ndarray,
                     K: np.ndarray, w2c_i: np.ndarray, w2c_j: np.ndarray, depth_edge_threshold: float = 0.05,
                     max_points: int = 1000, rng: np.random.Generator | None = None,
-                    K_j: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                    K_j: np.ndarray | None = None, edges_i: np.ndarray | None = None,
+                    edges_j: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """3D correspondences of one flow direction i -> j.
 
     ``flow_fwd`` ``(H, W, 2)`` pixels, ``valid`` ``(H, W)`` bool (consistency), ``depth_i``/``depth_j``
     ``(H, W)`` z-depth (<= 0 or NaN invalid), ``K`` (3, 3) intrinsics of frame i (``K_j`` of frame j,
     default ``K``), ``w2c_i``/``w2c_j`` (4, 4). Keeps pixels p with valid flow, p + F(p) inside the
     image, valid depth and no depth edge at p (frame i) nor at p + F(p) (frame j); at most
-    ``max_points`` of them, drawn uniformly with ``rng``.
+    ``max_points`` of them, drawn uniformly with ``rng``. ``edges_i``/``edges_j``: the frames'
+    :func:`depth_edges` at ``depth_edge_threshold`` when the caller already has them.
 
     Returns ``src_xy``, ``dst_xy`` (M, 2) float32 image coordinates and ``src_xyz``, ``dst_xyz``
     (M, 3) float32 world points (dst: depth of frame j bilinearly sampled at p + F(p)).
     """
     height, width = flow_fwd.shape[:2]
-    edges_i = depth_edges(depth_i, depth_edge_threshold)
-    edges_j = depth_edges(depth_j, depth_edge_threshold)
+    edges_i = depth_edges(depth_i, depth_edge_threshold) if edges_i is None else edges_i
+    edges_j = depth_edges(depth_j, depth_edge_threshold) if edges_j is None else edges_j
     rows, cols = np.nonzero(valid & ~edges_i)
     step = flow_fwd[rows, cols].astype(np.float64)
     target_x, target_y = cols + step[:, 0], rows + step[:, 1]
@@ -346,6 +348,12 @@ def lift_all_pairs(pairs: list[tuple[int, int]], load_pair: PairLoader, depth: n
     parts: list[dict[str, np.ndarray]] = []
     counts: dict[str, list[int]] = {}
     skipped = 0
+    edges: dict[int, np.ndarray] = {}   # depth edges per frame, computed once (a frame is in many pairs)
+
+    def frame_edges(frame: int) -> np.ndarray:
+        if frame not in edges:
+            edges[frame] = depth_edges(depth[frame], params.depth_edge_threshold)
+        return edges[frame]
     for i, j in tqdm(pairs, desc="3D flow pairs", unit="pair"):
         if not (registered[i] and registered[j]):
             skipped += 1
@@ -355,7 +363,8 @@ def lift_all_pairs(pairs: list[tuple[int, int]], load_pair: PairLoader, depth: n
         sizes = []
         for src, dst, flow, valid in directions:
             lifted = lift_flow_pairs(flow, valid, depth[src], depth[dst], K[src], w2c[src], w2c[dst],
-                                     params.depth_edge_threshold, params.points_per_pair, rng, K_j=K[dst])
+                                     params.depth_edge_threshold, params.points_per_pair, rng, K_j=K[dst],
+                                     edges_i=frame_edges(src), edges_j=frame_edges(dst))
             count = len(lifted["src_xy"])
             lifted["src_frame"] = np.full(count, src, np.int32)
             lifted["dst_frame"] = np.full(count, dst, np.int32)
