@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
-from data.datasets import DatasetFrames, linear_times
+from data.dataset_frames import DatasetFrames, linear_times
 from data.errors import InputError
 
 if TYPE_CHECKING:

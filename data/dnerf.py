@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.datasets import DatasetFrames, image_size, linear_times, read_json
+from data.dataset_frames import DatasetFrames, image_size, linear_times, read_json
 from data.errors import InputError
 from data.geometry import intrinsics_matrix, opengl_c2w_to_w2c
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from data.datasets import DatasetFrames, read_json
+from data.dataset_frames import DatasetFrames, read_json
 from data.errors import InputError
 from data.hypernerf import keep_camera, nerfies_frames
 

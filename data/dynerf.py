@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.datasets import DatasetFrames, linear_times
+from data.dataset_frames import DatasetFrames, linear_times
 from data.errors import InputError
 from data.geometry import intrinsics_matrix, invert_rigid, scale_intrinsics
 

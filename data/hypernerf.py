@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from data.datasets import DatasetFrames, image_size, read_json
+from data.dataset_frames import DatasetFrames, image_size, read_json
 from data.errors import InputError
 from data.geometry import intrinsics_matrix
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.datasets import DatasetFrames, linear_times, read_json
+from data.dataset_frames import DatasetFrames, linear_times, read_json
 from data.errors import InputError
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from data.datasets import DatasetFrames
+from data.dataset_frames import DatasetFrames
 from data.errors import InputError, ParameterError, StageFailure
 from data.geometry import camera_centers, intrinsics_matrix, interpolate_w2c, scale_intrinsics
 from data.images import write_gray, write_rgb
