@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import synthetic  # noqa: E402
+from data import artifacts, synthetic  # noqa: E402
 from stages import align, depth, frames  # noqa: E402
 from tests.test_align import (abs_rel, corrupted_inverse_depth, sample_static_points,  # noqa: E402
                               write_cameras_dir, write_masks_dir)
@@ -70,7 +70,7 @@ def main() -> None:
         sources: dict[str, tuple[Path, float | None]] = {}
         corrupted = root / "depth_corrupted"
         corrupted.mkdir()
-        depth.write_depth_folder(corrupted, corrupted_inverse_depth(scene, seed=args.seed), "relative_inverse",
+        artifacts.write_depth(corrupted, corrupted_inverse_depth(scene, seed=args.seed), "relative_inverse",
                                  backend="corrupted ground truth")
         sources["corrupted"] = (corrupted, None)
         _, seconds = run_stage(depth, {"frames": root / "frames"},
@@ -96,12 +96,12 @@ def main() -> None:
               f"{'cov static':>10s} {'cov moving':>10s} {'edge bad':>8s} {'depth s':>8s} {'align s':>8s}")
         band = depth_edge_band(scene.depth)
         for name, (folder, depth_seconds) in sources.items():
-            raw, kind = depth.load_depth(folder)
+            raw, kind = artifacts.read_depth(folder)
             raw_static = abs_rel(raw, scene.depth, static & (raw > 0)) if kind != "relative_inverse" else None
             out = root / f"align_{name.split()[0]}"
             figures, align_seconds = run_stage(align, {"depth": folder, "cameras": cameras, "masks": masks},
                                                align.Params(), out)
-            aligned = align.load_aligned_depth(out)
+            aligned = artifacts.read_aligned_depth(out)
             near_edges = band & (aligned > 0)
             edge_error = np.abs(aligned[near_edges] - scene.depth[near_edges]) / scene.depth[near_edges]
             row = {"kind": kind, "raw_static_abs_rel": raw_static,

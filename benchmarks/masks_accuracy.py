@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import synthetic  # noqa: E402
+from data import artifacts, synthetic  # noqa: E402
 from stages import flow, frames, masks, masks_refine  # noqa: E402
 from tests.test_masks import false_positive_share, ground_truth_geometry, mean_iou  # noqa: E402
 
@@ -50,7 +50,7 @@ def measure(preset: str, seed: int, depth_noise: float, root: Path) -> dict:
                      "cameras": cameras_dir, "align": align_dir}
     refine_seconds = timed_stage(masks_refine, refine_inputs, masks_refine.Params(), root / "masks_refine")
     for name, seconds in (("masks", first_seconds), ("masks_refine", refine_seconds)):
-        predicted = masks.load_masks(root / name) > 0
+        predicted = artifacts.read_masks(root / name) > 0
         results[name] = {"iou": round(mean_iou(predicted, truth), 4),
                          "false_positive_share": round(false_positive_share(predicted, truth), 5),
                          "seconds": round(seconds, 2)}

@@ -35,6 +35,7 @@ from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 
+from data.artifacts import MASKS_DIR
 from data.errors import InputError, ParameterError
 
 logger = logging.getLogger(__name__)
@@ -75,8 +76,6 @@ def training_inputs(work: Path) -> dict[str, Path]:
     ``frames``, ``cameras``, ``align``, ``tracks`` (those present) and, as ``masks``, the refined
     masks (``masks_refine``, the final ones the train stage was given) or, where the workspace has
     none, the first-pass ``masks``."""
-    from stages.masks import MASKS_DIR
-
     inputs = {name: work / name for name in ("init", "frames", "cameras", "align", "tracks") if (work / name).is_dir()}
     for stage in ("masks_refine", "masks"):
         if (work / stage / MASKS_DIR).is_dir():

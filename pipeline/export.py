@@ -44,6 +44,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from data.artifacts import (CAMERAS_FILE, DEPTH_FILE, PAIRS3D_FILE, POINTS_FILE, TRACKS_FILE, read_aligned_depth,
+                            read_cameras, read_cameras_meta, read_depth, read_pairs3d, read_points, read_tracks)
 from data.errors import InputError, ParameterError
 
 logger = logging.getLogger(__name__)
@@ -83,7 +85,7 @@ def depth_source(work: Path) -> tuple[Path, str]:
     if (Path(work) / "align" / "depth").is_dir():
         return Path(work) / "align", "align"
     try:
-        return stage_output(work, "depth", "depth.json"), "depth"
+        return stage_output(work, "depth", DEPTH_FILE), "depth"
     except InputError:
         raise InputError(f"neither the align nor the depth stage has run in {work}",
                          f"run `mono4d run --work {work} --until align` first") from None
@@ -92,10 +94,10 @@ def depth_source(work: Path) -> tuple[Path, str]:
 def check_prerequisites(work: Path, formats: list[str]) -> None:
     """Raise :class:`InputError` (naming the stage to run) for the first format whose inputs
     are missing, before anything is written."""
-    needs = {"ply": [("train", "model.pt")], "video": [("train", "model.pt"), ("cameras", "cameras.json")],
-             "colmap": [("frames", "frames.json"), ("cameras", "cameras.json"), ("cameras", "points.npz")],
-             "nerfstudio": [("frames", "frames.json"), ("cameras", "cameras.json")],
-             "tracks": [("tracks", "tracks.npz")], "depth": []}
+    needs = {"ply": [("train", "model.pt")], "video": [("train", "model.pt"), ("cameras", CAMERAS_FILE)],
+             "colmap": [("frames", "frames.json"), ("cameras", CAMERAS_FILE), ("cameras", POINTS_FILE)],
+             "nerfstudio": [("frames", "frames.json"), ("cameras", CAMERAS_FILE)],
+             "tracks": [("tracks", TRACKS_FILE)], "depth": []}
     for name in formats:
         for stage, required in needs[name]:
             stage_output(work, stage, required)
@@ -158,10 +160,8 @@ def image_name(file: str) -> str:
 def posed_cameras(work: Path) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray]:
     """The cameras stage folder, ``K (T, 3, 3)``, ``w2c (T, 4, 4)`` and the indices of the frames
     with a finite pose; :class:`InputError` when no frame has one."""
-    from stages.cameras import load_cameras
-
-    cameras_dir = stage_output(work, "cameras", "cameras.json")
-    K, w2c, _ = load_cameras(cameras_dir)
+    cameras_dir = stage_output(work, "cameras", CAMERAS_FILE)
+    K, w2c, _ = read_cameras(cameras_dir)
     posed = np.flatnonzero(np.isfinite(w2c).all(axis=(1, 2)))
     if len(posed) == 0:
         raise InputError(f"the cameras stage in {cameras_dir} posed no frame: there is nothing to export",
@@ -296,14 +296,12 @@ def export_colmap(work: Path, out: Path, final: Path) -> list[Path]:
     """COLMAP model of the posed frames and sparse points (see the module docstring); ``final``
     is where ``out`` will be renamed to (the images symlink is relative to it)."""
     from data.colmap import write_colmap_model
-    from stages.cameras import load_points, read_cameras_json
-
     cameras_dir, K, w2c, posed = posed_cameras(work)
     frames_dir = stage_output(work, "frames", "frames.json")
-    content = read_cameras_json(cameras_dir)
+    content = read_cameras_meta(cameras_dir)
     if len(posed) < len(w2c):
         logger.warning("COLMAP export: %d frames without a pose are left out", len(w2c) - len(posed))
-    points = load_points(cameras_dir)
+    points = read_points(cameras_dir)
     position = np.full(len(w2c), -1, np.int64)
     position[posed] = np.arange(len(posed))
     kept = position[points["obs_frame"]] >= 0 if len(points["obs_frame"]) else np.zeros(0, bool)
@@ -326,11 +324,10 @@ def export_nerfstudio(work: Path, out: Path, final: Path) -> list[Path]:
     """``transforms.json`` of the posed frames with image paths relative to ``final`` (where
     ``out`` will be renamed to) and normalised times."""
     from data.nerfstudio import write_nerfstudio_transforms
-    from stages.cameras import read_cameras_json
     from stages.frames import frame_paths
 
     cameras_dir, K, w2c, posed = posed_cameras(work)
-    content = read_cameras_json(cameras_dir)
+    content = read_cameras_meta(cameras_dir)
     images = frame_paths(stage_output(work, "frames", "frames.json"))
     files = [Path(os.path.relpath(images[i], final)).as_posix() for i in posed]
     times = posed / max(len(w2c) - 1, 1)
@@ -342,10 +339,8 @@ def export_nerfstudio(work: Path, out: Path, final: Path) -> list[Path]:
 def export_tracks(work: Path, out: Path) -> list[Path]:
     """Copies of ``tracks.npz`` (and ``pairs3d.npz`` when it exists) with CSV tables (see the
     module docstring)."""
-    from stages.tracks import PAIRS3D_FILE, TRACKS_FILE, load_pairs3d, load_tracks
-
     tracks_dir = stage_output(work, "tracks", TRACKS_FILE)
-    tracks = load_tracks(tracks_dir)
+    tracks = read_tracks(tracks_dir)
     shutil.copyfile(tracks_dir / TRACKS_FILE, out / TRACKS_FILE)
     xy = tracks["xy"]
     track_ids, frames = np.nonzero(np.isfinite(xy).all(axis=2))
@@ -356,7 +351,7 @@ def export_tracks(work: Path, out: Path) -> list[Path]:
     if not (tracks_dir / PAIRS3D_FILE).is_file():
         logger.info("tracks export: %s has no 3D flow pairs (no align/cameras stage); pairs3d.csv skipped", tracks_dir)
         return written
-    pairs = load_pairs3d(tracks_dir)
+    pairs = read_pairs3d(tracks_dir)
     shutil.copyfile(tracks_dir / PAIRS3D_FILE, out / PAIRS3D_FILE)
     table = np.column_stack([pairs["src_frame"], pairs["dst_frame"], pairs["src_xy"], pairs["dst_xy"],
                              pairs["src_xyz"], pairs["dst_xyz"]])
@@ -378,17 +373,14 @@ def export_depth(work: Path, out: Path, frames: str) -> list[Path]:
     """``{i:06d}.png`` 16-bit depth of the selected frames and ``scale.json`` (see the module
     docstring)."""
     from data.images import write_gray
-    from stages.align import load_aligned_depth
-    from stages.cameras import read_cameras_json
-    from stages.depth import load_depth
 
     folder, source = depth_source(work)
     if source == "align":
-        depth, kind = load_aligned_depth(folder), "z_depth"
-        has_cameras = (work / "cameras" / "cameras.json").is_file()
-        units = read_cameras_json(work / "cameras").get("units", "sfm") if has_cameras else "sfm"
+        depth, kind = read_aligned_depth(folder), "z_depth"
+        has_cameras = (work / "cameras" / CAMERAS_FILE).is_file()
+        units = read_cameras_meta(work / "cameras").get("units", "sfm") if has_cameras else "sfm"
     else:
-        depth, kind = load_depth(folder)
+        depth, kind = read_depth(folder)
         units = "relative" if kind.startswith("relative") else kind
     selected = parse_frame_selection(frames, len(depth))
     chosen = depth[selected]

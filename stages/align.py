@@ -21,12 +21,12 @@ filled from their neighbours (flag ``filled``); well-observed frames barely move
 Outputs in ``out_dir``: ``depth/000000.npy`` float32 z-depth (0 = invalid: no mono value,
 non-positive, or farther than ``max_depth_ratio`` x the 99th percentile of the SfM depths),
 ``vis/000000.png``, ``alignment.json`` (per-frame scale, shift, raw fit, residual, point counts,
-inlier fraction, filled/smoothed flags) and ``scatter.png`` (aligned mono depth vs SfM depth at
+inlier fraction, filled/smoothed flags; depth and record written by
+:func:`data.artifacts.write_aligned_depth`) and ``scatter.png`` (aligned mono depth vs SfM depth at
 the points of all frames, log-log; inliers green, outliers red).
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from data.artifacts import read_cameras, read_depth, read_masks, read_points, write_aligned_depth
 from data.errors import InputError, ParameterError, StageFailure
 from data.images import write_rgb
 from data.visualize import colorize_depth
@@ -239,22 +240,17 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     """Align ``inputs["depth"]`` to the SfM points of ``inputs["cameras"]`` (static pixels per
     ``inputs["masks"]`` when present) and write ``depth/``, ``vis/``, ``alignment.json``,
     ``scatter.png`` into ``out_dir``."""
-    from stages.cameras import load_cameras, load_points
-    from stages.depth import load_depth
-
     params.validate()
-    mono, kind = load_depth(inputs["depth"])
-    K, w2c, registered = load_cameras(inputs["cameras"])
-    points = load_points(inputs["cameras"])
+    mono, kind = read_depth(inputs["depth"])
+    K, w2c, registered = read_cameras(inputs["cameras"])
+    points = read_points(inputs["cameras"])
     num_frames, height, width = mono.shape
     if len(K) != num_frames:
         raise InputError(f"the depth stage has {num_frames} frames but the cameras stage {len(K)}",
                          "rerun both stages on the same frames")
     static = None
     if params.use_masks and "masks" in inputs:
-        from stages.masks import load_masks
-
-        static = dynamic_to_static(load_masks(inputs["masks"]), (height, width), params.mask_dilation)
+        static = dynamic_to_static(read_masks(inputs["masks"]), (height, width), params.mask_dilation)
     observed = observed_point_depths(points, np.where(np.isfinite(w2c), w2c, 0.0), num_frames)
     inverse = kind == "relative_inverse"
     rng = np.random.default_rng(params.seed)
@@ -271,14 +267,13 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     max_depth = params.max_depth_ratio * float(np.percentile(all_sfm, 99))
     smoothed = smooth_over_time(fits, params.temporal_drift)
 
-    (out_dir / "depth").mkdir(parents=True, exist_ok=True)
     (out_dir / "vis").mkdir(parents=True, exist_ok=True)
+    aligned = np.empty_like(mono)
     records, scatter_sfm, scatter_aligned, scatter_inlier = [], [], [], []
     for t, fit in enumerate(fits):
         scale, shift = (float(v) for v in smoothed[t])
-        depth = aligned_depth(mono[t], scale, shift, inverse, max_depth)
-        np.save(out_dir / "depth" / f"{t:06d}.npy", depth)
-        write_rgb(out_dir / "vis" / f"{t:06d}.png", colorize_depth(depth))
+        aligned[t] = aligned_depth(mono[t], scale, shift, inverse, max_depth)
+        write_rgb(out_dir / "vis" / f"{t:06d}.png", colorize_depth(aligned[t]))
         filled = not fit.information.any()
         residual = relative_residuals(scale, shift, fit.mono, fit.target) if len(fit.mono) else np.zeros(0)
         raw_prediction = fit.scale * fit.mono + fit.shift
@@ -303,7 +298,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     meta = {"depth_kind": kind, "fit_space": "inverse_depth" if inverse else "depth",
             "max_depth": max_depth, "invalid": "0", "units": "cameras", "masks_used": static is not None,
             "frames": records}
-    (out_dir / "alignment.json").write_text(json.dumps(meta, indent=2))
+    write_aligned_depth(out_dir, aligned, meta)
     residuals = [r["residual"] for r in records if r["residual"] is not None]
     figures = {"median_residual": round(float(np.median(residuals)), 4) if residuals else None,
                "mean_num_points": round(float(np.mean([r["num_points"] for r in records])), 1),
@@ -372,26 +367,3 @@ def write_scatter(path: Path, sfm_depth: np.ndarray, aligned: np.ndarray, inlier
         canvas[np.minimum(ys[selection] + 1, size - 1), xs[selection]] = color
         canvas[ys[selection], np.minimum(xs[selection] + 1, size - 1)] = color
     write_rgb(path, canvas)
-
-
-def read_depth_kind(align_dir: Path) -> str | None:
-    """The depth stage's kind ("relative_inverse", "metric", "sfm") the align stage recorded in
-    ``alignment.json``; None when the file is absent (e.g. aligned depth written by other tools)."""
-    path = Path(align_dir) / "alignment.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text()).get("depth_kind")
-    except (json.JSONDecodeError, AttributeError) as error:
-        raise InputError(f"{path} is not a valid alignment record ({error})",
-                         "rerun the align stage (delete the folder or change an align parameter)") from None
-
-
-def load_aligned_depth(align_dir: Path) -> np.ndarray:
-    """Read the align stage's output: ``(T, H, W)`` float32 z-depth in the cameras' units, 0 = invalid."""
-    align_dir = Path(align_dir)
-    files = sorted((align_dir / "depth").glob("*.npy"))
-    if not files:
-        raise InputError(f"no aligned depth maps in {align_dir / 'depth'}",
-                         "rerun the align stage (delete the folder or change an align parameter)")
-    return np.stack([np.load(path) for path in files]).astype(np.float32)

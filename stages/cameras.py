@@ -17,12 +17,12 @@ Three modes:
   Panoptic ``train_meta.json``, nerfstudio ``transforms.json`` or a COLMAP model folder) and
   matched to the frames by order; intrinsics are rescaled to the frames' size.
 
-Outputs (see :func:`load_cameras`, :func:`load_points`): ``cameras.json``, ``points.npz``,
-``sparse/`` (a COLMAP model of the result, in every mode) and ``vis/trajectory.png``.
+Outputs: ``cameras.json`` and ``points.npz`` (see :func:`data.artifacts.write_cameras`,
+:func:`~data.artifacts.write_points`), ``sparse/`` (a COLMAP model of the result, in every mode)
+and ``vis/trajectory.png``.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import tempfile
@@ -34,6 +34,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from data.artifacts import empty_points, read_masks, write_cameras, write_points
 from data.dataset_frames import DatasetFrames
 from data.errors import InputError, ParameterError, StageFailure
 from data.geometry import camera_centers, intrinsics_matrix, interpolate_w2c, scale_intrinsics
@@ -44,8 +45,6 @@ logger = logging.getLogger(__name__)
 MODES = ("colmap", "static", "known")
 CAMERA_MODELS = ("SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "OPENCV")
 MATCHERS = ("auto", "sequential", "exhaustive")
-CAMERAS_FILE = "cameras.json"
-POINTS_FILE = "points.npz"
 SPARSE_DIR = "sparse"
 #: Focal length prior for an unknown lens, as a multiple of the longer image side (COLMAP's default).
 DEFAULT_FOCAL_FACTOR = 1.2
@@ -150,55 +149,6 @@ class Params:
         if self.mode == "known" and not self.known_path:
             raise ParameterError("cameras.mode=known needs cameras.known_path",
                                  "set it to a transforms_*.json, transforms.json, train_meta.json or COLMAP model folder")
-
-
-# ----------------------------------------------------------------------------------------------
-# Loaders
-
-
-def load_cameras(cameras_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cameras of a finished cameras stage.
-
-    Returns ``K (T, 3, 3)`` float64, ``w2c (T, 4, 4)`` float64 OpenCV world-to-camera and
-    ``registered (T,)`` bool (COLMAP registered the frame, or its pose is given by the mode).
-    Interpolated frames have ``registered`` False and a finite ``w2c`` (``cameras.json`` has
-    their ``interpolated`` flag); frames without any pose have a NaN ``w2c``.
-    """
-    content = read_cameras_json(cameras_dir)
-    frames = content["frames"]
-    K = np.array([frame["K"] for frame in frames], dtype=np.float64).reshape(-1, 3, 3)
-    w2c = np.array([np.full((4, 4), np.nan) if frame["w2c"] is None else frame["w2c"] for frame in frames],
-                   dtype=np.float64).reshape(-1, 4, 4)
-    registered = np.array([bool(frame["registered"]) for frame in frames], dtype=bool)
-    return K, w2c, registered
-
-
-def read_cameras_json(cameras_dir: str | Path) -> dict:
-    """The parsed ``cameras.json`` (see the module docstring); :class:`InputError` when absent."""
-    path = Path(cameras_dir) / CAMERAS_FILE
-    if not path.is_file():
-        raise InputError(f"{path} is missing: {cameras_dir} is not a finished cameras stage output",
-                         "run the cameras stage first")
-    return json.loads(path.read_text())
-
-
-def load_points(cameras_dir: str | Path) -> dict[str, np.ndarray]:
-    """Sparse points: ``xyz (P, 3) float32``, ``rgb (P, 3) uint8``, ``error (P,) float32``
-    (reprojection error, px), and observations ``obs_frame (M,) int32``, ``obs_point (M,) int32``
-    (row of ``xyz``), ``obs_xy (M, 2) float32`` (pixels). Empty arrays when there are no points."""
-    path = Path(cameras_dir) / POINTS_FILE
-    if not path.is_file():
-        raise InputError(f"{path} is missing: {cameras_dir} is not a finished cameras stage output",
-                         "run the cameras stage first")
-    with np.load(path) as data:
-        return {key: data[key] for key in data.files}
-
-
-def empty_points() -> dict[str, np.ndarray]:
-    """The ``points.npz`` arrays with no points."""
-    return {"xyz": np.zeros((0, 3), np.float32), "rgb": np.zeros((0, 3), np.uint8),
-            "error": np.zeros(0, np.float32), "obs_frame": np.zeros(0, np.int32),
-            "obs_point": np.zeros(0, np.int32), "obs_xy": np.zeros((0, 2), np.float32)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -587,9 +537,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     else:
         masks = None
         if "masks" in inputs:
-            from stages.masks import load_masks
-
-            masks = load_masks(inputs["masks"])
+            masks = read_masks(inputs["masks"])
             if masks.shape != (num_frames, height, width):
                 raise InputError(f"masks {masks.shape} do not match the frames ({num_frames}, {height}, {width})",
                                  "rerun the masks stage on the current frames")
@@ -640,16 +588,10 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
             K[index] = K[registered_indices[np.argmin(np.abs(registered_indices - index))]]
 
     posed = np.isfinite(w2c).all(axis=(1, 2))
-    frames_out = [{"index": index, "file": names[index], "K": K[index].tolist(),
-                   "w2c": w2c[index].tolist() if posed[index] else None,
-                   "registered": bool(registered[index]), "interpolated": bool(interpolated[index])}
-                  for index in range(num_frames)]
-    content = {"width": width, "height": height, "model": params.camera_model if params.mode == "colmap" else "PINHOLE",
-               "units": units, "mode": params.mode, "frames": frames_out}
-    if colmap_cameras:
-        content["colmap_cameras"] = colmap_cameras
-    (out_dir / CAMERAS_FILE).write_text(json.dumps(content, indent=1))
-    np.savez_compressed(out_dir / POINTS_FILE, **points)
+    write_cameras(out_dir, K, w2c, registered, names, width, height, interpolated=interpolated,
+                  model=params.camera_model if params.mode == "colmap" else "PINHOLE", units=units, mode=params.mode,
+                  colmap_cameras=colmap_cameras)
+    write_points(out_dir, points)
     if write_sparse:
         write_colmap_model(out_dir / SPARSE_DIR, K[posed], w2c[posed], width, height,
                            [Path(names[index]).name for index in np.flatnonzero(posed)],

@@ -18,16 +18,16 @@ Backends (``Params.backend``):
   sparse points (see :mod:`stages.depth_backends` for the method and its limits on moving
   objects); z-depth in the cameras' units.
 
-Outputs in ``out_dir``: ``depth/000000.npy`` float32 ``(H, W)`` per frame, ``vis/000000.png``
-colourised (near = warm, invalid = black; one colour range for the whole clip for z-depth kinds), ``depth.json`` = {"kind": "relative_inverse" | "metric" | "sfm",
-"invalid": "0", "backend" (the one that ran), "auto_chosen", "model", "num_frames", "width", "height",
-"files"}. Values <= 0 are
+Outputs in ``out_dir``: ``depth/000000.npy`` float32 ``(H, W)`` per frame and ``depth.json`` =
+{"kind": "relative_inverse" | "metric" | "sfm", "invalid": "0", "backend" (the one that ran),
+"auto_chosen", "model", "num_frames", "width", "height", "files"} (see
+:func:`data.artifacts.write_depth`), and ``vis/000000.png`` colourised (near = warm, invalid =
+black; one colour range for the whole clip for z-depth kinds). Values <= 0 are
 invalid. For ``relative_inverse`` larger means nearer, up to an unknown scale and shift; the
 align stage turns every kind into z-depth in the cameras' units.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,7 @@ from typing import Mapping
 import numpy as np
 from tqdm import tqdm
 
+from data.artifacts import DEPTH_KINDS, read_cameras, read_points, write_depth
 from data.errors import InputError, ParameterError, StageFailure
 from data.images import write_rgb
 from data.visualize import colorize, colorize_depth
@@ -44,7 +45,6 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("transformers", "file", "sfm")
 AUTO = "auto"
-KINDS = ("relative_inverse", "metric", "sfm")
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,8 @@ class Params:
             (self.output_kind in ("auto", "relative_inverse", "metric"),
              f"depth.output_kind must be auto, relative_inverse or metric, not '{self.output_kind}'"),
             (self.file_scale > 0, f"depth.file_scale must be > 0, not {self.file_scale}"),
-            (self.file_kind in KINDS, f"depth.file_kind must be one of {', '.join(KINDS)}, not '{self.file_kind}'"),
+            (self.file_kind in DEPTH_KINDS,
+             f"depth.file_kind must be one of {', '.join(DEPTH_KINDS)}, not '{self.file_kind}'"),
             (not (self.backend == "file" and not self.file_path),
              "depth.backend=file needs depth.file_path (the folder of depth maps)"),
             (1 <= self.sfm_neighbors <= 16, f"depth.sfm_neighbors must be in 1..16, not {self.sfm_neighbors}"),
@@ -199,7 +200,6 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
         depth = read_depth_files(Path(params.file_path).expanduser(), num_frames, size, params.file_scale)
         kind = params.file_kind
     else:
-        from stages.cameras import load_cameras, load_points
         from stages.depth_backends import estimate_sfm_depth, transformers_model_availability
 
         if params.auto_chosen:
@@ -209,12 +209,12 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
         if "cameras" not in inputs:
             raise InputError("the sfm depth backend needs the cameras stage output",
                              "run the cameras stage first (the pipeline does this for depth.backend=sfm)")
-        K, w2c, registered = load_cameras(inputs["cameras"])
+        K, w2c, registered = read_cameras(inputs["cameras"])
         if len(K) != num_frames:
             raise InputError(f"cameras stage has {len(K)} cameras but there are {num_frames} frames",
                              "rerun the cameras stage on the current frames")
         depth, stats = estimate_sfm_depth(
-            load_frames(inputs["frames"]), K, w2c, registered, load_points(inputs["cameras"]),
+            load_frames(inputs["frames"]), K, w2c, registered, read_points(inputs["cameras"]),
             num_neighbors=params.sfm_neighbors, num_planes=params.sfm_num_planes, window=params.sfm_window,
             max_side=params.sfm_max_side, min_score=params.sfm_min_score, consistency=params.sfm_consistency,
             min_consistent=params.sfm_min_consistent, max_gap=params.sfm_max_gap,
@@ -236,7 +236,8 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     if valid_fraction == 0.0:
         raise StageFailure(f"the {params.backend} depth backend produced no valid depth at all",
                            "check the inputs (frames, cameras, depth files) or try another depth.backend")
-    write_depth_folder(out_dir, depth, kind, backend=params.backend, model=model_name, auto_chosen=params.auto_chosen)
+    write_depth_vis(out_dir, depth, kind)
+    write_depth(out_dir, depth, kind, backend=params.backend, model=model_name, auto_chosen=params.auto_chosen)
     if valid_fraction < 0.5:
         notes.append(f"only {valid_fraction:.0%} of pixels have depth")
     figures.update({"num_frames": num_frames, "backend": params.backend, "auto_chosen": params.auto_chosen,
@@ -270,34 +271,9 @@ def clip_inverse_range(depth: np.ndarray, max_samples: int = 1_000_000) -> tuple
     return float(low), float(high)
 
 
-def write_depth_folder(out_dir: Path, depth: np.ndarray, kind: str, backend: str, model: str = "",
-                       auto_chosen: bool = False) -> None:
-    """Write ``depth/``, ``vis/`` and ``depth.json`` for ``depth`` ``(T, H, W)`` float32 (0 = invalid);
-    ``auto_chosen``: the backend was picked by ``depth.backend=auto``."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown depth kind {kind}")
-    (out_dir / "depth").mkdir(parents=True, exist_ok=True)
+def write_depth_vis(out_dir: Path, depth: np.ndarray, kind: str) -> None:
+    """Write ``vis/{t:06d}.png``, the colour pictures (:func:`depth_vis`) of ``depth (T, H, W)``."""
     (out_dir / "vis").mkdir(parents=True, exist_ok=True)
-    files = []
     inverse_range = None if kind == "relative_inverse" else clip_inverse_range(depth)
     for index, frame_depth in enumerate(depth):
-        name = f"{index:06d}"
-        np.save(out_dir / "depth" / f"{name}.npy", frame_depth.astype(np.float32))
-        write_rgb(out_dir / "vis" / f"{name}.png", depth_vis(frame_depth, kind, inverse_range))
-        files.append(f"depth/{name}.npy")
-    meta = {"kind": kind, "invalid": "0", "backend": backend, "auto_chosen": bool(auto_chosen), "model": model,
-            "num_frames": int(len(depth)),
-            "width": int(depth.shape[2]), "height": int(depth.shape[1]), "files": files}
-    (out_dir / "depth.json").write_text(json.dumps(meta, indent=2))
-
-
-def load_depth(depth_dir: Path) -> tuple[np.ndarray, str]:
-    """Read a depth stage folder: ``(T, H, W)`` float32 maps (<= 0 = invalid) and their kind."""
-    depth_dir = Path(depth_dir)
-    try:
-        meta = json.loads((depth_dir / "depth.json").read_text())
-        depth = np.stack([np.load(depth_dir / name) for name in meta["files"]]).astype(np.float32)
-    except (OSError, ValueError, KeyError) as error:
-        raise InputError(f"cannot read the depth stage output in {depth_dir}: {error}",
-                         "rerun the depth stage (delete the folder or change a depth parameter)") from error
-    return depth, meta["kind"]
+        write_rgb(out_dir / "vis" / f"{index:06d}.png", depth_vis(frame_depth, kind, inverse_range))

@@ -16,20 +16,19 @@ flow sampled bilinearly); the same test, roles swapped, gives the backward mask.
 Outputs: ``pairs.json`` {"pairs": [[i, j], ...], "backend", "width", "height", ...},
 ``pairs/{i:06d}_{j:06d}.npz`` (``forward``/``backward`` (H, W, 2) float16 pixels, stored
 uncompressed: deflate saves a fifth of their size for as much CPU time as DIS itself;
-``valid_forward``/``valid_backward`` (H, W) bool, deflated; read them with :func:`load_pair`) and
+``valid_forward``/``valid_backward`` (H, W) bool, deflated; written and read by
+:func:`data.artifacts.write_flow_pair`/:func:`~data.artifacts.read_flow_pair`) and
 ``vis/{i:06d}_{j:06d}.png`` flow colour images of the consecutive pairs (invalid = black).
 Flow vectors are (dx, dy) in pixels; ``flow[r, c]`` moves the pixel at row r, column c.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import threading
 import time
-import zipfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,6 +40,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from data.artifacts import flow_pair_name, write_flow_meta, write_flow_pair
 from data.errors import InputError, ParameterError
 from data.images import read_rgb, write_rgb
 from data.visualize import flow_to_color
@@ -50,8 +50,6 @@ logger = logging.getLogger(__name__)
 T_item = TypeVar("T_item")
 T_result = TypeVar("T_result")
 
-PAIRS_FILE = "pairs.json"
-PAIRS_DIR = "pairs"
 VIS_DIR = "vis"
 BACKENDS = ("dis", "raft")
 DIS_PRESETS = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST, "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
@@ -323,27 +321,14 @@ def opencv_threads(count: int) -> Iterator[None]:
         cv2.setNumThreads(previous)
 
 
-def save_pair(path: Path, forward: np.ndarray, backward: np.ndarray, valid_forward: np.ndarray,
-              valid_backward: np.ndarray) -> None:
-    """Write one pair's npz (see the module docstring): flows as float16, stored; masks deflated."""
-    arrays = {"forward": forward.astype(np.float16), "backward": backward.astype(np.float16),
-              "valid_forward": valid_forward, "valid_backward": valid_backward}
-    with zipfile.ZipFile(path, "w") as archive:
-        for name, array in arrays.items():
-            member = zipfile.ZipInfo(f"{name}.npy")
-            member.compress_type = zipfile.ZIP_DEFLATED if array.dtype == bool else zipfile.ZIP_STORED
-            with archive.open(member, "w", force_zip64=True) as handle:
-                np.lib.format.write_array(handle, np.ascontiguousarray(array), allow_pickle=False)
-
-
 def write_pair(out_dir: Path, i: int, j: int, forward: np.ndarray, backward: np.ndarray, params: Params) -> float:
     """Consistency masks and files of pair ``(i, j)`` (npz; a colour PNG for consecutive pairs).
     Returns the mean valid fraction of both directions."""
     valid_forward = consistency_mask(forward, backward, params.fb_threshold, params.fb_relative)
     valid_backward = consistency_mask(backward, forward, params.fb_threshold, params.fb_relative)
-    save_pair(out_dir / PAIRS_DIR / f"{pair_name(i, j)}.npz", forward, backward, valid_forward, valid_backward)
+    write_flow_pair(out_dir, i, j, forward, backward, valid_forward, valid_backward)
     if j == i + 1:
-        write_rgb(out_dir / VIS_DIR / f"{pair_name(i, j)}.png", flow_to_color(forward, valid_forward))
+        write_rgb(out_dir / VIS_DIR / f"{flow_pair_name(i, j)}.png", flow_to_color(forward, valid_forward))
     return 0.5 * (float(valid_forward.mean()) + float(valid_backward.mean()))
 
 
@@ -407,11 +392,6 @@ def compute_pairs(engine: DisFlow | RaftFlow, batch_size: int, paths: list[Path]
     return shape, valid_fractions, compute_seconds
 
 
-def pair_name(i: int, j: int) -> str:
-    """File stem of pair ``(i, j)``: ``"000003_000004"``."""
-    return f"{i:06d}_{j:06d}"
-
-
 def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     """Compute flow for the selected pairs of ``inputs["frames"]`` into ``out_dir``.
 
@@ -446,7 +426,6 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     engine, batch_size = make_backend(params)
 
     out_dir = Path(out_dir)
-    (out_dir / PAIRS_DIR).mkdir(parents=True, exist_ok=True)
     (out_dir / VIS_DIR).mkdir(parents=True, exist_ok=True)
     workers = worker_count()
     with opencv_threads(1 if workers > 1 and isinstance(engine, DisFlow) else cv2.getNumThreads()), \
@@ -461,7 +440,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
         meta.update(dis_preset=params.dis_preset, dis_finest_level=engine.finest_level(*shape))
     else:
         meta.update(raft_model=params.raft_model, raft_iterations=params.raft_iterations)
-    (out_dir / PAIRS_FILE).write_text(json.dumps(meta))
+    write_flow_meta(out_dir, meta)
     mean_valid = float(np.mean(valid_fractions))
     figures: dict = {"backend": params.backend, "num_frames": num_frames, "num_pairs": len(pairs),
                      "mean_valid_fraction": round(mean_valid, 4),
@@ -472,43 +451,3 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     logger.info("flow: %d pairs of %d frames, %.0f%% consistent, %.1f ms/pair", len(pairs), num_frames,
                 100 * mean_valid, figures["ms_per_pair"])
     return figures
-
-
-def read_pairs_meta(flow_dir: str | Path) -> dict:
-    """The ``pairs.json`` of a flow stage output; :class:`InputError` when missing or unreadable."""
-    path = Path(flow_dir) / PAIRS_FILE
-    if not path.is_file():
-        raise InputError(f"{path} is missing: {flow_dir} is not a finished flow stage output",
-                         "run the flow stage first")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(f"{path} is not valid JSON ({error})", "delete the flow folder and run the flow stage again") from error
-
-
-def list_pairs(flow_dir: str | Path) -> list[tuple[int, int]]:
-    """The stored pairs ``(i, j)`` (``i < j``), in the order of ``pairs.json``."""
-    return [(int(i), int(j)) for i, j in read_pairs_meta(flow_dir)["pairs"]]
-
-
-def load_pair(flow_dir: str | Path, i: int, j: int) -> dict[str, np.ndarray]:
-    """Flow between frames ``i`` and ``j``: ``forward`` (i->j) and ``backward`` (j->i) as
-    ``(H, W, 2)`` float32 pixels, ``valid_forward``/``valid_backward`` ``(H, W)`` bool.
-
-    Asking for ``(j, i)`` of a stored ``(i, j)`` returns it with the directions swapped.
-    """
-    path = Path(flow_dir) / PAIRS_DIR / f"{pair_name(i, j)}.npz"
-    swapped = not path.is_file()
-    if swapped:
-        path = Path(flow_dir) / PAIRS_DIR / f"{pair_name(j, i)}.npz"
-        if not path.is_file():
-            raise InputError(f"flow pair ({i}, {j}) is not stored in {flow_dir}",
-                             "list the stored pairs with stages.flow.list_pairs, or rerun the flow stage")
-    with np.load(path) as data:
-        pair = {"forward": data["forward"].astype(np.float32), "backward": data["backward"].astype(np.float32),
-                "valid_forward": data["valid_forward"].astype(bool), "valid_backward": data["valid_backward"].astype(bool)}
-    if swapped:
-        pair = {"forward": pair["backward"], "backward": pair["forward"],
-                "valid_forward": pair["valid_backward"], "valid_backward": pair["valid_forward"]}
-    return pair
-

@@ -430,12 +430,11 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     """
     import torch
 
+    from data.artifacts import (LABELS_FILE, read_aligned_depth, read_cameras, read_cameras_meta, read_labels, read_masks,
+                                read_pairs3d)
     from models.gaussians import SceneModel, create_params, save_model
-    from stages.align import load_aligned_depth
-    from stages.cameras import load_cameras, read_cameras_json
     from stages.frames import load_frames
-    from stages.masks import LABELS_FILE, load_labels, load_masks
-    from stages.tracks import depth_edges, load_pairs3d
+    from stages.tracks import depth_edges
 
     params.validate()
     for name in ("frames", "cameras", "align", "masks", "tracks"):
@@ -448,10 +447,10 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     rng = np.random.default_rng(params.seed)
 
     images = load_frames(inputs["frames"])
-    K, w2c, _ = load_cameras(inputs["cameras"])
-    depth = load_aligned_depth(inputs["align"])
-    masks = load_masks(inputs["masks"])
-    pairs = load_pairs3d(inputs["tracks"])
+    K, w2c, _ = read_cameras(inputs["cameras"])
+    depth = read_aligned_depth(inputs["align"])
+    masks = read_masks(inputs["masks"])
+    pairs = read_pairs3d(inputs["tracks"])
     num_frames, height, width = images.shape[:3]
     if num_frames < 2:
         raise InputError("the init stage needs at least 2 frames", "extract more frames (frames.max_frames)")
@@ -550,9 +549,9 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
         torch.as_tensor(points, dtype=torch.float32), torch.as_tensor(colors, dtype=torch.float32),
         torch.as_tensor(np.repeat(scales[:, None], 3, axis=1), dtype=torch.float32),
         torch.as_tensor(is_dynamic), params.sh_degree, params.init_opacity, torch.as_tensor(labels))
-    names = load_labels(inputs["masks"]) if (Path(inputs["masks"]) / LABELS_FILE).is_file() else {0: "background"}
+    names = read_labels(inputs["masks"]) if (Path(inputs["masks"]) / LABELS_FILE).is_file() else {0: "background"}
     names.update(parse_label_names(params.label_names))
-    units = read_cameras_json(inputs["cameras"]).get("units", "sfm")
+    units = read_cameras_meta(inputs["cameras"]).get("units", "sfm")
     meta = {"num_frames": num_frames, "width": width, "height": height, "times": times.tolist(),
             "train_frames": train_frames, "holdout_frames": held_out, "scene_scale": scene_scale, "units": units,
             "stage": "init", "params": asdict(params), "labels": {str(k): v for k, v in sorted(names.items())}}

@@ -33,17 +33,16 @@ Backends (``Params.backend``):
 - ``sam`` / ``sam2`` (need frames; see :mod:`stages.masks_sam`): prompted segment-anything
   with flow-guided re-prompting, or the SAM2 video model of transformers.
 
-Outputs: ``masks/000000.png`` (uint8 label map per frame), ``labels.json`` =
+Outputs (masks and labels in the layout of :func:`data.artifacts.write_masks`): ``masks/000000.png``
+(uint8 label map per frame), ``labels.json`` =
 ``{"labels": {"0": "background", "1": ..., ...}, "backend": ...}``, ``vis/000000.png``
 (labels drawn over the frame) and, for ``motion``, ``vis/cues/score_000000.png`` and
 ``vis/cues/confidence_000000.png`` (the score and flow confidence the decision rests on).
 """
 from __future__ import annotations
 
-import functools
-import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,22 +50,22 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from data.artifacts import write_masks
 from data.errors import InputError, ParameterError
-from data.images import read_gray, write_gray, write_rgb
+from data.images import write_gray, write_rgb
 from data.visualize import colorize, overlay_labels
-from stages import flow as flow_stage
 from stages import frames as frames_stage
+from stages.masks_common import (FlowFn, StageFlow, clean_binary, clean_labels, dilate_labels, disk, morph_radius,
+                                  pixel_grid, require_consecutive_pairs, warp_backward)
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("motion", "file", "sam", "sam2")
 SAM_MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
-MASKS_DIR = "masks"
 VIS_DIR = "vis"
 CUES_DIR = "cues"  # under vis/: score_000000.png, confidence_000000.png (motion backend)
 # Residual scores are drawn from 0 up to this many times the threshold.
 CUE_SCORE_RANGE = 4.0
-LABELS_FILE = "labels.json"
 DYNAMIC_LABEL = 1
 MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # Grey values above this in a user mask mean a binary 0/255 (or anti-aliased) mask, not label ids.
@@ -107,12 +106,6 @@ _VOTE_MIN_WEIGHT = 2.0
 # to where the colours of the object and its surroundings part; GrabCut iterations.
 _SNAP_BAND = 5
 _SNAP_ITERATIONS = 3
-# Flow pairs kept in memory by StageFlow.
-_FLOW_CACHE_PAIRS = 3
-# Morphological structuring radius as a fraction of the image diagonal (at least 1 pixel).
-_MORPH_RADIUS_FRACTION = 0.004
-
-FlowFn = Callable[[int, int], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -219,161 +212,6 @@ class Params:
         if self.backend == "motion":
             return True
         return self.backend == "file" and Path(self.mask_path).suffix.lower() in MASK_SUFFIXES
-
-
-# ---------------------------------------------------------------------------------------------
-# Flow access and warping
-
-
-@functools.lru_cache(maxsize=4)
-def pixel_grid(height: int, width: int) -> np.ndarray:
-    """``(H, W, 2)`` float32 pixel coordinates (x, y) of the pixels (x right, y down), read-only."""
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    grid = np.stack([xs, ys], axis=-1)
-    grid.flags.writeable = False
-    return grid
-
-
-def warp_backward(values: np.ndarray, flow: np.ndarray, nearest: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Sample ``values`` (``(H, W)`` or ``(H, W, C)``, of frame b) at ``x + flow(x)`` for every
-    pixel x of frame a, where ``flow`` ``(H, W, 2)`` maps a -> b. Returns the warped values and
-    ``inside (H, W) bool`` (the target fell inside frame b)."""
-    height, width = flow.shape[:2]
-    grid = pixel_grid(height, width) + flow
-    interpolation = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
-    warped = cv2.remap(np.ascontiguousarray(values), grid[..., 0], grid[..., 1], interpolation,
-                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    inside = (grid[..., 0] >= -0.5) & (grid[..., 0] <= width - 0.5) & (grid[..., 1] >= -0.5) & (grid[..., 1] <= height - 0.5)
-    return warped, inside
-
-
-def resize_pair(pair: dict, scale: float) -> dict:
-    """A flow pair (``forward``/``backward`` ``(H, W, 2)`` pixels, ``valid_*`` ``(H, W)`` bool)
-    resized by ``scale``: fields area-averaged and their vectors scaled; a resized pixel is
-    valid only where all the pixels it averages were."""
-    if scale == 1.0:
-        return pair
-    height, width = pair["forward"].shape[:2]
-    size = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
-    resized = {}
-    for key in ("forward", "backward"):
-        field = cv2.resize(pair[key], size, interpolation=cv2.INTER_AREA)
-        field[..., 0] *= size[0] / width
-        field[..., 1] *= size[1] / height
-        resized[key] = field
-    for key in ("valid_forward", "valid_backward"):
-        resized[key] = cv2.resize(pair[key].astype(np.float32), size, interpolation=cv2.INTER_AREA) > 0.999
-    return resized
-
-
-class StageFlow:
-    """Dense flow between frames from the flow stage's pairs: ``flow(a, b)`` is ``(H, W, 2)``
-    float32 pixels mapping frame a to frame b (the stored pair's forward or backward field),
-    resized by ``scale`` (fields and vectors; see :func:`resize_pair`) when it is not 1.
-
-    Keeps the last few loaded pairs, so sweeps that ask for (t-1, t) and (t, t+1) read each
-    file once."""
-
-    def __init__(self, flow_dir: Path, scale: float = 1.0) -> None:
-        self.flow_dir = Path(flow_dir)
-        self.scale = float(scale)
-        self.pairs = flow_stage.list_pairs(self.flow_dir)
-        self._stored = set(self.pairs)
-        self._cache: dict[tuple[int, int], dict] = {}
-
-    def has(self, a: int, b: int) -> bool:
-        """Whether the flow stage computed the pair (a, b) in either direction."""
-        return (a, b) in self._stored or (b, a) in self._stored
-
-    def pair(self, a: int, b: int) -> dict:
-        """Pair (a, b): ``forward`` (a -> b), ``backward``, ``valid_forward``, ``valid_backward``."""
-        if not self.has(a, b):
-            raise InputError(f"the flow stage in {self.flow_dir} has no pair between frames {a} and {b}",
-                             "rerun the flow stage with its default pairs (every consecutive pair) and rerun masks")
-        key = (min(a, b), max(a, b))
-        if key not in self._cache:
-            if len(self._cache) >= _FLOW_CACHE_PAIRS:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = resize_pair(flow_stage.load_pair(self.flow_dir, *key), self.scale)
-        stored = self._cache[key]
-        if a < b:
-            return stored
-        return {"forward": stored["backward"], "backward": stored["forward"],
-                "valid_forward": stored["valid_backward"], "valid_backward": stored["valid_forward"]}
-
-    def __call__(self, a: int, b: int) -> np.ndarray:
-        return self.pair(a, b)["forward"]
-
-
-def require_consecutive_pairs(flows: StageFlow, num_frames: int) -> None:
-    """Raise :class:`InputError` unless the flow stage holds every pair (t, t+1)."""
-    missing = [t for t in range(num_frames - 1) if not flows.has(t, t + 1)]
-    if missing:
-        raise InputError(f"the flow stage output {flows.flow_dir} lacks {len(missing)} consecutive pair(s), "
-                         f"e.g. ({missing[0]}, {missing[0] + 1})",
-                         "rerun the flow stage so it computes every consecutive pair (t, t+1)")
-
-
-# ---------------------------------------------------------------------------------------------
-# Mask cleaning (shared by all backends)
-
-
-def morph_radius(height: int, width: int) -> int:
-    """Radius (pixels) of the morphological cleaning, proportional to the image diagonal."""
-    return max(1, int(round(_MORPH_RADIUS_FRACTION * float(np.hypot(height, width)))))
-
-
-def _disk(radius: int) -> np.ndarray:
-    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-
-
-def fill_holes(binary: np.ndarray) -> np.ndarray:
-    """Fill background regions of a ``(H, W) bool`` mask that do not touch the image border."""
-    background = (~binary).astype(np.uint8)
-    count, components = cv2.connectedComponents(background, connectivity=4)
-    border = np.unique(np.concatenate([components[0], components[-1], components[:, 0], components[:, -1]]))
-    enclosed = ~np.isin(components, border) & (background > 0)
-    return binary | enclosed
-
-
-def remove_small_components(binary: np.ndarray, min_area: int) -> np.ndarray:
-    """Drop 8-connected regions of a ``(H, W) bool`` mask with fewer than ``min_area`` pixels."""
-    if min_area <= 1 or not binary.any():
-        return binary
-    count, components, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_area
-    keep[0] = False
-    return keep[components]
-
-
-def clean_binary(binary: np.ndarray, radius: int, min_area: int) -> np.ndarray:
-    """Open (drop specks) and close (bridge gaps) with a disk of ``radius`` pixels (0 = skip),
-    remove regions under ``min_area`` pixels and fill holes of a ``(H, W) bool`` mask."""
-    mask = binary.astype(np.uint8)
-    if radius > 0:
-        kernel = _disk(radius)
-        mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
-        mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
-    return fill_holes(remove_small_components(mask > 0, min_area))
-
-
-def clean_labels(labels: np.ndarray, radius: int, min_area: int) -> np.ndarray:
-    """:func:`clean_binary` applied to each label of a ``(H, W) uint8`` label map; where cleaned
-    regions overlap, the higher label id wins."""
-    out = np.zeros_like(labels)
-    for label in np.unique(labels):
-        if label == 0:
-            continue
-        out[clean_binary(labels == label, radius, min_area)] = label
-    return out
-
-
-def dilate_labels(labels: np.ndarray, pixels: int) -> np.ndarray:
-    """Grow every labelled region of a ``(H, W) uint8`` map by ``pixels`` into the background."""
-    if pixels <= 0 or not labels.any():
-        return labels
-    grown = cv2.dilate(labels, _disk(pixels))
-    return np.where(labels > 0, labels, grown).astype(np.uint8)
 
 
 def temporal_mean(values: np.ndarray, flow: FlowFn, window: int) -> np.ndarray:
@@ -559,7 +397,7 @@ def texture_confidence(gray: np.ndarray, radius: int) -> np.ndarray:
     smaller = 0.5 * (jxx + jyy - np.sqrt((jxx - jyy) ** 2 + 4.0 * jxy ** 2))
     strength = np.sqrt(np.maximum(smaller, 0.0))
     # the window's minimum: a flat pixel next to a textured one stays unreliable
-    strength = cv2.erode(strength, _disk(radius))
+    strength = cv2.erode(strength, disk(radius))
     return (strength / (strength + _TEXTURE_HALF)).astype(np.float32)
 
 
@@ -575,8 +413,8 @@ def snap_boundary(mask: np.ndarray, colours: np.ndarray, band: int, sure: np.nda
     if not mask.any() or mask.all():
         return mask
     binary = mask.astype(np.uint8)
-    inner = cv2.erode(binary, _disk(band)) > 0
-    outer = cv2.dilate(binary, _disk(band)) > 0
+    inner = cv2.erode(binary, disk(band)) > 0
+    outer = cv2.dilate(binary, disk(band)) > 0
     rows, cols = np.nonzero(outer)
     top, bottom = max(0, rows.min() - band), min(mask.shape[0], rows.max() + band + 1)
     left, right = max(0, cols.min() - band), min(mask.shape[1], cols.max() + band + 1)
@@ -585,7 +423,7 @@ def snap_boundary(mask: np.ndarray, colours: np.ndarray, band: int, sure: np.nda
     labels[mask] = cv2.GC_PR_FGD
     labels[inner] = cv2.GC_FGD
     if sure is not None:
-        labels[(cv2.erode(sure.astype(np.uint8), _disk(1)) > 0) & mask] = cv2.GC_FGD
+        labels[(cv2.erode(sure.astype(np.uint8), disk(1)) > 0) & mask] = cv2.GC_FGD
     crop = labels[top:bottom, left:right].copy()
     if not (crop == cv2.GC_BGD).any() or not np.isin(crop, (cv2.GC_FGD, cv2.GC_PR_FGD)).any():
         return mask
@@ -692,7 +530,7 @@ def confident_seeds(score: np.ndarray, confidence: np.ndarray, flows: FlowFn, th
     raw = (score > 2 * threshold) & (confidence >= _SEED_CONFIDENCE)
     if window <= 1:
         return raw
-    near = np.stack([cv2.dilate(mask.astype(np.uint8), _disk(radius)) for mask in raw]).astype(np.float32)
+    near = np.stack([cv2.dilate(mask.astype(np.uint8), disk(radius)) for mask in raw]).astype(np.float32)
     return raw & (temporal_mean(near, flows, window) >= 0.5)
 
 
@@ -755,7 +593,7 @@ def motion_masks(flow_dir: Path, frames: np.ndarray, params: Params) -> tuple[np
     texture = flow_texture(lab, radius)
     dynamic = None
     for _ in range(1 + _REFIT_ROUNDS):
-        prior = None if dynamic is None else np.stack([cv2.dilate(mask.astype(np.uint8), _disk(3 * radius)) > 0
+        prior = None if dynamic is None else np.stack([cv2.dilate(mask.astype(np.uint8), disk(3 * radius)) > 0
                                                        for mask in dynamic])
         raw_scores, valid_share = motion_scores(flows, pairs, shape, params, prior)
         scores = temporal_mean(raw_scores, flows, params.temporal_window)
@@ -893,20 +731,16 @@ def file_label_names(masks: np.ndarray) -> dict[int, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage entry point, outputs and loaders
+# Stage entry point and outputs
 
 
 def write_outputs(out_dir: Path, masks: np.ndarray, frames: np.ndarray, names: dict[int, str], backend: str) -> None:
-    """Write ``masks/``, ``vis/`` and, last, ``labels.json``."""
-    (out_dir / MASKS_DIR).mkdir(parents=True, exist_ok=True)
+    """Write ``vis/`` (the labels over each frame) and then the masks artifact (``masks/`` and,
+    last, ``labels.json``; see :func:`data.artifacts.write_masks`)."""
     (out_dir / VIS_DIR).mkdir(parents=True, exist_ok=True)
     for t, (mask, frame) in enumerate(tqdm(list(zip(masks, frames)), desc="masks: writing", unit="frame")):
-        write_gray(out_dir / MASKS_DIR / f"{t:06d}.png", mask)
         write_rgb(out_dir / VIS_DIR / f"{t:06d}.png", overlay_labels(frame, mask))
-    labels = {"0": "background"}
-    labels.update({str(label): name for label, name in sorted(names.items())})
-    (out_dir / LABELS_FILE).write_text(json.dumps({"labels": labels, "backend": backend,
-                                                   "num_frames": int(len(masks))}, indent=1))
+    write_masks(out_dir, masks, names, backend)
 
 
 def write_cues(vis_dir: Path, score: np.ndarray, confidence: np.ndarray, threshold: float,
@@ -976,22 +810,3 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     if notes:
         result["notes"] = notes
     return result
-
-
-def load_masks(masks_dir: str | Path) -> np.ndarray:
-    """The masks stage's label maps as ``(T, H, W) uint8`` (0 = static, k > 0 = label k)."""
-    folder = Path(masks_dir) / MASKS_DIR
-    files = sorted(folder.glob("*.png")) if folder.is_dir() else []
-    if not files:
-        raise InputError(f"{folder} holds no mask PNGs: {masks_dir} is not a finished masks stage output",
-                         "run the masks stage first (mono4d run INPUT --work DIR)")
-    return np.stack([read_gray(path).astype(np.uint8) for path in files])
-
-
-def load_labels(masks_dir: str | Path) -> dict[int, str]:
-    """Label id -> name from ``labels.json`` (0 is "background")."""
-    path = Path(masks_dir) / LABELS_FILE
-    if not path.is_file():
-        raise InputError(f"{path} is missing: {masks_dir} is not a finished masks stage output",
-                         "run the masks stage first")
-    return {int(key): str(name) for key, name in json.loads(path.read_text())["labels"].items()}

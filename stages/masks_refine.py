@@ -20,13 +20,12 @@ keep the first pass. Masks of the ``file``, ``sam`` and ``sam2`` backends (the u
 prompted objects) are passed through unchanged.
 
 Inputs: ``frames``, ``flow``, ``masks`` (first pass), ``cameras`` and ``align``. Outputs, in
-the masks stage's format (``stages.masks.load_masks``/``load_labels`` read them): ``masks/``,
+the masks stage's format (``data.artifacts.read_masks``/``read_labels`` read them): ``masks/``,
 ``vis/`` overlays, ``vis/cues/score_*.png``/``confidence_*.png`` and ``labels.json``
 (``backend`` = ``residual``).
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Mapping
@@ -37,11 +36,12 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from data.artifacts import (LABELS_FILE, MASKS_DIR, read_aligned_depth, read_cameras, read_labels, read_masks,
+                            read_masks_meta)
 from data.errors import InputError, ParameterError
 from stages import frames as frames_stage
 from stages import masks as masks_stage
-from stages.align import load_aligned_depth
-from stages.cameras import load_cameras
+from stages.masks_common import StageFlow, dilate_labels, morph_radius, pixel_grid, require_consecutive_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def camera_flow(depth: np.ndarray, K_i: np.ndarray, w2c_i: np.ndarray, K_j: np.n
     ``(c + 0.5, r + 0.5)``), and where it is defined ``(H, W) bool`` (depth > 0, in front of
     camera j)."""
     height, width = depth.shape
-    grid = masks_stage.pixel_grid(height, width).astype(np.float64) + 0.5
+    grid = pixel_grid(height, width).astype(np.float64) + 0.5
     rays = np.concatenate([grid, np.ones((height, width, 1))], axis=-1) @ np.linalg.inv(K_i).T
     points_i = rays * depth[..., None].astype(np.float64)
     relative = w2c_j @ np.linalg.inv(w2c_i)
@@ -131,7 +131,7 @@ def resize_depth(depth: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(depth, (width, height), interpolation=cv2.INTER_NEAREST)
 
 
-def residual_scores(flows: masks_stage.StageFlow, pairs: list[tuple[int, int]], depth: np.ndarray, K: np.ndarray,
+def residual_scores(flows: StageFlow, pairs: list[tuple[int, int]], depth: np.ndarray, K: np.ndarray,
                     w2c: np.ndarray, posed: np.ndarray, static: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-frame residual score ``(T, h, w) float32`` (largest noise-normalised residual over
     the pairs, 0 where none is defined), where it is defined ``(T, h, w) bool``, and the share
@@ -171,10 +171,10 @@ def working_cameras(K: np.ndarray, scale_x: float, scale_y: float) -> np.ndarray
 
 def copy_first_pass(first_dir: Path, out_dir: Path) -> None:
     """The first pass's masks, overlays and labels copied into ``out_dir`` unchanged."""
-    for name in (masks_stage.MASKS_DIR, masks_stage.VIS_DIR):
+    for name in (MASKS_DIR, masks_stage.VIS_DIR):
         if (first_dir / name).is_dir():
             shutil.copytree(first_dir / name, out_dir / name, dirs_exist_ok=True)
-    shutil.copy2(first_dir / masks_stage.LABELS_FILE, out_dir / masks_stage.LABELS_FILE)
+    shutil.copy2(first_dir / LABELS_FILE, out_dir / LABELS_FILE)
 
 
 def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
@@ -191,9 +191,9 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
             raise InputError(f"the refined masks stage needs the {name} stage output, which was not given",
                              "run it through the pipeline (it schedules frames, flow, masks, cameras and align first)")
     first_dir = Path(inputs["masks"])
-    labels = masks_stage.load_labels(first_dir)
-    backend = json.loads((first_dir / masks_stage.LABELS_FILE).read_text()).get("backend", "")
-    first = masks_stage.load_masks(first_dir)
+    labels = read_labels(first_dir)
+    backend = read_masks_meta(first_dir).get("backend", "")
+    first = read_masks(first_dir)
     if backend != "motion":
         copy_first_pass(first_dir, out_dir)
         return {**masks_stage.figures(first, {k: v for k, v in labels.items() if k}, backend),
@@ -203,24 +203,24 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     meta = frames_stage.read_frames_meta(Path(inputs["frames"]))
     num_frames, height, width = int(meta["num_frames"]), int(meta["height"]), int(meta["width"])
     frames = frames_stage.load_frames(Path(inputs["frames"]))
-    K, w2c, _ = load_cameras(inputs["cameras"])
-    depth_full = load_aligned_depth(Path(inputs["align"]))
+    K, w2c, _ = read_cameras(inputs["cameras"])
+    depth_full = read_aligned_depth(Path(inputs["align"]))
     if len(K) != num_frames or len(depth_full) != num_frames or len(first) != num_frames:
         raise InputError(f"the cameras ({len(K)}), aligned depth ({len(depth_full)}) and first-pass masks "
                          f"({len(first)}) do not all cover the {num_frames} frames",
                          "rerun the pipeline so every stage reads the same frames")
     scale = masks_stage.work_scale(height, width, params.work_max_side)
-    flows = masks_stage.StageFlow(Path(inputs["flow"]), scale)
-    masks_stage.require_consecutive_pairs(flows, num_frames)
+    flows = StageFlow(Path(inputs["flow"]), scale)
+    require_consecutive_pairs(flows, num_frames)
     pairs = masks_stage.motion_pairs(flows, params.max_pair_offset)
     work_height, work_width = flows.pair(0, 1)["forward"].shape[:2]
-    radius = masks_stage.morph_radius(work_height, work_width)
+    radius = morph_radius(work_height, work_width)
     min_area = int(round(params.min_area_fraction * work_height * work_width))
     depth = np.stack([resize_depth(d, work_height, work_width) for d in depth_full])
     K_work = working_cameras(K, work_width / width, work_height / height)
     posed = np.all(np.isfinite(w2c.reshape(num_frames, -1)), axis=1)
     first_work = np.stack([masks_stage.resize_labels(mask, work_height, work_width) > 0 for mask in first])
-    static = ~np.stack([masks_stage.dilate_labels(mask.astype(np.uint8), 3 * radius) > 0 for mask in first_work])
+    static = ~np.stack([dilate_labels(mask.astype(np.uint8), 3 * radius) > 0 for mask in first_work])
 
     lab = masks_stage.lab_frames(frames, (work_width, work_height))
     raw, defined, valid_share = residual_scores(flows, pairs, depth, K_work, w2c, posed, static)
@@ -235,7 +235,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     dynamic = masks_stage.finish_masks(dynamic, seeds, confidence, lab, flows, params.temporal_window, radius,
                                        min_area)
     refined = masks_stage.to_frame_size(dynamic, height, width)
-    result_masks = np.stack([masks_stage.dilate_labels(mask.astype(np.uint8) * masks_stage.DYNAMIC_LABEL,
+    result_masks = np.stack([dilate_labels(mask.astype(np.uint8) * masks_stage.DYNAMIC_LABEL,
                                                        params.dilate_px) for mask in refined])
     names = {masks_stage.DYNAMIC_LABEL: "dynamic"}
     masks_stage.write_outputs(out_dir, result_masks, frames, names, BACKEND)

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from data.errors import InputError, ModelUnavailableError, ParameterError
 from stages import flow as flow_stage
-from stages import masks as masks_stage
+from stages import masks_common
 
 logger = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ def _reprompt(predict: Predictor, frame: np.ndarray, track: _Track, flow_to_prev
               flow_from_previous: np.ndarray) -> tuple[_Track | None, bool]:
     """One propagation step of one label; returns the new state (None when the object left
     the view) and whether the prediction was replaced by the warped mask."""
-    warped, _ = masks_stage.warp_backward(track.mask.astype(np.float32), flow_to_previous)
+    warped, _ = masks_common.warp_backward(track.mask.astype(np.float32), flow_to_previous)
     warped = warped >= 0.5
     if not warped.any():
         return None, False
@@ -372,7 +372,7 @@ def _from_prompt(predict: Predictor, frame: np.ndarray, prompt: Prompt) -> _Trac
 
 
 def propagate_prompts(num_frames: int, frame_at: Callable[[int], np.ndarray], prompts: list[Prompt],
-                      predict: Predictor, flow: masks_stage.FlowFn) -> tuple[np.ndarray, int]:
+                      predict: Predictor, flow: masks_common.FlowFn) -> tuple[np.ndarray, int]:
     """Masks of every prompted label in every frame, ``(T, H, W) uint8``.
 
     ``predict(frame (H, W, 3) uint8, points (N, 2) float32 (x, y), point_labels (N,) int32 (1
@@ -594,9 +594,9 @@ def run_prompted(frames: np.ndarray, flow_dir: Path | None, params) -> tuple[np.
     notes: list[str] = []
     if params.backend == "sam":
         predictor = SamPointPredictor(params.sam_checkpoint, params.sam_model_type, params.device)
-        flows: masks_stage.FlowFn = DisFlowSource(lambda t: frames[t])
+        flows: masks_common.FlowFn = DisFlowSource(lambda t: frames[t])
         if flow_dir is not None:
-            stage_flows = masks_stage.StageFlow(flow_dir)
+            stage_flows = masks_common.StageFlow(flow_dir)
             if all(stage_flows.has(t, t + 1) for t in range(num_frames - 1)):
                 flows = stage_flows
         masks, replaced = propagate_prompts(num_frames, lambda t: frames[t], prompts, predictor, flows)
@@ -606,6 +606,6 @@ def run_prompted(frames: np.ndarray, flow_dir: Path | None, params) -> tuple[np.
     else:
         masks = sam2_video_masks(frames, prompts, params.sam2_model, params.device)
     min_area = int(round(params.min_area_fraction * height * width))
-    masks = np.stack([masks_stage.clean_labels(mask, 0, min_area) for mask in masks])
+    masks = np.stack([masks_common.clean_labels(mask, 0, min_area) for mask in masks])
     return masks, label_names(prompts), notes
 

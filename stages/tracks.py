@@ -23,11 +23,11 @@ estimate, ``visible (N, T)`` bool, ``query_frame (N,)`` int32), ``tracks.mp4`` (
 with ``make_video``), ``tracks.png`` (paths over +-20 frames of the tracks seen on the middle frame),
 and with align + cameras inputs ``pairs3d.npz`` (``src_xyz``, ``dst_xyz`` (M, 3) float32 world,
 ``src_frame``, ``dst_frame`` (M,) int32, ``src_xy``, ``dst_xy`` (M, 2) float32) and ``pairs3d.json``
-(``{"counts": {"i_j": [forward, backward]}, "total": M}``).
+(``{"counts": {"i_j": [forward, backward]}, "total": M}``); all written and read by
+:mod:`data.artifacts` (``write_tracks``/``read_tracks``, ``write_pairs3d``/``read_pairs3d``).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections import deque
@@ -40,6 +40,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from data.artifacts import (PAIRS3D_ARRAYS, flow_pair_name, list_flow_pairs, read_aligned_depth, read_cameras,
+                            read_flow_meta, read_flow_pair, write_pairs3d, write_tracks)
 from data.errors import InputError, ParameterError
 from data.images import read_rgb, write_rgb
 from data.video import write_video
@@ -47,9 +49,6 @@ from stages import flow as flow_stage
 
 logger = logging.getLogger(__name__)
 
-TRACKS_FILE = "tracks.npz"
-PAIRS3D_FILE = "pairs3d.npz"
-PAIRS3D_COUNTS_FILE = "pairs3d.json"
 VIDEO_FILE = "tracks.mp4"
 STILL_FILE = "tracks.png"
 #: Image coordinate of the centre of pixel (0, 0) (data/geometry.py convention).
@@ -65,10 +64,6 @@ _DOT_RADIUS_PER_SIDE = 1 / 320
 _BOUNDARY_RELATIVE = 0.1
 
 PairLoader = Callable[[int, int], dict]
-# pairs3d.npz: array name -> (shape after the first axis, dtype)
-_PAIRS3D_ARRAYS = {"src_xyz": ((3,), np.float32), "dst_xyz": ((3,), np.float32), "src_frame": ((), np.int32),
-                   "dst_frame": ((), np.int32), "src_xy": ((2,), np.float32), "dst_xy": ((2,), np.float32)}
-
 
 @dataclass(frozen=True)
 class Params:
@@ -370,9 +365,9 @@ def lift_all_pairs(pairs: list[tuple[int, int]], load_pair: PairLoader, depth: n
             lifted["dst_frame"] = np.full(count, dst, np.int32)
             parts.append(lifted)
             sizes.append(count)
-        counts[flow_stage.pair_name(i, j)] = sizes
+        counts[flow_pair_name(i, j)] = sizes
     arrays = {key: np.concatenate([part[key] for part in parts]) if parts else np.zeros((0, *shape), dtype)
-              for key, (shape, dtype) in _PAIRS3D_ARRAYS.items()}
+              for key, (shape, dtype) in PAIRS3D_ARRAYS.items()}
     return arrays, counts, skipped
 
 
@@ -439,7 +434,7 @@ def tracking_pair_loader(flow_dir: str | Path, params: Params) -> PairLoader:
     flow_dir = Path(flow_dir)
 
     def load(i: int, j: int) -> dict:
-        pair = flow_stage.load_pair(flow_dir, i, j)
+        pair = read_flow_pair(flow_dir, i, j)
         if params.motion_boundary > 0:
             for direction in ("forward", "backward"):
                 boundary = flow_stage.motion_boundaries(pair[direction], params.motion_boundary, _BOUNDARY_RELATIVE)
@@ -496,9 +491,9 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
                              f"run the {name} stage first")
     out_dir = Path(out_dir)
     flow_dir = Path(inputs["flow"])
-    meta = flow_stage.read_pairs_meta(flow_dir)
+    meta = read_flow_meta(flow_dir)
     num_frames, height, width = int(meta["num_frames"]), int(meta["height"]), int(meta["width"])
-    stored = set(flow_stage.list_pairs(flow_dir))
+    stored = set(list_flow_pairs(flow_dir))
     missing = [(t, t + 1) for t in range(num_frames - 1) if (t, t + 1) not in stored]
     if missing:
         raise InputError(f"the flow stage in {flow_dir} lacks consecutive pairs, e.g. {missing[0]}",
@@ -537,7 +532,7 @@ def _run(inputs: Mapping[str, Path], params: Params, out_dir: Path, flow_dir: Pa
     lengths = visible.sum(axis=1)
     keep = lengths >= params.min_track_length
     xy, visible, query_frame, lengths = xy[keep], visible[keep], query_frame[keep], lengths[keep]
-    np.savez_compressed(out_dir / TRACKS_FILE, xy=xy, visible=visible, query_frame=query_frame)
+    write_tracks(out_dir, xy, visible, query_frame)
 
     notes: list[str] = []
     if seeder.capped_frames:
@@ -553,20 +548,16 @@ def _run(inputs: Mapping[str, Path], params: Params, out_dir: Path, flow_dir: Pa
                      "tracked_fraction": round(float(lengths.mean()) / num_frames, 4) if len(xy) else 0.0}
 
     if lifted:
-        from stages.align import load_aligned_depth
-        from stages.cameras import load_cameras
-
-        depth = load_aligned_depth(inputs["align"])
-        K, w2c, registered = load_cameras(inputs["cameras"])
+        depth = read_aligned_depth(inputs["align"])
+        K, w2c, registered = read_cameras(inputs["cameras"])
         if depth.shape != (num_frames, height, width) or len(K) != num_frames:
             raise InputError(f"aligned depth {depth.shape} / cameras ({len(K)} frames) do not match the flow "
                              f"({num_frames} frames of {width}x{height})",
                              "rerun the align and cameras stages on the same frames as the flow stage")
         arrays, counts, skipped = lift_all_pairs(sorted(stored), load_pair, depth, K, w2c,
                                                  np.asarray(registered, bool), params)
-        np.savez_compressed(out_dir / PAIRS3D_FILE, **arrays)
+        write_pairs3d(out_dir, arrays, counts)
         total = int(len(arrays["src_xyz"]))
-        (out_dir / PAIRS3D_COUNTS_FILE).write_text(json.dumps({"counts": counts, "total": total}))
         figures["num_pairs3d"] = total
         figures["pairs3d_per_pair"] = round(total / max(len(counts), 1), 1)
         if skipped:
@@ -578,24 +569,3 @@ def _run(inputs: Mapping[str, Path], params: Params, out_dir: Path, flow_dir: Pa
         figures["notes"] = notes
     logger.info("tracks: %d tracks, mean length %.1f frames", figures["num_tracks"], figures["mean_track_length"])
     return figures
-
-
-def load_tracks(tracks_dir: str | Path) -> dict[str, np.ndarray]:
-    """``xy (N, T, 2)`` float32, ``visible (N, T)`` bool, ``query_frame (N,)`` int32 of a tracks output."""
-    path = Path(tracks_dir) / TRACKS_FILE
-    if not path.is_file():
-        raise InputError(f"{path} is missing: {tracks_dir} is not a finished tracks stage output",
-                         "run the tracks stage first")
-    with np.load(path) as data:
-        return {"xy": data["xy"], "visible": data["visible"].astype(bool), "query_frame": data["query_frame"]}
-
-
-def load_pairs3d(tracks_dir: str | Path) -> dict[str, np.ndarray]:
-    """The 3D flow pairs (``src_xyz``, ``dst_xyz``, ``src_frame``, ``dst_frame``, ``src_xy``,
-    ``dst_xy``) of a tracks output; :class:`InputError` when it holds none (no align/cameras)."""
-    path = Path(tracks_dir) / PAIRS3D_FILE
-    if not path.is_file():
-        raise InputError(f"{path} is missing: the tracks stage ran without aligned depth and cameras",
-                         "run the pipeline with the align and cameras stages before tracks")
-    with np.load(path) as data:
-        return {key: data[key] for key in data.files}

@@ -723,30 +723,28 @@ def load_training_data(inputs: Mapping[str, Path], params: Params, meta: dict, d
     held-out frames, scene scale) the init stage wrote, from the stage outputs ``inputs``
     (``frames``, ``cameras``, ``align``, ``masks``, and ``tracks`` when the reprojection loss is
     on); appends what it notices to ``notes``."""
-    from stages.align import load_aligned_depth, read_depth_kind
-    from stages.cameras import load_cameras
+    from data.artifacts import read_aligned_depth, read_aligned_kind, read_cameras, read_masks
     from stages.frames import load_frames, read_frames_meta
-    from stages.masks import load_masks
 
     images = load_frames(inputs["frames"])
-    K, w2c, _ = load_cameras(inputs["cameras"])
-    depth = load_aligned_depth(inputs["align"])
-    masks = load_masks(inputs["masks"])
+    K, w2c, _ = read_cameras(inputs["cameras"])
+    depth = read_aligned_depth(inputs["align"])
+    masks = read_masks(inputs["masks"])
     expected = (meta["num_frames"], meta["height"], meta["width"])
     for what, shape in (("frames", images.shape[:3]), ("aligned depth", depth.shape), ("masks", masks.shape)):
         if tuple(shape) != expected:
             raise InputError(f"{what} {tuple(shape)} do not match the init stage's frames {expected}",
                              "rerun init and train on the same upstream outputs")
-    depth_kind = read_depth_kind(inputs["align"])
+    depth_kind = read_aligned_kind(inputs["align"])
     if ignores_dynamic_prior(params.prior_on_dynamic, depth_kind):
         depth = np.where(masks > 0, 0.0, depth).astype(np.float32)
         notes.append(f"depth-prior losses skip the dynamic pixels of the masks stage (aligned depth kind "
                      f"{depth_kind!r}; train.prior_on_dynamic={params.prior_on_dynamic})")
     tracks = None
     if "tracks" in inputs and params.reprojection_weight > 0:
-        from stages.tracks import load_tracks
+        from data.artifacts import read_tracks
 
-        tracks = load_tracks(inputs["tracks"])
+        tracks = read_tracks(inputs["tracks"])
     train_frames = [int(i) for i in meta["train_frames"]]
     eval_frames = [int(i) for i in meta["holdout_frames"] if np.isfinite(w2c[i]).all()]
     if not eval_frames:

@@ -12,11 +12,10 @@ import cv2
 import numpy as np
 import pytest
 
+from data import artifacts
 from data.errors import ParameterError, StageFailure
 from data.geometry import invert_rigid
-from data.images import write_gray
 from stages import align
-from stages.depth import write_depth_folder
 
 # ----------------------------------------------------------------------------------------------
 # Ground-truth stage folders
@@ -56,23 +55,17 @@ def write_cameras_dir(out_dir: Path, scene, points: dict[str, np.ndarray],
                       registered: np.ndarray | None = None) -> Path:
     """A cameras stage folder (``cameras.json`` + ``points.npz``) with the scene's true cameras."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    registered = np.ones(scene.num_frames, bool) if registered is None else registered
-    frames = [{"index": i, "file": f"images/{i:06d}.png", "K": scene.K.tolist(), "w2c": scene.w2c[i].tolist(),
-               "registered": bool(registered[i]), "interpolated": not bool(registered[i])}
-              for i in range(scene.num_frames)]
-    content = {"width": scene.width, "height": scene.height, "model": "PINHOLE", "units": "metric", "frames": frames}
-    (out_dir / "cameras.json").write_text(json.dumps(content))
-    np.savez_compressed(out_dir / "points.npz", **points)
+    registered = np.ones(scene.num_frames, bool) if registered is None else np.asarray(registered, bool)
+    artifacts.write_cameras(out_dir, np.repeat(scene.K[None], scene.num_frames, axis=0), scene.w2c, registered,
+                            [f"images/{i:06d}.png" for i in range(scene.num_frames)], scene.width, scene.height,
+                            interpolated=~registered, units="metric")
+    artifacts.write_points(out_dir, points)
     return out_dir
 
 
 def write_masks_dir(out_dir: Path, masks: np.ndarray) -> Path:
     """A masks stage folder (``masks/000000.png`` label maps + ``labels.json``)."""
-    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
-    for index, labels in enumerate(masks):
-        write_gray(out_dir / "masks" / f"{index:06d}.png", labels.astype(np.uint8))
-    (out_dir / "labels.json").write_text(json.dumps({"labels": {"0": "background", "1": "cube", "2": "blob"},
-                                                     "backend": "ground truth"}))
+    artifacts.write_masks(out_dir, masks.astype(np.uint8), {1: "cube", 2: "blob"}, "ground truth")
     return out_dir
 
 
@@ -118,7 +111,7 @@ def geometry(synthetic_scene, tmp_path_factory):
 @pytest.fixture(scope="module")
 def corrupted_depth_dir(synthetic_scene, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("mono_depth")
-    write_depth_folder(out, corrupted_inverse_depth(synthetic_scene), "relative_inverse", backend="test")
+    artifacts.write_depth(out, corrupted_inverse_depth(synthetic_scene), "relative_inverse", backend="test")
     return out
 
 
@@ -135,7 +128,7 @@ def aligned(synthetic_scene, geometry, corrupted_depth_dir, tmp_path_factory):
 
 def test_aligned_corrupted_inverse_depth_is_accurate_on_static_pixels(synthetic_scene, aligned):
     out, figures = aligned
-    depth = align.load_aligned_depth(out)
+    depth = artifacts.read_aligned_depth(out)
     assert depth.shape == synthetic_scene.depth.shape and depth.dtype == np.float32
     static = synthetic_scene.masks == 0
     assert abs_rel(depth, synthetic_scene.depth, static) < 0.05
@@ -150,7 +143,7 @@ def test_alignment_json_records_every_frame_and_flags_outliers(synthetic_scene, 
     out, _ = aligned
     meta = json.loads((out / "alignment.json").read_text())
     assert meta["depth_kind"] == "relative_inverse" and meta["fit_space"] == "inverse_depth"
-    assert align.read_depth_kind(out) == "relative_inverse"
+    assert artifacts.read_aligned_kind(out) == "relative_inverse"
     assert meta["masks_used"] is True and meta["invalid"] == "0"
     frames = meta["frames"]
     assert [f["index"] for f in frames] == list(range(synthetic_scene.num_frames))
@@ -176,19 +169,19 @@ def test_frames_without_points_are_filled_from_neighbours(synthetic_scene, corru
     # A depth with a scale that drifts slowly, so neighbours' alignments transfer.
     frames = np.arange(synthetic_scene.num_frames)
     smooth = (2.0 + 0.02 * frames)[:, None, None] / synthetic_scene.depth + 0.1
-    write_depth_folder(tmp_path / "depth", smooth.astype(np.float32), "relative_inverse", backend="test")
+    artifacts.write_depth(tmp_path / "depth", smooth.astype(np.float32), "relative_inverse", backend="test")
     figures = align.run({"depth": tmp_path / "depth", "cameras": cameras}, align.Params(), empty_dir(tmp_path / "out"))
     meta = json.loads((tmp_path / "out" / "alignment.json").read_text())
     assert [f["index"] for f in meta["frames"] if f["filled"]] == dropped
     assert figures["frames_too_few_points"] == 3 and any("interpolated" in note for note in figures["notes"])
-    depth = align.load_aligned_depth(tmp_path / "out")
+    depth = artifacts.read_aligned_depth(tmp_path / "out")
     for frame in dropped:
         assert abs_rel(depth[frame], synthetic_scene.depth[frame], np.ones_like(depth[frame], bool)) < 0.03
 
 
 def test_metric_depth_is_fitted_in_depth_space(synthetic_scene, geometry, tmp_path):
     biased = (1.3 * synthetic_scene.depth + 0.2).astype(np.float32)
-    write_depth_folder(tmp_path / "depth", biased, "metric", backend="test")
+    artifacts.write_depth(tmp_path / "depth", biased, "metric", backend="test")
     align.run({"depth": tmp_path / "depth", **geometry}, align.Params(), empty_dir(tmp_path / "out"))
     meta = json.loads((tmp_path / "out" / "alignment.json").read_text())
     assert meta["fit_space"] == "depth"
@@ -196,17 +189,17 @@ def test_metric_depth_is_fitted_in_depth_space(synthetic_scene, geometry, tmp_pa
     shifts = np.array([f["shift"] for f in meta["frames"]])
     np.testing.assert_allclose(scales, 1 / 1.3, rtol=0.01)
     np.testing.assert_allclose(shifts, -0.2 / 1.3, atol=0.02)
-    depth = align.load_aligned_depth(tmp_path / "out")
+    depth = artifacts.read_aligned_depth(tmp_path / "out")
     assert abs_rel(depth, synthetic_scene.depth, synthetic_scene.masks == 0) < 0.01
 
 
 def test_depth_kind_of_a_foreign_or_broken_align_folder(tmp_path):
     from data.errors import InputError
 
-    assert align.read_depth_kind(tmp_path) is None  # aligned depth written by other tools
+    assert artifacts.read_aligned_kind(tmp_path) is None  # aligned depth written by other tools
     (tmp_path / "alignment.json").write_text("{not json")
     with pytest.raises(InputError, match="not a valid alignment record"):
-        align.read_depth_kind(tmp_path)
+        artifacts.read_aligned_kind(tmp_path)
 
 
 def test_robust_fit_rejects_gross_outliers():

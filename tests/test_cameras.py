@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data import artifacts
 from data.colmap import load_reconstruction, write_colmap_model
 from data.errors import InputError, ParameterError, StageFailure
 from data.geometry import (camera_centers, interpolate_w2c, invert_rigid, opengl_c2w_to_w2c, project_points,
@@ -74,7 +75,7 @@ def colmap_masked(synthetic_scene, synthetic_frames_dir, tmp_path_factory):
 
 def test_colmap_registers_every_synthetic_frame_accurately(synthetic_scene, colmap_plain):
     figures, out, seconds = colmap_plain
-    K, w2c, registered = cameras.load_cameras(out)
+    K, w2c, registered = artifacts.read_cameras(out)
     assert registered.all() and figures["registered_fraction"] == 1.0
     errors = trajectory_errors(w2c, synthetic_scene.w2c)
     assert errors["ate_rmse"] < 0.02 * synthetic_scene.extent
@@ -89,15 +90,15 @@ def test_colmap_registers_every_synthetic_frame_accurately(synthetic_scene, colm
 
 def test_masking_moving_objects_makes_colmap_more_accurate(synthetic_scene, colmap_plain, colmap_masked):
     figures, out = colmap_masked
-    _, w2c, registered = cameras.load_cameras(out)
+    _, w2c, registered = artifacts.read_cameras(out)
     assert registered.all()
     masked = trajectory_errors(w2c, synthetic_scene.w2c)
-    plain = trajectory_errors(cameras.load_cameras(colmap_plain[1])[1], synthetic_scene.w2c)
+    plain = trajectory_errors(artifacts.read_cameras(colmap_plain[1])[1], synthetic_scene.w2c)
     assert masked["ate_rmse"] < 0.005 * synthetic_scene.extent
     assert masked["rotation_max_deg"] < 1.0
     assert masked["ate_rmse"] < plain["ate_rmse"]
     # No 3D point sits on a moving object: every observation falls on a static pixel.
-    points = cameras.load_points(out)
+    points = artifacts.read_points(out)
     xy = np.floor(points["obs_xy"]).astype(int)
     labels = synthetic_scene.masks[points["obs_frame"], xy[:, 1], xy[:, 0]]
     assert np.mean(labels == 0) > 0.99
@@ -108,8 +109,8 @@ def test_outputs_are_consistent(colmap_plain):
     content = json.loads((out / "cameras.json").read_text())
     assert {"width", "height", "model", "units", "frames"} <= content.keys() and content["units"] == "sfm"
     assert [frame["file"] for frame in content["frames"]] == [f"images/{i:06d}.png" for i in range(24)]
-    K, w2c, _ = cameras.load_cameras(out)
-    points = cameras.load_points(out)
+    K, w2c, _ = artifacts.read_cameras(out)
+    points = artifacts.read_points(out)
     assert points["xyz"].dtype == np.float32 and points["rgb"].dtype == np.uint8
     assert points["obs_frame"].dtype == np.int32 and points["obs_point"].dtype == np.int32
     assert points["obs_xy"].shape == (len(points["obs_frame"]), 2) and len(points["error"]) == len(points["xyz"])
@@ -139,7 +140,7 @@ def test_unregistered_frames_are_interpolated_or_reported(synthetic_scene, tmp_p
     assert "allow_unposed" in failure.value.hint
 
     figures, out = run_stage({"frames": frames_dir}, tmp_path / "lenient", allow_unposed=True)
-    K, w2c, registered = cameras.load_cameras(out)
+    K, w2c, registered = artifacts.read_cameras(out)
     content = json.loads((out / "cameras.json").read_text())
     assert figures["num_registered"] == 22 and figures["num_interpolated"] == 1 and figures["num_unposed"] == 1
     assert not registered[12] and content["frames"][12]["interpolated"]
@@ -166,14 +167,14 @@ def test_static_or_textureless_clips_fail_with_options(synthetic_scene, tmp_path
 
 def test_static_mode_uses_identity_poses_and_a_focal_prior(synthetic_frames_dir, tmp_path):
     figures, out = run_stage({"frames": synthetic_frames_dir}, tmp_path / "default", mode="static")
-    K, w2c, registered = cameras.load_cameras(out)
+    K, w2c, registered = artifacts.read_cameras(out)
     assert registered.all() and np.allclose(w2c, np.eye(4))
     np.testing.assert_allclose(K[0], [[1.2 * 192, 0, 96], [0, 1.2 * 192, 72], [0, 0, 1]])
-    assert len(cameras.load_points(out)["xyz"]) == 0 and any("static camera" in note for note in figures["notes"])
+    assert len(artifacts.read_points(out)["xyz"]) == 0 and any("static camera" in note for note in figures["notes"])
     assert load_reconstruction(out / "sparse").num_reg_images() == 24
 
     _, out = run_stage({"frames": synthetic_frames_dir}, tmp_path / "focal", mode="static", focal_px=150.0)
-    assert cameras.load_cameras(out)[0][:, 0, 0] == pytest.approx(150.0)
+    assert artifacts.read_cameras(out)[0][:, 0, 0] == pytest.approx(150.0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -190,7 +191,7 @@ def test_known_cameras_from_nerfstudio_and_colmap(synthetic_scene, synthetic_fra
     for label, path in (("ns", transforms), ("colmap", tmp_path / "colmap")):
         figures, out = run_stage({"frames": synthetic_frames_dir}, tmp_path / f"out_{label}",
                                  mode="known", known_path=str(path))
-        K, w2c, registered = cameras.load_cameras(out)
+        K, w2c, registered = artifacts.read_cameras(out)
         assert registered.all() and figures["registered_fraction"] == 1.0
         np.testing.assert_allclose(w2c, synthetic_scene.w2c, atol=1e-6)
         np.testing.assert_allclose(K, np.broadcast_to(synthetic_scene.K, K.shape), atol=1e-6)
@@ -198,7 +199,7 @@ def test_known_cameras_from_nerfstudio_and_colmap(synthetic_scene, synthetic_fra
     # Frames resized by the frames stage get rescaled intrinsics.
     half = make_frames_dir(synthetic_scene.images, tmp_path / "half", max_side=96)
     figures, out = run_stage({"frames": half}, tmp_path / "out_half", mode="known", known_path=str(transforms))
-    np.testing.assert_allclose(cameras.load_cameras(out)[0][0], np.diag([0.5, 0.5, 1.0]) @ synthetic_scene.K, atol=1e-6)
+    np.testing.assert_allclose(artifacts.read_cameras(out)[0][0], np.diag([0.5, 0.5, 1.0]) @ synthetic_scene.K, atol=1e-6)
     assert any("scaled" in note for note in figures["notes"])
 
     # A different number of frames is an input error naming both counts.
@@ -216,7 +217,7 @@ def test_known_cameras_for_a_subset_of_dnerf_images(tmp_path):
     frames_dir.mkdir()
     frames.run({"source": transforms.parent / "test"}, frames.Params(stride=2, max_side=100), frames_dir)
     figures, out = run_stage({"frames": frames_dir}, tmp_path / "out", mode="known", known_path=str(transforms))
-    K, w2c, _ = cameras.load_cameras(out)
+    K, w2c, _ = artifacts.read_cameras(out)
     assert len(K) == 10 and figures["units"] == "dataset"
     assert K[0, 0, 0] == pytest.approx(dataset.K[0, 0, 0] / 8) and K[0, 0, 2] == pytest.approx(50.0)
     np.testing.assert_allclose(w2c, dataset.w2c[::2])
@@ -326,5 +327,5 @@ def test_apple_video_registers_every_frame(tmp_path):
     figures, out = run_stage({"frames": frames_dir}, tmp_path / "cams")
     assert figures["num_frames"] == 50 and figures["registered_fraction"] == 1.0
     assert figures["reprojection_error_px"] < 1.0 and figures["num_points"] > 1000
-    K, w2c, registered = cameras.load_cameras(out)
+    K, w2c, registered = artifacts.read_cameras(out)
     assert registered.all() and np.isfinite(w2c).all()

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
+from data import artifacts
 from data.errors import InputError, ModelUnavailableError, ParameterError
 from data.images import read_rgb, write_gray
 from stages import depth as depth_stage
@@ -54,7 +55,7 @@ def _run(frames_dir: Path, out: Path, cameras: Path | None = None, **params) -> 
 
 def test_transformers_backend_runs_a_local_model(synthetic_scene, synthetic_frames_dir, tiny_model, tmp_path):
     figures = _run(synthetic_frames_dir, tmp_path / "out", backend="transformers", model=str(tiny_model), batch_size=5)
-    depth, kind = depth_stage.load_depth(tmp_path / "out")
+    depth, kind = artifacts.read_depth(tmp_path / "out")
     assert kind == "relative_inverse" and figures["kind"] == "relative_inverse"
     assert depth.shape == synthetic_scene.depth.shape and depth.dtype == np.float32
     assert np.isfinite(depth).all() and (depth >= 0).all() and (depth > 0).any()
@@ -71,7 +72,7 @@ def test_transformers_output_kind_comes_from_config_or_override(synthetic_frames
     assert figures["kind"] == "metric"
     figures = _run(synthetic_frames_dir, tmp_path / "b", model=str(metric_model), batch_size=24, input_size=28,
                    output_kind="relative_inverse")
-    assert depth_stage.load_depth(tmp_path / "b")[1] == "relative_inverse"
+    assert artifacts.read_depth(tmp_path / "b")[1] == "relative_inverse"
 
 
 def test_cuda_device_without_cuda_is_a_parameter_error(synthetic_frames_dir, tiny_model, tmp_path):
@@ -113,7 +114,7 @@ def test_file_backend_reads_npy_maps(synthetic_scene, synthetic_frames_dir, tmp_
     for index, frame_depth in enumerate(synthetic_scene.depth):
         np.save(folder / f"{index:04d}.npy", frame_depth)
     figures = _run(synthetic_frames_dir, tmp_path / "out", backend="file", file_path=str(folder), file_kind="metric")
-    depth, kind = depth_stage.load_depth(tmp_path / "out")
+    depth, kind = artifacts.read_depth(tmp_path / "out")
     assert kind == "metric" and figures["valid_fraction"] == 1.0
     np.testing.assert_array_equal(depth, synthetic_scene.depth)
 
@@ -126,7 +127,7 @@ def test_file_backend_reads_scaled_16bit_pngs_in_depth_gt_and_resizes(synthetic_
         millimetres = np.rint(frame_depth * 1000).astype(np.uint16)
         write_gray(folder / f"{index:06d}.png", cv2.resize(millimetres, half, interpolation=cv2.INTER_NEAREST))
     _run(synthetic_frames_dir, tmp_path / "out", backend="file", file_path=str(tmp_path / "dataset"), file_scale=0.001)
-    depth, _ = depth_stage.load_depth(tmp_path / "out")
+    depth, _ = artifacts.read_depth(tmp_path / "out")
     assert depth.shape == synthetic_scene.depth.shape
     # Nearest-neighbour upsampling of a half-size map: exact on the pixels it came from.
     np.testing.assert_allclose(depth[:, ::2, ::2], synthetic_scene.depth[:, ::2, ::2], atol=6e-4)
@@ -182,7 +183,7 @@ def sfm_run(synthetic_scene, synthetic_frames_dir, tmp_path_factory, monkeypatch
     out = root / "out"
     out.mkdir()
     figures = depth_stage.run({"frames": synthetic_frames_dir, "cameras": cameras}, params, out)
-    depth, kind = depth_stage.load_depth(out)
+    depth, kind = artifacts.read_depth(out)
     return figures, depth, kind, out
 
 
@@ -356,7 +357,7 @@ def test_cpu_preset_resolves_auto_once_for_dag_and_fingerprint(monkeypatch):
 
 def test_load_depth_of_a_missing_folder_fails_clearly(tmp_path):
     with pytest.raises(InputError, match="depth stage output"):
-        depth_stage.load_depth(tmp_path)
+        artifacts.read_depth(tmp_path)
 
 
 @pytest.mark.parametrize("field, value", [("backend", "midas"), ("batch_size", 0), ("device", "gpu"),

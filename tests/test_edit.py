@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.edit import training_inputs
-from stages.masks import MASKS_DIR
+from data.artifacts import MASKS_DIR
 
 
 def make_workspace(root: Path, stages: tuple[str, ...]) -> Path:

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
+from data import artifacts
 from data.errors import InputError, ParameterError
 
 #: Pixel stride of the Gaussians lifted from the ground-truth depth of the key frames.
@@ -77,11 +78,12 @@ def write_cameras_output(scene, cameras_dir: Path, unposed: int | None = None) -
     from data.geometry import project_points
 
     cameras_dir.mkdir(parents=True)
-    frames = [{"index": i, "file": f"images/{i:06d}.png", "K": scene.K.tolist(),
-               "w2c": None if i == unposed else scene.w2c[i].tolist(), "registered": i != unposed,
-               "interpolated": False} for i in range(scene.num_frames)]
-    (cameras_dir / "cameras.json").write_text(json.dumps(
-        {"width": scene.width, "height": scene.height, "model": "PINHOLE", "units": "metric", "frames": frames}))
+    w2c = scene.w2c.astype(np.float64)
+    if unposed is not None:
+        w2c[unposed] = np.nan
+    artifacts.write_cameras(cameras_dir, np.repeat(scene.K[None], scene.num_frames, axis=0), w2c,
+                            np.arange(scene.num_frames) != unposed, [f"images/{i:06d}.png" for i in range(scene.num_frames)],
+                            scene.width, scene.height, units="metric")
     world, colors, _, dynamic = lift(scene, 0, 12)
     xyz = world[~dynamic].astype(np.float32)
     obs_frame, obs_point, obs_xy = [], [], []
@@ -91,9 +93,11 @@ def write_cameras_output(scene, cameras_dir: Path, unposed: int | None = None) -
         obs_frame += [frame] * int(inside.sum())
         obs_point += list(np.flatnonzero(inside))
         obs_xy += list(uv[inside])
-    np.savez_compressed(cameras_dir / "points.npz", xyz=xyz, rgb=(colors[~dynamic] * 255).astype(np.uint8),
-                        error=np.zeros(len(xyz), np.float32), obs_frame=np.asarray(obs_frame, np.int32),
-                        obs_point=np.asarray(obs_point, np.int32), obs_xy=np.asarray(obs_xy, np.float32))
+    artifacts.write_points(cameras_dir, {"xyz": xyz, "rgb": (colors[~dynamic] * 255).astype(np.uint8),
+                                         "error": np.zeros(len(xyz), np.float32),
+                                         "obs_frame": np.asarray(obs_frame, np.int32),
+                                         "obs_point": np.asarray(obs_point, np.int32),
+                                         "obs_xy": np.asarray(obs_xy, np.float32)})
 
 
 def build_workspace(root: Path) -> tuple[Path, object]:
@@ -215,7 +219,6 @@ def test_colmap_export_round_trip(workspace, tmp_path):
 
     from data.colmap import read_colmap_model, read_colmap_points
     from pipeline.export import export_workspace
-    from stages.cameras import load_points
 
     work, scene = workspace
     written = export_workspace(work, ["colmap"], tmp_path / "out")["colmap"]
@@ -223,7 +226,7 @@ def test_colmap_export_round_trip(workspace, tmp_path):
     assert {"cameras.bin", "images.bin", "points3D.bin", "cameras.txt", "images.txt", "points3D.txt"} <= {
         path.name for path in written}
     assert all(path.is_file() and root in path.parents for path in written)
-    points = load_points(work / "cameras")
+    points = artifacts.read_points(work / "cameras")
     for folder in (root / "sparse" / "0", root / "text"):
         reconstruction = pycolmap.Reconstruction(str(folder))
         assert reconstruction.num_reg_images() == scene.num_frames
@@ -303,13 +306,12 @@ def test_tracks_export(workspace, tmp_path):
 def test_depth_export_round_trip(workspace, tmp_path):
     from data.images import read_gray
     from pipeline.export import export_workspace
-    from stages.align import load_aligned_depth
 
     work, _ = workspace
     written = export_workspace(work, ["depth"], tmp_path / "out", frames="0,3")["depth"]
     assert [path.name for path in written] == ["000000.png", "000003.png", "scale.json"]
     meta = json.loads(written[-1].read_text())
-    depth = load_aligned_depth(work / "align")
+    depth = artifacts.read_aligned_depth(work / "align")
     assert meta["source"] == "align" and meta["units"] == "metric" and meta["frames"] == [0, 3]
     assert meta["scale"] == pytest.approx(max(depth[0].max(), depth[3].max()) / 65535, rel=1e-6)
     for frame, path in zip((0, 3), written):
@@ -324,12 +326,11 @@ def test_depth_export_round_trip(workspace, tmp_path):
 def test_depth_export_falls_back_to_depth_stage(workspace, tmp_path):
     from data.images import read_gray
     from pipeline.export import export_workspace
-    from stages.depth import write_depth_folder
 
     _, scene = workspace
     work = tmp_path / "work"
     inverse = np.where(scene.masks > 0, 0.0, 1.0 / scene.depth).astype(np.float32)
-    write_depth_folder(work / "depth", inverse, "relative_inverse", "test")
+    artifacts.write_depth(work / "depth", inverse, "relative_inverse", "test")
     written = export_workspace(work, ["depth"])["depth"]
     meta = json.loads(written[-1].read_text())
     assert meta["source"] == "depth" and meta["kind"] == "relative_inverse"

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 
+from data import artifacts
 from data.errors import InputError, ModelUnavailableError, ParameterError
 from data.images import read_rgb, write_rgb
 from models import raft
@@ -124,34 +125,34 @@ def test_missing_inputs_and_absurd_exhaustive_are_refused(tmp_path, synthetic_fr
     with pytest.raises(ParameterError, match="exhaustive"):
         flow.run({"frames": synthetic_frames_dir}, flow.Params(exhaustive=True, exhaustive_max_frames=5), tmp_path)
     with pytest.raises(InputError):
-        flow.list_pairs(tmp_path)
+        artifacts.list_flow_pairs(tmp_path)
 
 
 # ----------------------------------------------------------------------------- synthetic scene
 
 def test_stage_outputs_parse(synthetic_flow_dir, synthetic_scene):
-    meta = json.loads((synthetic_flow_dir / flow.PAIRS_FILE).read_text())
+    meta = json.loads((synthetic_flow_dir / artifacts.FLOW_PAIRS_FILE).read_text())
     assert meta["backend"] == "dis"
-    pairs = flow.list_pairs(synthetic_flow_dir)
+    pairs = artifacts.list_flow_pairs(synthetic_flow_dir)
     num_frames = synthetic_scene.num_frames
     assert pairs == flow.select_pairs(num_frames, flow.Params().max_offset)
-    with np.load(synthetic_flow_dir / flow.PAIRS_DIR / "000000_000001.npz") as data:
+    with np.load(synthetic_flow_dir / artifacts.FLOW_PAIRS_DIR / "000000_000001.npz") as data:
         assert data["forward"].dtype == np.float16 and data["backward"].dtype == np.float16
         assert data["forward"].shape == (synthetic_scene.height, synthetic_scene.width, 2)
         assert data["valid_forward"].dtype == bool and data["valid_backward"].dtype == bool
     consecutive = sorted(path.name for path in (synthetic_flow_dir / flow.VIS_DIR).glob("*.png"))
-    assert consecutive == [f"{flow.pair_name(t, t + 1)}.png" for t in range(num_frames - 1)]
+    assert consecutive == [f"{artifacts.flow_pair_name(t, t + 1)}.png" for t in range(num_frames - 1)]
     assert read_rgb(synthetic_flow_dir / flow.VIS_DIR / consecutive[0]).shape == (synthetic_scene.height, synthetic_scene.width, 3)
 
 
 def test_load_pair_swaps_directions(synthetic_flow_dir):
-    pair = flow.load_pair(synthetic_flow_dir, 2, 4)
-    swapped = flow.load_pair(synthetic_flow_dir, 4, 2)
+    pair = artifacts.read_flow_pair(synthetic_flow_dir, 2, 4)
+    swapped = artifacts.read_flow_pair(synthetic_flow_dir, 4, 2)
     assert pair["forward"].dtype == np.float32
     np.testing.assert_array_equal(swapped["forward"], pair["backward"])
     np.testing.assert_array_equal(swapped["valid_backward"], pair["valid_forward"])
     with pytest.raises(InputError):
-        flow.load_pair(synthetic_flow_dir, 0, 3)
+        artifacts.read_flow_pair(synthetic_flow_dir, 0, 3)
 
 
 def test_dis_epe_and_occlusion_recall_against_ground_truth(synthetic_flow_dir, synthetic_scene):
@@ -160,7 +161,7 @@ def test_dis_epe_and_occlusion_recall_against_ground_truth(synthetic_flow_dir, s
     scene = synthetic_scene
     occluded_total = occluded_flagged = 0
     for t in range(scene.num_frames - 1):
-        pair = flow.load_pair(synthetic_flow_dir, t, t + 1)
+        pair = artifacts.read_flow_pair(synthetic_flow_dir, t, t + 1)
         valid, occluded = pair["valid_forward"], scene.flow_occluded[t]
         epe = np.linalg.norm(pair["forward"] - scene.flow[t], axis=-1)
         assert epe[valid].mean() < 1.0, f"pair {t}: EPE {epe[valid].mean():.3f} px"
@@ -174,7 +175,7 @@ def test_dis_epe_and_occlusion_recall_against_ground_truth(synthetic_flow_dir, s
 def test_long_range_pairs_are_usable(synthetic_flow_dir, synthetic_scene):
     """Offset-8 pairs: valid pixels still have sub-2-pixel EPE against the exact flow."""
     gt_flow, _ = synthetic_scene.flow_between(0, 8)
-    pair = flow.load_pair(synthetic_flow_dir, 0, 8)
+    pair = artifacts.read_flow_pair(synthetic_flow_dir, 0, 8)
     epe = np.linalg.norm(pair["forward"] - gt_flow, axis=-1)
     assert np.median(epe[pair["valid_forward"]]) < 2.0
     assert pair["valid_forward"].mean() > 0.5
@@ -255,7 +256,7 @@ def test_raft_small_checkpoint_runs_through_the_stage(tmp_path, synthetic_frames
     params = flow.Params(backend="raft", raft_model=str(path), max_offset=1)
     figures = flow.run({"frames": synthetic_frames_dir}, params, tmp_path)
     assert figures["num_pairs"] == synthetic_scene.num_frames - 1
-    pair = flow.load_pair(tmp_path, 0, 1)
+    pair = artifacts.read_flow_pair(tmp_path, 0, 1)
     epe = np.linalg.norm(pair["forward"] - synthetic_scene.flow[0], axis=-1)
     assert np.median(epe[pair["valid_forward"]]) < 1.0
     with pytest.raises(ModelUnavailableError):
@@ -280,7 +281,7 @@ def test_flow_on_real_video(tmp_path):
     assert 19 <= num_frames <= 21
     assert figures["num_pairs"] == num_frames - 1
     assert figures["mean_valid_fraction"] > 0.5
-    pair = flow.load_pair(flow_dir, 0, 1)
+    pair = artifacts.read_flow_pair(flow_dir, 0, 1)
     assert np.isfinite(pair["forward"]).all()
     assert pair["valid_forward"].mean() > 0.5
     assert np.abs(pair["forward"]).max() < 100

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data import artifacts
 from data.errors import InputError, ParameterError
-from data.images import write_gray
 
 #: Frame offsets of the ground-truth 3D flow pairs (both directions are written).
 PAIR_OFFSETS = (1, 2, 4, 8)
@@ -27,17 +27,13 @@ def write_ground_truth_stages(scene, frames_dir: Path, root: Path, seed: int = 0
     dirs = {name: root / name for name in ("cameras", "align", "masks", "tracks")}
     for path in dirs.values():
         path.mkdir(parents=True)
-    frames = [{"index": i, "file": f"images/{i:06d}.png", "K": scene.K.tolist(), "w2c": scene.w2c[i].tolist(),
-               "registered": True, "interpolated": False} for i in range(num_frames)]
-    (dirs["cameras"] / "cameras.json").write_text(json.dumps(
-        {"width": width, "height": height, "model": "PINHOLE", "units": "metric", "frames": frames}))
+    artifacts.write_cameras(dirs["cameras"], np.repeat(scene.K[None], num_frames, axis=0), scene.w2c,
+                            np.ones(num_frames, bool), [f"images/{i:06d}.png" for i in range(num_frames)], width, height,
+                            units="metric")
     (dirs["align"] / "depth").mkdir()
-    (dirs["masks"] / "masks").mkdir()
     for i in range(num_frames):
         np.save(dirs["align"] / "depth" / f"{i:06d}.npy", scene.depth[i].astype(np.float32))
-        write_gray(dirs["masks"] / "masks" / f"{i:06d}.png", scene.masks[i])
-    (dirs["masks"] / "labels.json").write_text(json.dumps({"labels": {"0": "background", "1": "cube", "2": "blob"},
-                                                           "backend": "ground-truth"}))
+    artifacts.write_masks(dirs["masks"], scene.masks, {1: "cube", 2: "blob"}, "ground-truth")
     parts = {key: [] for key in ("src_xyz", "dst_xyz", "src_frame", "dst_frame", "src_xy", "dst_xy")}
     rows, cols = np.mgrid[0:height, 0:width]
     for offset in PAIR_OFFSETS:
@@ -60,8 +56,8 @@ def write_ground_truth_stages(scene, frames_dir: Path, root: Path, seed: int = 0
     np.savez_compressed(dirs["tracks"] / "pairs3d.npz",
                         **{key: np.concatenate(value).astype(np.int32 if "frame" in key else np.float32)
                            for key, value in parts.items()})
-    np.savez_compressed(dirs["tracks"] / "tracks.npz", xy=scene.tracks_xy.astype(np.float32),
-                        visible=scene.tracks_visible, query_frame=np.zeros(len(scene.tracks_xy), np.int32))
+    artifacts.write_tracks(dirs["tracks"], scene.tracks_xy.astype(np.float32), scene.tracks_visible,
+                           np.zeros(len(scene.tracks_xy), np.int32))
     return {"frames": frames_dir, **dirs}
 
 

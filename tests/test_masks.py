@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from data import synthetic
+from data import artifacts, synthetic
 from data.errors import InputError, ModelUnavailableError, ParameterError
 from stages import flow as flow_stage
 from stages import frames as frames_stage
@@ -63,7 +63,9 @@ def ground_truth_geometry(scene, root: Path, depth_noise: float) -> tuple[Path, 
     cameras_dir, align_dir = root / "cameras", root / "align"
     cameras_dir.mkdir()
     (align_dir / "depth").mkdir(parents=True)
-    (cameras_dir / "cameras.json").write_text((scene.root / "gt" / "cameras.json").read_text())
+    artifacts.write_cameras(cameras_dir, np.repeat(scene.K[None], scene.num_frames, axis=0), scene.w2c,
+                            np.ones(scene.num_frames, bool), [f"images/{t:06d}.png" for t in range(scene.num_frames)],
+                            scene.width, scene.height, units="metric")
     rng = np.random.default_rng(0)
     for t, depth in enumerate(scene.depth):
         noisy = depth * (1.0 + depth_noise * rng.standard_normal(depth.shape))
@@ -77,7 +79,7 @@ def ground_truth_geometry(scene, root: Path, depth_noise: float) -> tuple[Path, 
 
 def test_motion_masks_match_ground_truth(motion_run, synthetic_scene):
     out, result = motion_run
-    predicted = masks.load_masks(out)
+    predicted = artifacts.read_masks(out)
     truth = synthetic_scene.masks > 0
     assert predicted.shape == truth.shape and predicted.dtype == np.uint8
     assert set(np.unique(predicted)) <= {0, 1}
@@ -93,7 +95,7 @@ def test_motion_masks_match_ground_truth(motion_run, synthetic_scene):
 
 def test_motion_outputs_and_loaders(motion_run, synthetic_scene):
     out, _ = motion_run
-    assert masks.load_labels(out) == {0: "background", 1: "dynamic"}
+    assert artifacts.read_labels(out) == {0: "background", 1: "dynamic"}
     assert json.loads((out / "labels.json").read_text())["backend"] == "motion"
     vis = sorted((out / "vis").glob("*.png"))
     assert len(vis) == synthetic_scene.num_frames
@@ -118,7 +120,7 @@ def test_motion_first_pass_leaves_a_plain_wall_static(walker):
     motion, so the first pass finds only part of it (measured: IoU 0.693, 0.13 % of the static
     pixels; 0.584 when regions were cut at 40 % of their peak score, which dropped the slower
     limbs); the refined pass finds the rest."""
-    predicted = masks.load_masks(walker["masks"]) > 0
+    predicted = artifacts.read_masks(walker["masks"]) > 0
     truth = walker["scene"].masks > 0
     false_positives = false_positive_share(predicted, truth)
     assert false_positives < 0.004, f"{false_positives:.2%} of the static pixels marked dynamic"
@@ -189,14 +191,14 @@ def test_refined_masks_match_ground_truth(scene_name, min_iou, max_false_positiv
     out.mkdir()
     result = masks_refine.run({"frames": frames_dir, "flow": flow_dir, "masks": first_dir, "cameras": cameras_dir,
                                "align": align_dir}, masks_refine.Params(), out)
-    predicted = masks.load_masks(out) > 0
+    predicted = artifacts.read_masks(out) > 0
     truth = scene.masks > 0
-    first_iou = mean_iou(masks.load_masks(first_dir) > 0, truth)
+    first_iou = mean_iou(artifacts.read_masks(first_dir) > 0, truth)
     iou, false_positives = mean_iou(predicted, truth), false_positive_share(predicted, truth)
     assert iou >= min_iou and iou > first_iou + 0.1, f"{scene_name}: refined IoU {iou:.3f} (first pass {first_iou:.3f})"
     assert false_positives < max_false_positives, \
         f"{scene_name}: {false_positives:.2%} of the static pixels marked dynamic"
-    assert masks.load_labels(out) == {0: "background", 1: "dynamic"}
+    assert artifacts.read_labels(out) == {0: "background", 1: "dynamic"}
     assert result["backend"] == "residual" and result["residual_defined_fraction"] > 0.9
     assert result["added_fraction"] > 0
     assert len(list((out / "vis" / "cues").glob("score_*.png"))) == scene.num_frames
@@ -215,8 +217,8 @@ def test_refine_passes_given_masks_through(synthetic_scene, synthetic_frames_dir
     out.mkdir()
     result = masks_refine.run({"frames": synthetic_frames_dir, "flow": synthetic_flow_dir, "masks": first_dir,
                                "cameras": cameras_dir, "align": align_dir}, masks_refine.Params(), out)
-    np.testing.assert_array_equal(masks.load_masks(out), synthetic_scene.masks)
-    assert masks.load_labels(out) == {0: "background", 1: "object1", 2: "object2"}
+    np.testing.assert_array_equal(artifacts.read_masks(out), synthetic_scene.masks)
+    assert artifacts.read_labels(out) == {0: "background", 1: "object1", 2: "object2"}
     assert "unchanged" in result["notes"][0]
 
 
@@ -247,15 +249,15 @@ def test_file_backend_folder_of_masks(synthetic_scene, synthetic_frames_dir, tmp
     out = tmp_path / "out_binary"
     out.mkdir()
     result = masks.run({"frames": synthetic_frames_dir}, masks.Params(backend="file", mask_path=str(binary_dir)), out)
-    np.testing.assert_array_equal(masks.load_masks(out), (synthetic_scene.masks > 0).astype(np.uint8))
-    assert masks.load_labels(out) == {0: "background", 1: "object"}
+    np.testing.assert_array_equal(artifacts.read_masks(out), (synthetic_scene.masks > 0).astype(np.uint8))
+    assert artifacts.read_labels(out) == {0: "background", 1: "object"}
     assert result["fraction_object"] == pytest.approx(float((synthetic_scene.masks > 0).mean()), abs=1e-5)
 
     out = tmp_path / "out_labels"
     out.mkdir()
     masks.run({"frames": synthetic_frames_dir}, masks.Params(backend="file", mask_path=str(label_dir)), out)
-    np.testing.assert_array_equal(masks.load_masks(out), synthetic_scene.masks)
-    assert masks.load_labels(out) == {0: "background", 1: "object1", 2: "object2"}
+    np.testing.assert_array_equal(artifacts.read_masks(out), synthetic_scene.masks)
+    assert artifacts.read_labels(out) == {0: "background", 1: "object1", 2: "object2"}
 
 
 def test_file_backend_single_first_frame_mask(synthetic_scene, synthetic_frames_dir, synthetic_flow_dir, tmp_path):
@@ -265,7 +267,7 @@ def test_file_backend_single_first_frame_mask(synthetic_scene, synthetic_frames_
     out.mkdir()
     masks.run({"frames": synthetic_frames_dir, "flow": synthetic_flow_dir},
               masks.Params(backend="file", mask_path=str(first)), out)
-    predicted = masks.load_masks(out) > 0
+    predicted = artifacts.read_masks(out) > 0
     truth = synthetic_scene.masks > 0
     np.testing.assert_array_equal(predicted[0], truth[0])
     # Flow propagation drifts (and cannot see newly revealed sides of the tumbling cube).
@@ -526,10 +528,10 @@ def test_sam2_backend_end_to_end_with_tiny_model(tmp_path):
     params = masks.Params(backend="sam2", sam2_model=str(model), device="cpu", min_area_fraction=0.0,
                           prompts="2:20,20,hand;2:neg:40,30,hand;2:box:30,10,60,40,object")
     result = masks.run({"frames": frames_dir}, params, out)
-    predicted = masks.load_masks(out)
+    predicted = artifacts.read_masks(out)
     assert predicted.shape == (5, 48, 64) and predicted.dtype == np.uint8
     assert set(np.unique(predicted)) <= {0, 1, 2}
-    assert masks.load_labels(out) == {0: "background", 1: "hand", 2: "object"}
+    assert artifacts.read_labels(out) == {0: "background", 1: "hand", 2: "object"}
     assert result["backend"] == "sam2" and result["num_frames"] == 5
     assert {"fraction_hand", "fraction_object", "dynamic_fraction_mean"} <= set(result)
     assert len(list((out / "vis").glob("*.png"))) == 5
@@ -558,7 +560,7 @@ def test_apple_first_frame_mask_and_static_scene(tmp_path):
     assert frames_stage.read_frames_meta(frames_dir)["num_frames"] == 20
     flow_stage.run({"frames": frames_dir}, flow_stage.Params(), flow_dir)
     masks.run({"frames": frames_dir, "flow": flow_dir}, masks.Params(backend="file", mask_path=str(mask)), out)
-    predicted = masks.load_masks(out) > 0
+    predicted = artifacts.read_masks(out) > 0
     meta = frames_stage.read_frames_meta(frames_dir)
     soft = cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE)  # anti-aliased 0..254: foreground from half the maximum
     first = cv2.resize(soft, (meta["width"], meta["height"]), interpolation=cv2.INTER_NEAREST) >= soft.max() / 2

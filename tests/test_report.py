@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data import artifacts
 from data.errors import ParameterError, StageFailure
 from data.images import read_gray, read_rgb, write_gray, write_rgb
 from data.visualize import colorize, colorize_depth, flow_to_color, overlay_labels
@@ -101,15 +102,15 @@ def handmade_stages(work: Path, scene, flow_offsets: tuple[int, ...] = (1, 2), d
 
     cameras_dir = work / "cameras"
     cameras_dir.mkdir()
-    frames = [{"index": t, "file": f"images/{names[t]}.png", "K": scene.K.tolist(), "w2c": scene.w2c[t].tolist(),
-               "registered": t != 5, "interpolated": t == 5} for t in range(T)]
-    (cameras_dir / "cameras.json").write_text(json.dumps({"width": W, "height": H, "model": "PINHOLE",
-                                                          "units": "metric", "frames": frames}))
+    registered = np.arange(T) != 5
+    artifacts.write_cameras(cameras_dir, np.repeat(scene.K[None], T, axis=0), scene.w2c, registered,
+                            [f"images/{names[t]}.png" for t in range(T)], W, H, interpolated=~registered, units="metric")
     xyz = scene.point_at_time(0, 0)[::4, ::4].reshape(-1, 3).astype(np.float32)
     rgb = scene.images[0][::4, ::4].reshape(-1, 3)
-    np.savez_compressed(cameras_dir / "points.npz", xyz=xyz, rgb=rgb, error=np.full(len(xyz), 0.5, np.float32),
-                        obs_frame=np.zeros(len(xyz), np.int32), obs_point=np.arange(len(xyz), dtype=np.int32),
-                        obs_xy=np.zeros((len(xyz), 2), np.float32))
+    artifacts.write_points(cameras_dir, {"xyz": xyz, "rgb": rgb, "error": np.full(len(xyz), 0.5, np.float32),
+                                         "obs_frame": np.zeros(len(xyz), np.int32),
+                                         "obs_point": np.arange(len(xyz), dtype=np.int32),
+                                         "obs_xy": np.zeros((len(xyz), 2), np.float32)})
     (cameras_dir / "vis").mkdir()
     write_rgb(cameras_dir / "vis" / "trajectory.png", np.full((48, 48, 3), 90, np.uint8))
     write_manifest(cameras_dir, "cameras", {"mode": "known"}, {"num_registered": T - 1})

@@ -2,13 +2,13 @@
 pairs against its ground-truth motion, stored artifacts and their loaders."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from data import artifacts
 from data.errors import InputError, ParameterError
 from data.geometry import project_points
 from data.images import read_rgb
@@ -151,7 +151,7 @@ def test_missing_inputs_are_refused(tmp_path, synthetic_frames_dir):
     with pytest.raises(InputError):
         tracks.run({"frames": synthetic_frames_dir}, tracks.Params(), tmp_path)
     with pytest.raises(InputError):
-        tracks.load_tracks(tmp_path)
+        artifacts.read_tracks(tmp_path)
 
 
 # ----------------------------------------------------------------------------- synthetic scene
@@ -212,7 +212,7 @@ def test_stage_tracks_against_exact_flow(tracks_dir, synthetic_scene):
     """The stage's own tracks from frame 0, scored against the exact flow from frame 0 at their
     query points over the next 15 frames (points GT marks occluded are left out)."""
     out, figures = tracks_dir
-    data = tracks.load_tracks(out)
+    data = artifacts.read_tracks(out)
     xy, visible, query_frame = data["xy"], data["visible"], data["query_frame"]
     assert figures["num_tracks"] == len(xy) > 100
     seeded_first = np.flatnonzero(query_frame == 0)
@@ -232,7 +232,7 @@ def test_stage_tracks_against_exact_flow(tracks_dir, synthetic_scene):
 
 def test_stage_writes_parseable_tracks_video_and_still(tracks_dir, synthetic_scene):
     out, figures = tracks_dir
-    data = tracks.load_tracks(out)
+    data = artifacts.read_tracks(out)
     count, num_frames = data["xy"].shape[:2]
     assert num_frames == synthetic_scene.num_frames
     assert data["xy"].dtype == np.float32 and data["visible"].dtype == bool and data["query_frame"].dtype == np.int32
@@ -245,7 +245,7 @@ def test_stage_writes_parseable_tracks_video_and_still(tracks_dir, synthetic_sce
     video = cv2.VideoCapture(str(out / tracks.VIDEO_FILE))
     assert video.isOpened() and int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == num_frames
     video.release()
-    assert not (out / tracks.PAIRS3D_FILE).exists()  # no align/cameras inputs: 2D only
+    assert not (out / artifacts.PAIRS3D_FILE).exists()  # no align/cameras inputs: 2D only
 
 
 def test_lifted_pairs_match_ground_truth_motion(synthetic_flow_dir, synthetic_scene):
@@ -285,10 +285,10 @@ def _write_ground_truth_align_and_cameras(scene, root: Path) -> tuple[Path, Path
     cameras_dir.mkdir()
     for t in range(scene.num_frames):
         np.save(align_dir / "depth" / f"{t:06d}.npy", scene.depth[t])
-    frames = [{"index": t, "file": f"images/{t:06d}.png", "K": scene.K.tolist(), "w2c": scene.w2c[t].tolist(),
-               "registered": t != 3, "interpolated": t == 3} for t in range(scene.num_frames)]
-    (cameras_dir / "cameras.json").write_text(json.dumps(
-        {"width": scene.width, "height": scene.height, "model": "PINHOLE", "units": "dataset", "frames": frames}))
+    registered = np.arange(scene.num_frames) != 3
+    artifacts.write_cameras(cameras_dir, np.repeat(scene.K[None], scene.num_frames, axis=0), scene.w2c, registered,
+                            [f"images/{t:06d}.png" for t in range(scene.num_frames)], scene.width, scene.height,
+                            interpolated=~registered, units="dataset")
     return align_dir, cameras_dir
 
 
@@ -302,13 +302,13 @@ def test_stage_writes_3d_pairs_with_align_and_cameras(synthetic_frames_dir, synt
     params = tracks.Params(points_per_pair=300, make_video=False)
     figures = tracks.run({"frames": synthetic_frames_dir, "flow": synthetic_flow_dir, "align": align_dir,
                           "cameras": cameras_dir}, params, out)
-    pairs3d = tracks.load_pairs3d(out)
+    pairs3d = artifacts.read_pairs3d(out)
     total = len(pairs3d["src_xyz"])
     assert figures["num_pairs3d"] == total
-    counts = json.loads((out / tracks.PAIRS3D_COUNTS_FILE).read_text())
+    counts = artifacts.read_pairs3d_counts(out)
     assert counts["total"] == total == sum(sum(both) for both in counts["counts"].values())
-    lifted_pairs = [pair for pair in flow.list_pairs(synthetic_flow_dir) if 3 not in pair]
-    assert sorted(counts["counts"]) == sorted(flow.pair_name(i, j) for i, j in lifted_pairs)
+    lifted_pairs = [pair for pair in artifacts.list_flow_pairs(synthetic_flow_dir) if 3 not in pair]
+    assert sorted(counts["counts"]) == sorted(artifacts.flow_pair_name(i, j) for i, j in lifted_pairs)
     assert all(0 < count <= 300 for both in counts["counts"].values() for count in both)
     assert any("not registered" in note for note in figures["notes"])
     assert 3 not in set(pairs3d["src_frame"].tolist()) | set(pairs3d["dst_frame"].tolist())

@@ -12,6 +12,9 @@ import cv2
 import numpy as np
 from markupsafe import Markup
 
+from data.artifacts import (ALIGNMENT_FILE, CAMERAS_FILE, DEPTH_FILE, FLOW_PAIRS_FILE, LABELS_FILE, MASKS_DIR,
+                            PAIRS3D_COUNTS_FILE, POINTS_FILE, TRACKS_FILE, flow_pair_name, list_flow_pairs,
+                            read_cameras_meta, read_flow_meta, read_flow_pair, read_labels, read_points, read_tracks)
 from data.images import read_gray, read_rgb, write_gray, write_rgb
 from data.visualize import LABEL_COLORS, flow_to_color, overlay_labels
 from pipeline.report.markup import facts_table, grid, join, strip, ui
@@ -82,11 +85,11 @@ def depth_range(depth_file: Path, kind: str, units: str) -> str:
 
 def depth_views(page: StagePage) -> list[View]:
     """Monocular and aligned depth of the same frames side by side (on the depth and align pages)."""
-    if not ((page.directory / "depth.json").is_file() or (page.directory / "alignment.json").is_file()):
+    if not ((page.directory / DEPTH_FILE).is_file() or (page.directory / ALIGNMENT_FILE).is_file()):
         return []
     mono_dir, aligned_dir = page.run.stage_dir("depth"), page.run.stage_dir("align")
-    mono_kind = (read_json(mono_dir / "depth.json") or {}).get("kind", "relative_inverse")
-    camera_units = (read_json(page.run.stage_dir("cameras") / "cameras.json") or {}).get("units", "sfm")
+    mono_kind = (read_json(mono_dir / DEPTH_FILE) or {}).get("kind", "relative_inverse")
+    camera_units = (read_json(page.run.stage_dir("cameras") / CAMERAS_FILE) or {}).get("units", "sfm")
     units = {"metric": "m", "sfm": "SfM units", "dataset": "dataset units"}
     columns = [(title, folder, kind, units.get(unit, unit)) for title, folder, kind, unit in (
         ("monocular", mono_dir, mono_kind, mono_kind), ("aligned", aligned_dir, "depth", camera_units))
@@ -112,7 +115,7 @@ def depth_views(page: StagePage) -> list[View]:
 
 def alignment_views(page: StagePage) -> list[View]:
     """Per-frame scale, shift, residual and inliers of ``alignment.json`` (charts), and ``scatter.png``."""
-    meta = read_json(page.directory / "alignment.json")
+    meta = read_json(page.directory / ALIGNMENT_FILE)
     scatter = page.directory / "scatter.png"
     if meta is None and not scatter.is_file():
         return []
@@ -137,28 +140,26 @@ def alignment_views(page: StagePage) -> list[View]:
 
 def flow_views(page: StagePage) -> list[View]:
     """Flow colour images, forward-backward validity masks (from the pairs' npz) and a colour legend."""
-    if not (page.directory / "pairs.json").is_file():
+    if not (page.directory / FLOW_PAIRS_FILE).is_file():
         return []
-    from stages.flow import list_pairs, load_pair, pair_name
-
-    pairs = list_pairs(page.directory)
+    pairs = list_flow_pairs(page.directory)
     offsets: dict[int, int] = {}
     for i, j in pairs:
         offsets[j - i] = offsets.get(j - i, 0) + 1
-    facts = facts_table([("backend", (read_json(page.directory / "pairs.json") or {}).get("backend")),
+    facts = facts_table([("backend", read_flow_meta(page.directory).get("backend")),
                          ("pairs", len(pairs)),
                          ("pairs per frame offset", ", ".join(f"{k}: {v}" for k, v in sorted(offsets.items())))])
     consecutive = [pair for pair in pairs if pair[1] - pair[0] == 1] or pairs
     frames = frame_files(page.run)
     cells = []
     for i, j in pick(consecutive, SAMPLES):
-        pair = load_pair(page.directory, i, j)
+        pair = read_flow_pair(page.directory, i, j)
         forward, valid = pair["forward"], pair["valid_forward"]
-        mask = page.asset(f"valid_{pair_name(i, j)}.png")
+        mask = page.asset(f"valid_{flow_pair_name(i, j)}.png")
         write_gray(mask, valid.astype(np.uint8) * 255)
-        vis = page.directory / "vis" / f"{pair_name(i, j)}.png"
+        vis = page.directory / "vis" / f"{flow_pair_name(i, j)}.png"
         if not vis.is_file():
-            vis = page.asset(f"flow_{pair_name(i, j)}.png")
+            vis = page.asset(f"flow_{flow_pair_name(i, j)}.png")
             write_rgb(vis, flow_to_color(forward, valid))
         magnitude = np.linalg.norm(forward, axis=-1)[valid]
         largest = f"{np.percentile(magnitude, 99):.3g} px" if magnitude.size else "—"
@@ -176,14 +177,12 @@ def flow_views(page: StagePage) -> list[View]:
 def masks_views(page: StagePage) -> list[View]:
     """Mask overlays of a few frames (``vis/``, drawn from ``masks/`` when missing) and the labels;
     with the motion cues (``vis/cues/``: residual score and flow confidence) next to each overlay."""
-    mask_dir, vis_dir = page.directory / "masks", page.directory / "vis"
+    mask_dir, vis_dir = page.directory / MASKS_DIR, page.directory / "vis"
     cues_dir = vis_dir / "cues"
     has_cues = cues_dir.is_dir() and any(cues_dir.glob("score_*.png"))
-    if not ((page.directory / "labels.json").is_file() or mask_dir.is_dir()):
+    if not ((page.directory / LABELS_FILE).is_file() or mask_dir.is_dir()):
         return []
-    from stages.masks import load_labels
-
-    labels = load_labels(page.directory) if (page.directory / "labels.json").is_file() else {}
+    labels = read_labels(page.directory) if (page.directory / LABELS_FILE).is_file() else {}
     names = sorted(path.stem for path in mask_dir.glob("*.png")) or sorted(path.stem for path in vis_dir.glob("*.png"))
     frames = frame_files(page.run)
     cells, coverage, counted = [], {}, 0
@@ -267,13 +266,11 @@ def orbit_scene(content: Mapping[str, Any], points: Mapping[str, np.ndarray] | N
 
 def cameras_views(page: StagePage) -> list[View]:
     """Camera facts and an interactive 3D plot of the poses (frusta) and sparse points."""
-    if not (page.directory / "cameras.json").is_file():
+    if not (page.directory / CAMERAS_FILE).is_file():
         return []
-    from stages.cameras import load_points, read_cameras_json
-
-    content = read_cameras_json(page.directory)
+    content = read_cameras_meta(page.directory)
     frames = content["frames"]
-    points = load_points(page.directory) if (page.directory / "points.npz").is_file() else None
+    points = read_points(page.directory) if (page.directory / POINTS_FILE).is_file() else None
     K = np.asarray(frames[0]["K"], np.float64) if frames else np.eye(3)
     errors = np.asarray(points["error"], np.float64) if points is not None and "error" in points else np.zeros(0)
     facts = facts_table([
@@ -294,14 +291,12 @@ def cameras_views(page: StagePage) -> list[View]:
 
 def tracks_views(page: StagePage) -> list[View]:
     """Track statistics, visible tracks per frame (chart), the still and the overlay video."""
-    npz, still, video = (page.directory / name for name in ("tracks.npz", "tracks.png", "tracks.mp4"))
+    npz, still, video = (page.directory / name for name in (TRACKS_FILE, "tracks.png", "tracks.mp4"))
     if not (npz.is_file() or still.is_file() or video.is_file()):
         return []
     parts: list[Markup] = []
     if npz.is_file():
-        from stages.tracks import load_tracks
-
-        tracks = load_tracks(page.directory)
+        tracks = read_tracks(page.directory)
         visible = tracks["visible"]
         per_frame = visible.sum(axis=0)
         parts.append(facts_table([("tracks", visible.shape[0]), ("frames", visible.shape[1]),
@@ -309,7 +304,7 @@ def tracks_views(page: StagePage) -> list[View]:
                                    f"{visible.sum(axis=1).mean():.1f}" if len(visible) else "—"),
                                   ("visible fraction", f"{visible.mean():.1%}" if visible.size else "—"),
                                   ("3D flow pairs (pairs3d.npz)",
-                                   (read_json(page.directory / "pairs3d.json") or {}).get("total", "none"))]))
+                                   (read_json(page.directory / PAIRS3D_COUNTS_FILE) or {}).get("total", "none"))]))
         title = "visible tracks per frame"
         parts.append(chart_figure(page, line_chart({"visible tracks": (np.arange(len(per_frame)), per_frame)},
                                                    title, "frame", log_y=False), title))
