@@ -114,165 +114,254 @@ def _row_span(splats: np.ndarray, boxes: np.ndarray, v: int, py: int, x_first: i
     return max(first, int(np.ceil(centre - half_span - 1e-6))), min(last, int(np.floor(centre + half_span + 1e-6)))
 
 
+@njit(cache=True)
+def _schedule(tile_offsets: np.ndarray, n_workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Non-empty tiles dealt to ``n_workers`` workers, longest lists first, each to the worker with
+    the fewest entries so far. Returns ``worker_offsets`` [n_workers + 1] and ``worker_tiles``:
+    worker ``w`` renders ``worker_tiles[worker_offsets[w]:worker_offsets[w + 1]]``."""
+    lengths = tile_offsets[1:] - tile_offsets[:-1]
+    order = np.argsort(-lengths, kind="mergesort")
+    load = np.zeros(n_workers, dtype=np.int64)
+    owner = np.full(lengths.shape[0], -1, dtype=np.int64)
+    worker_offsets = np.zeros(n_workers + 1, dtype=np.int64)
+    for tile in order:
+        if lengths[tile] == 0:
+            break
+        worker = np.argmin(load)
+        owner[tile] = worker
+        load[worker] += lengths[tile]
+        worker_offsets[worker + 1] += 1
+    for worker in range(n_workers):
+        worker_offsets[worker + 1] += worker_offsets[worker]
+    worker_tiles = np.empty(worker_offsets[n_workers], dtype=np.int64)
+    fill = worker_offsets[:-1].copy()
+    for tile in order:
+        if owner[tile] < 0:
+            break
+        worker_tiles[fill[owner[tile]]] = tile
+        fill[owner[tile]] += 1
+    return worker_offsets, worker_tiles
+
+
+@njit(cache=True)
+def _splats(means2d: np.ndarray, conics: np.ndarray, opacities: np.ndarray) -> np.ndarray:
+    """``splats`` [V, 7] float64 (mx, my, a, b, c, o, log(255 o)) of the visible entries' ``means2d``
+    [V, 2], ``conics`` [V, 3] and ``opacities`` [V]."""
+    splats = np.empty((means2d.shape[0], 7))
+    for v in range(means2d.shape[0]):
+        splats[v, 0], splats[v, 1] = means2d[v, 0], means2d[v, 1]
+        splats[v, 2], splats[v, 3], splats[v, 4] = conics[v, 0], conics[v, 1], conics[v, 2]
+        splats[v, 5] = opacities[v]
+        splats[v, 6] = np.log(splats[v, 5] / ALPHA_THRESHOLD)
+    return splats
+
+
 @njit(inline="always")
-def _alpha(a: float, b: float, c: float, opacity: float, dx: float, dy: float) -> tuple[float, float]:
-    """Alpha of a splat with conic (a, b, c) and ``opacity`` at offset (dx, dy) from the pixel
-    centre to its mean (0 where skipped), and ``exp(-sigma)``."""
+def _row_start(a: float, b: float, c: float, dx: float, dy: float) -> tuple[float, float]:
+    """``exp(-sigma)`` at offset (dx, dy) and its ratio to the next pixel's (``dx - 1``): along a row
+    ``sigma`` is quadratic, so the next ratio is this one times ``exp(-a)``."""
     sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
-    if sigma < 0.0:
-        return 0.0, 0.0
-    gauss = np.exp(-sigma)
-    alpha = min(MAX_ALPHA, opacity * gauss)
-    if alpha < ALPHA_THRESHOLD:
-        return 0.0, gauss
-    return alpha, gauss
+    return np.exp(-sigma), np.exp(a * dx + b * dy - 0.5 * a)
+
+
+@njit(cache=True)
+def _forward_tile(tile: int, splats: np.ndarray, features: np.ndarray, boxes: np.ndarray,
+                  tile_offsets: np.ndarray, tile_entries: np.ndarray, tiles_x: int, tiles_y: int, tile_size: int,
+                  colors: np.ndarray, alphas: np.ndarray, final_t: np.ndarray, counts: np.ndarray,
+                  transmittance: np.ndarray, color: np.ndarray, weights: np.ndarray, count: np.ndarray) -> None:
+    """Composite tile ``tile`` front to back into ``colors``, ``alphas``, ``final_t`` and ``counts``
+    (see :func:`_forward`), using the tile-sized buffers ``transmittance``, ``color``, ``weights`` and
+    ``count`` (a pixel that has stopped has ``count`` negated minus one)."""
+    n_features = features.shape[1]
+    height, width = alphas.shape[1], alphas.shape[2]
+    start, stop = tile_offsets[tile], tile_offsets[tile + 1]
+    camera, x_first, x_last, y_first, y_last = _tile_bounds(tile, tiles_x, tiles_y, tile_size, width, height)
+    rows, columns = y_last - y_first + 1, x_last - x_first + 1
+    transmittance[:rows, :columns] = 1.0
+    color[:rows, :columns] = 0.0
+    weights[:rows, :columns] = 0.0
+    count[:rows, :columns] = 0
+    running = rows * columns
+    for k in range(start, stop):
+        v = tile_entries[k]
+        mx, my, a, b, c, opacity = splats[v, 0], splats[v, 1], splats[v, 2], splats[v, 3], splats[v, 4], splats[v, 5]
+        step_ratio = np.exp(-a)
+        for py in range(max(boxes[v, 2], y_first), min(boxes[v, 3], y_last) + 1):
+            first, last = _row_span(splats, boxes, v, py, x_first, x_last)
+            if first > last:
+                continue
+            ty, dy = py - y_first, my - (py + 0.5)
+            gauss, ratio = _row_start(a, b, c, mx - (first + 0.5), dy)
+            for px in range(first, last + 1):
+                tx = px - x_first
+                alpha = min(MAX_ALPHA, opacity * gauss)
+                gauss *= ratio
+                ratio *= step_ratio
+                if count[ty, tx] < 0 or alpha < ALPHA_THRESHOLD:
+                    continue
+                dx = mx - (px + 0.5)
+                if 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy < 0.0:
+                    continue
+                before = transmittance[ty, tx]
+                after = before * (1.0 - alpha)
+                if after <= MIN_TRANSMITTANCE:
+                    count[ty, tx] = -count[ty, tx] - 1
+                    running -= 1
+                    continue
+                weight = alpha * before
+                for d in range(n_features):
+                    color[ty, tx, d] += weight * features[v, d]
+                weights[ty, tx] += weight
+                transmittance[ty, tx] = after
+                count[ty, tx] = k - start + 1
+        if running == 0:
+            break
+    for ty in range(rows):
+        for tx in range(columns):
+            py, px = y_first + ty, x_first + tx
+            for d in range(n_features):
+                colors[camera, py, px, d] = color[ty, tx, d]
+            alphas[camera, py, px] = weights[ty, tx]
+            final_t[camera, py, px] = transmittance[ty, tx]
+            counts[camera, py, px] = count[ty, tx] if count[ty, tx] >= 0 else -count[ty, tx] - 1
 
 
 @njit(parallel=True, cache=True)
 def _forward(splats: np.ndarray, features: np.ndarray, boxes: np.ndarray, tile_offsets: np.ndarray,
-             tile_entries: np.ndarray, n_cameras: int, width: int, height: int, tiles_x: int, tiles_y: int,
+             tile_entries: np.ndarray, worker_offsets: np.ndarray, worker_tiles: np.ndarray, n_cameras: int,
+             width: int, height: int, tiles_x: int, tiles_y: int,
              tile_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Composite every tile front to back. ``splats`` [V, 7] (mx, my, a, b, c, o, log(255 o)),
-    ``features`` [V, D].
+    """Composite every tile front to back, each worker its tiles (:func:`_schedule`) in parallel.
+    ``splats`` [V, 7] (:func:`_splats`), ``features`` [V, D].
 
     Within a tile, entries are taken in depth order and each updates only the pixels of its row
     spans, skipping pixels that have stopped; the tile ends when all its pixels have stopped.
     Pixels accumulate in tile-local buffers, written out once per tile.
-    Returns ``colors`` [C, H, W, D] (sum of weight * feature), ``alphas`` [C, H, W] (sum of weights),
-    ``final_t`` [C, H, W] transmittance after the last blended entry, and ``counts`` [C, H, W] how
-    many entries of the pixel's tile list come up to and including its last blended one.
+    Returns ``colors`` [C, H, W, D] (sum of weight * feature) and ``alphas`` [C, H, W] (sum of
+    weights) in the features' dtype, ``final_t`` [C, H, W] transmittance after the last blended
+    entry, and ``counts`` [C, H, W] how many entries of the pixel's tile list come up to and
+    including its last blended one.
     """
     n_features = features.shape[1]
-    colors = np.zeros((n_cameras, height, width, n_features))
-    alphas = np.zeros((n_cameras, height, width))
+    colors = np.zeros((n_cameras, height, width, n_features), dtype=features.dtype)
+    alphas = np.zeros((n_cameras, height, width), dtype=features.dtype)
     final_t = np.ones((n_cameras, height, width))
     counts = np.zeros((n_cameras, height, width), dtype=np.int64)
-    for tile in prange(n_cameras * tiles_y * tiles_x):
-        start, stop = tile_offsets[tile], tile_offsets[tile + 1]
-        if start == stop:
-            continue
-        camera, x_first, x_last, y_first, y_last = _tile_bounds(tile, tiles_x, tiles_y, tile_size, width, height)
-        rows, columns = y_last - y_first + 1, x_last - x_first + 1
-        transmittance = np.ones((rows, columns))
-        color = np.zeros((rows, columns, n_features))
-        weights = np.zeros((rows, columns))
-        count = np.zeros((rows, columns), dtype=np.int64)
-        stopped = np.zeros((rows, columns), dtype=np.bool_)
-        running = rows * columns
-        for k in range(start, stop):
-            v = tile_entries[k]
-            mx, my, a, b, c, opacity = splats[v, 0], splats[v, 1], splats[v, 2], splats[v, 3], splats[v, 4], splats[v, 5]
-            for py in range(max(boxes[v, 2], y_first), min(boxes[v, 3], y_last) + 1):
-                first, last = _row_span(splats, boxes, v, py, x_first, x_last)
-                ty, dy = py - y_first, my - (py + 0.5)
-                for px in range(first, last + 1):
-                    tx = px - x_first
-                    if stopped[ty, tx]:
-                        continue
-                    alpha, _ = _alpha(a, b, c, opacity, mx - (px + 0.5), dy)
-                    if alpha == 0.0:
-                        continue
-                    before = transmittance[ty, tx]
-                    after = before * (1.0 - alpha)
-                    if after <= MIN_TRANSMITTANCE:
-                        stopped[ty, tx] = True
-                        running -= 1
-                        continue
-                    weight = alpha * before
-                    for d in range(n_features):
-                        color[ty, tx, d] += weight * features[v, d]
-                    weights[ty, tx] += weight
-                    transmittance[ty, tx] = after
-                    count[ty, tx] = k - start + 1
-            if running == 0:
-                break
-        for ty in range(rows):
-            for tx in range(columns):
-                py, px = y_first + ty, x_first + tx
-                for d in range(n_features):
-                    colors[camera, py, px, d] = color[ty, tx, d]
-                alphas[camera, py, px] = weights[ty, tx]
-                final_t[camera, py, px] = transmittance[ty, tx]
-                counts[camera, py, px] = count[ty, tx]
+    for worker in prange(worker_offsets.shape[0] - 1):
+        transmittance = np.empty((tile_size, tile_size))
+        color = np.empty((tile_size, tile_size, n_features))
+        weights = np.empty((tile_size, tile_size))
+        count = np.empty((tile_size, tile_size), dtype=np.int64)
+        for i in range(worker_offsets[worker], worker_offsets[worker + 1]):
+            _forward_tile(worker_tiles[i], splats, features, boxes, tile_offsets, tile_entries, tiles_x, tiles_y,
+                          tile_size, colors, alphas, final_t, counts, transmittance, color, weights, count)
     return colors, alphas, final_t, counts
+
+
+@njit(cache=True)
+def _backward_tile(tile: int, splats: np.ndarray, features: np.ndarray, boxes: np.ndarray,
+                   tile_offsets: np.ndarray, tile_entries: np.ndarray, final_t: np.ndarray, counts: np.ndarray,
+                   grad_colors: np.ndarray, grad_alphas: np.ndarray, tiles_x: int, tiles_y: int, tile_size: int,
+                   pair_grads: np.ndarray, transmittance: np.ndarray, rest: np.ndarray,
+                   feature_grads: np.ndarray) -> None:
+    """Gradients of tile ``tile``'s pairs into ``pair_grads`` (see :func:`_backward`), using the
+    tile-sized buffers ``transmittance`` and ``rest`` and ``feature_grads`` [D]."""
+    n_features = features.shape[1]
+    height, width = final_t.shape[1], final_t.shape[2]
+    start, stop = tile_offsets[tile], tile_offsets[tile + 1]
+    camera, x_first, x_last, y_first, y_last = _tile_bounds(tile, tiles_x, tiles_y, tile_size, width, height)
+    walked = 0
+    for py in range(y_first, y_last + 1):
+        for px in range(x_first, x_last + 1):
+            transmittance[py - y_first, px - x_first] = final_t[camera, py, px]
+            rest[py - y_first, px - x_first] = 0.0
+            walked = max(walked, counts[camera, py, px])
+    pair_grads[start + walked:stop] = 0.0
+    for k in range(start + walked - 1, start - 1, -1):
+        v = tile_entries[k]
+        mx, my, a, b, c, opacity = splats[v, 0], splats[v, 1], splats[v, 2], splats[v, 3], splats[v, 4], splats[v, 5]
+        step_ratio = np.exp(-a)
+        grad_mx = grad_my = grad_a = grad_b = grad_c = grad_o = 0.0
+        feature_grads[:] = 0.0
+        for py in range(max(boxes[v, 2], y_first), min(boxes[v, 3], y_last) + 1):
+            first, last = _row_span(splats, boxes, v, py, x_first, x_last)
+            if first > last:
+                continue
+            ty, dy = py - y_first, my - (py + 0.5)
+            gauss, ratio = _row_start(a, b, c, mx - (first + 0.5), dy)
+            for px in range(first, last + 1):
+                tx = px - x_first
+                pixel_gauss = gauss
+                alpha = min(MAX_ALPHA, opacity * gauss)
+                gauss *= ratio
+                ratio *= step_ratio
+                if k - start >= counts[camera, py, px] or alpha < ALPHA_THRESHOLD:
+                    continue
+                dx = mx - (px + 0.5)
+                if 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy < 0.0:
+                    continue
+                inverse = 1.0 / (1.0 - alpha)
+                before = transmittance[ty, tx] * inverse
+                transmittance[ty, tx] = before
+                weight = alpha * before
+                shade = float(grad_alphas[camera, py, px])
+                for d in range(n_features):
+                    grad = grad_colors[camera, py, px, d]
+                    shade += features[v, d] * grad
+                    feature_grads[d] += weight * grad
+                grad_alpha = before * shade - rest[ty, tx] * inverse
+                rest[ty, tx] += weight * shade
+                if opacity * pixel_gauss > MAX_ALPHA:
+                    continue
+                grad_o += grad_alpha * pixel_gauss
+                grad_sigma = -grad_alpha * alpha
+                grad_mx += grad_sigma * (a * dx + b * dy)
+                grad_my += grad_sigma * (b * dx + c * dy)
+                grad_a += grad_sigma * 0.5 * dx * dx
+                grad_b += grad_sigma * dx * dy
+                grad_c += grad_sigma * 0.5 * dy * dy
+        pair_grads[k, 0], pair_grads[k, 1], pair_grads[k, 2] = grad_mx, grad_my, grad_a
+        pair_grads[k, 3], pair_grads[k, 4], pair_grads[k, 5] = grad_b, grad_c, grad_o
+        for d in range(n_features):
+            pair_grads[k, SPLAT_GRADIENTS + d] = feature_grads[d]
 
 
 @njit(parallel=True, cache=True)
 def _backward(splats: np.ndarray, features: np.ndarray, boxes: np.ndarray, tile_offsets: np.ndarray,
               tile_entries: np.ndarray, entry_offsets: np.ndarray, entry_pairs: np.ndarray,
-              final_t: np.ndarray, counts: np.ndarray, grad_colors: np.ndarray, grad_alphas: np.ndarray,
-              n_cameras: int, width: int, height: int, tiles_x: int, tiles_y: int,
+              worker_offsets: np.ndarray, worker_tiles: np.ndarray, final_t: np.ndarray, counts: np.ndarray,
+              grad_colors: np.ndarray, grad_alphas: np.ndarray, tiles_x: int, tiles_y: int,
               tile_size: int) -> np.ndarray:
     """Exact gradients of ``_forward``'s colors and alphas: ``grad_colors`` [C, H, W, D] and
-    ``grad_alphas`` [C, H, W] in; [V, 6 + D] out (mean x, mean y, conic a, b, c, opacity, features).
+    ``grad_alphas`` [C, H, W] in; [V, 6 + D] out in the features' dtype (mean x, mean y, conic a,
+    b, c, opacity, features).
 
     Each tile's list is walked back to front, every pixel starting from its final transmittance
     and taking only the entries up to its last blended one. With ``rest`` the sum over the pixel's
     later blended entries of ``w_k (f_k . g + g_alpha)``, ``dL/dalpha_i = T_i (f_i . g + g_alpha) -
-    rest / (1 - alpha_i)``. Clamped alphas (0.999) pass no gradient to opacity or sigma.
+    rest / (1 - alpha_i)``. Clamped alphas (0.999) pass no gradient to opacity or sigma. Gradients
+    go to one slot per (tile, entry) pair, so that threads never write to the same place; a
+    parallel reduction per entry sums them in tile order.
     """
     n_features = features.shape[1]
     n_slots = SPLAT_GRADIENTS + n_features
     pair_grads = np.empty((tile_entries.shape[0], n_slots))
-    for tile in prange(n_cameras * tiles_y * tiles_x):
-        start, stop = tile_offsets[tile], tile_offsets[tile + 1]
-        if start == stop:
-            continue
-        camera, x_first, x_last, y_first, y_last = _tile_bounds(tile, tiles_x, tiles_y, tile_size, width, height)
-        transmittance = final_t[camera, y_first:y_last + 1, x_first:x_last + 1].copy()
-        rest = np.zeros(transmittance.shape)
-        walked = counts[camera, y_first:y_last + 1, x_first:x_last + 1].copy()
-        tile_grad_colors = grad_colors[camera, y_first:y_last + 1, x_first:x_last + 1].copy()
-        tile_grad_alphas = grad_alphas[camera, y_first:y_last + 1, x_first:x_last + 1].copy()
-        feature_grads = np.zeros(n_features)
-        last_walked = start + walked.max() - 1
-        pair_grads[last_walked + 1:stop] = 0.0
-        for k in range(last_walked, start - 1, -1):
-            v = tile_entries[k]
-            mx, my, a, b, c, opacity = splats[v, 0], splats[v, 1], splats[v, 2], splats[v, 3], splats[v, 4], splats[v, 5]
-            grad_mx = grad_my = grad_a = grad_b = grad_c = grad_o = 0.0
-            feature_grads[:] = 0.0
-            for py in range(max(boxes[v, 2], y_first), min(boxes[v, 3], y_last) + 1):
-                first, last = _row_span(splats, boxes, v, py, x_first, x_last)
-                ty, dy = py - y_first, my - (py + 0.5)
-                for px in range(first, last + 1):
-                    tx = px - x_first
-                    if k - start >= walked[ty, tx]:
-                        continue
-                    dx = mx - (px + 0.5)
-                    alpha, gauss = _alpha(a, b, c, opacity, dx, dy)
-                    if alpha == 0.0:
-                        continue
-                    before = transmittance[ty, tx] / (1.0 - alpha)
-                    transmittance[ty, tx] = before
-                    weight = alpha * before
-                    shade = tile_grad_alphas[ty, tx]
-                    for d in range(n_features):
-                        grad = tile_grad_colors[ty, tx, d]
-                        shade += features[v, d] * grad
-                        feature_grads[d] += weight * grad
-                    grad_alpha = before * shade - rest[ty, tx] / (1.0 - alpha)
-                    rest[ty, tx] += weight * shade
-                    if opacity * gauss > MAX_ALPHA:
-                        continue
-                    grad_o += grad_alpha * gauss
-                    grad_sigma = -grad_alpha * alpha
-                    grad_mx += grad_sigma * (a * dx + b * dy)
-                    grad_my += grad_sigma * (b * dx + c * dy)
-                    grad_a += grad_sigma * 0.5 * dx * dx
-                    grad_b += grad_sigma * dx * dy
-                    grad_c += grad_sigma * 0.5 * dy * dy
-            pair_grads[k, 0], pair_grads[k, 1], pair_grads[k, 2] = grad_mx, grad_my, grad_a
-            pair_grads[k, 3], pair_grads[k, 4], pair_grads[k, 5] = grad_b, grad_c, grad_o
-            for d in range(n_features):
-                pair_grads[k, SPLAT_GRADIENTS + d] = feature_grads[d]
+    for worker in prange(worker_offsets.shape[0] - 1):
+        transmittance = np.empty((tile_size, tile_size))
+        rest = np.empty((tile_size, tile_size))
+        feature_grads = np.empty(n_features)
+        for i in range(worker_offsets[worker], worker_offsets[worker + 1]):
+            _backward_tile(worker_tiles[i], splats, features, boxes, tile_offsets, tile_entries, final_t, counts,
+                           grad_colors, grad_alphas, tiles_x, tiles_y, tile_size, pair_grads, transmittance, rest,
+                           feature_grads)
     n_entries = splats.shape[0]
-    grads = np.zeros((n_entries, n_slots))
+    grads = np.empty((n_entries, n_slots), dtype=features.dtype)
     for v in prange(n_entries):
-        for pair in range(entry_offsets[v], entry_offsets[v + 1]):
-            position = entry_pairs[pair]
-            for slot in range(n_slots):
-                grads[v, slot] += pair_grads[position, slot]
+        for slot in range(n_slots):
+            total = 0.0
+            for pair in range(entry_offsets[v], entry_offsets[v + 1]):
+                total += pair_grads[entry_pairs[pair], slot]
+            grads[v, slot] = total
     return grads
 
 
@@ -283,32 +372,26 @@ class _Composite(torch.autograd.Function):
     def forward(ctx, means2d: Tensor, conics: Tensor, opacities: Tensor, features: Tensor, cameras: Tensor,
                 boxes: Tensor, n_cameras: int, width: int, height: int,
                 tile_size: int) -> tuple[Tensor, Tensor]:
-        splats = torch.cat([means2d, conics, opacities[:, None], opacities[:, None]], 1).detach().to(torch.float64)
-        splats[:, 6] = torch.log(splats[:, 5] / ALPHA_THRESHOLD)
-        splats = splats.numpy()
-        features64 = features.detach().to(torch.float64).contiguous().numpy()
+        splats = _splats(*(value.detach().contiguous().numpy() for value in (means2d, conics, opacities)))
+        features_array = features.detach().contiguous().numpy()
         boxes64 = boxes.to(torch.int64).contiguous().numpy()
         tiles_x, tiles_y = -(-width // tile_size), -(-height // tile_size)
         set_threads()
         bins = _bin_tiles(boxes64, cameras.to(torch.int64).contiguous().numpy(), n_cameras, tiles_x, tiles_y, tile_size)
-        with numba.parallel_chunksize(1):
-            colors, alphas, final_t, counts = _forward(splats, features64, boxes64, bins[0], bins[1], n_cameras,
-                                                       width, height, tiles_x, tiles_y, tile_size)
-        ctx.kernel_inputs = (splats, features64, boxes64, bins, final_t, counts)
-        ctx.sizes = (n_cameras, width, height, tiles_x, tiles_y, tile_size)
-        ctx.dtype = means2d.dtype
+        workers = _schedule(bins[0], numba.get_num_threads())
+        colors, alphas, final_t, counts = _forward(splats, features_array, boxes64, bins[0], bins[1], *workers,
+                                                   n_cameras, width, height, tiles_x, tiles_y, tile_size)
+        ctx.kernel_inputs = (splats, features_array, boxes64, bins, workers, final_t, counts)
+        ctx.sizes = (tiles_x, tiles_y, tile_size)
         return (torch.from_numpy(colors).to(means2d.dtype), torch.from_numpy(alphas)[..., None].to(means2d.dtype))
 
     @staticmethod
     def backward(ctx, grad_colors: Tensor, grad_alphas: Tensor) -> tuple[Tensor | None, ...]:
-        splats, features64, boxes64, (tile_offsets, tile_entries, entry_offsets, entry_pairs), final_t, counts = (
-            ctx.kernel_inputs)
+        splats, features_array, boxes64, bins, workers, final_t, counts = ctx.kernel_inputs
         set_threads()
-        with numba.parallel_chunksize(1):
-            grads = _backward(splats, features64, boxes64, tile_offsets, tile_entries, entry_offsets, entry_pairs,
-                              final_t, counts, grad_colors.to(torch.float64).contiguous().numpy(),
-                              grad_alphas[..., 0].to(torch.float64).contiguous().numpy(), *ctx.sizes)
-        grads = torch.from_numpy(grads).to(ctx.dtype)
+        grads = _backward(splats, features_array, boxes64, *bins, *workers, final_t, counts,
+                          grad_colors.contiguous().numpy(), grad_alphas[..., 0].contiguous().numpy(), *ctx.sizes)
+        grads = torch.from_numpy(grads)
         return (grads[:, 0:2], grads[:, 2:5], grads[:, 5], grads[:, SPLAT_GRADIENTS:],
                 None, None, None, None, None, None)
 
