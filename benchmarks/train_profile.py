@@ -2,7 +2,7 @@
 
     python benchmarks/train_profile.py --work runs/teddy [--steps 100] [--set train.param=value ...]
 
-Runs the train stage's own loop (:func:`stages.train.optimize`) for ``--steps`` iterations with
+Runs the train stage's own loop (:func:`models.trainer.optimize`) for ``--steps`` iterations with
 the workspace's recorded train parameters (``--set`` overrides them; the schedule is relative, so
 densification runs at the same fractions of the shorter run) under cProfile, and prints one JSON
 document: seconds per step and the share of each phase — deformation (the dynamic Gaussians moved
@@ -26,7 +26,7 @@ PHASES = {
     # phase -> (file suffix, function name) whose cumulative time it is
     "deformation": ("models/gaussians.py", "gaussians_at"),
     "rasterizer_forward": ("models/rasterizer.py", "rasterization"),
-    "render_and_losses_forward": ("stages/train.py", "training_loss"),
+    "render_and_losses_forward": ("models/trainer.py", "training_loss"),
     "backward": ("torch/_tensor.py", "backward"),
     "densification_pre": ("gsplat/strategy/default.py", "step_pre_backward"),
     "densification": ("gsplat/strategy/default.py", "step_post_backward"),
@@ -76,11 +76,11 @@ def backward_nodes(model, data, params, device, steps: int, top: int = 12) -> li
 
     from torch.profiler import ProfilerActivity, profile
 
-    from stages import train
+    from models.trainer import optimize
 
     short = dataclasses.replace(params, iterations=steps)
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
-        train.optimize(model, data, short, device)
+        optimize(model, data, short, device)
     nodes = [event for event in profiler.key_averages()
              if event.key.startswith("autograd::engine::evaluate_function")]
     nodes.sort(key=lambda event: event.cpu_time_total, reverse=True)
@@ -97,14 +97,14 @@ def main() -> None:
 
     import dataclasses
 
-    from stages import train
+    from models.trainer import optimize
 
     model, data, params, device = load_training(args.work, args.overrides)
     profiled = dataclasses.replace(params, iterations=args.steps)
     profiler = cProfile.Profile()
     started = time.perf_counter()
     profiler.enable()
-    train.optimize(model, data, profiled, device)
+    optimize(model, data, profiled, device)
     profiler.disable()
     elapsed = time.perf_counter() - started
     stats = pstats.Stats(profiler)

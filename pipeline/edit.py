@@ -121,6 +121,7 @@ def edit_workspace(work: Path, remove: list[str] | None = None, duplicate: list[
     folder. ``remove`` / ``duplicate``: layer or label selectors; ``offsets``: ``"x,y,z"`` strings.
     Raises :class:`InputError` when ``work`` has no trained model and :class:`ParameterError` for
     unknown layers, bad offsets or an existing ``out``, before anything is written."""
+    from models.trainer import new_curves
     from pipeline.export import stage_output
     from pipeline.registry import STAGES
     from pipeline.tasks import stage_log
@@ -160,7 +161,7 @@ def edit_workspace(work: Path, remove: list[str] | None = None, duplicate: list[
             model.variables = {name: value.to(device) for name, value in model.variables.items()}
             model.field = model.field.to(device)
             data = train.load_training_data(inputs, params, model.meta, device, notes)
-            curves = read_json(train_dir / "curves.json") or train.new_curves()
+            curves = read_json(train_dir / "curves.json") or new_curves()
             figures = train_outputs.write_all(edited_train, model, data, params, curves)
         (edited_train / EDIT_FILE).write_text(json.dumps({"source": str(work.resolve()), "edits": records}, indent=1))
         manifest = read_json(train_dir / MANIFEST) or {"stage": "train"}

@@ -38,11 +38,11 @@ def mask_iou(covered: np.ndarray, truth: np.ndarray) -> float | None:
 
 def write_layer_renders(out_dir: Path, model, data, params) -> dict:
     """Render every layer of ``model`` alone on the held-out (or, without any, training) and
-    training frames of ``data`` (a :class:`stages.train.TrainingData`) into ``renders/*/layers/``
+    training frames of ``data`` (a :class:`models.trainer.TrainingData`) into ``renders/*/layers/``
     and write ``layers.json`` (see the module docstring). Returns key figures: ``num_layers``
     and ``mask_iou_<layer>`` per dynamic layer."""
     from models import layers
-    from stages.train_outputs import render_view
+    from models.trainer import render_view
 
     table = layers.model_layers(model)
     names = layers.label_names(model)

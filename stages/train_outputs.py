@@ -38,34 +38,12 @@ from data.visualize import colorize_depth
 
 logger = logging.getLogger(__name__)
 
-#: Random pixel pairs of the depth-order score, and their minimal depth gap (fraction of range).
-DEPTH_ORDER_PAIRS = 20000
-DEPTH_ORDER_MIN_GAP = 0.05
-
-
-def render_view(model, data, time: float, K, w2c, params, background=None) -> dict[str, np.ndarray]:
-    """Render one view without gradients: ``rgb (H, W, 3)`` uint8, ``rgb_float`` tensor,
-    ``depth (H, W)`` float32, ``alpha (H, W)`` float32. A model with a colour affine uses the
-    training frames' affine interpolated at ``time`` (:func:`models.gaussians.exposure_at`)."""
-    import torch
-
-    from models.gaussians import exposure_at, render
-
-    with torch.no_grad():
-        exposure = None if model.exposure is None else exposure_at(model.exposure, data.times, data.train_frames, time)
-        out = render(model.params, model.variables, model.field, time, K, w2c, data.width, data.height,
-                     model.sh_degree, data.eval_background if background is None else background, params.backend,
-                     exposure)
-    rgb = out["rgb"].clamp(0.0, 1.0)
-    return {"rgb": (rgb * 255.0 + 0.5).byte().cpu().numpy(), "rgb_float": rgb,
-            "depth": out["depth"].cpu().numpy().astype(np.float32), "alpha": out["alpha"].cpu().numpy()}
-
-
 def score_frames(model, data, frames: list[int], params, render_dir: Path | None = None,
                  compare: bool = False) -> dict:
-    """Render ``frames`` and score them against the frames (see the module docstring); with
-    ``render_dir``, write the renders there. Returns ``{"frames": {i: scores}, "mean": scores}``."""
-    from models import losses
+    """Render ``frames`` and score them against the frames (:func:`models.trainer.frame_scores`);
+    with ``render_dir``, write the renders there (see the module docstring). Returns
+    ``{"frames": {i: scores}, "mean": scores}``."""
+    from models.trainer import frame_scores, mean_scores, render_view
 
     per_frame: dict[int, dict] = {}
     if render_dir is not None:
@@ -73,17 +51,7 @@ def score_frames(model, data, frames: list[int], params, render_dir: Path | None
             (render_dir / sub).mkdir(parents=True, exist_ok=True)
     for frame in frames:
         view = render_view(model, data, float(data.times[frame]), data.K[frame], data.w2c[frame], params)
-        target = data.images[frame].float() / 255.0
-        scores = {"psnr": round(float(losses.psnr(view["rgb_float"], target)), 4),
-                  "ssim": round(float(losses.ssim(view["rgb_float"], target)), 5)}
-        if data.masks is not None and bool((data.masks[frame] > 0).any()):
-            scores["psnr_dynamic"] = round(float(losses.psnr(view["rgb_float"], target, data.masks[frame] > 0)), 4)
-        if data.prior_depth is not None:
-            order = losses.ordering_accuracy(view["depth"], data.prior_depth[frame].cpu().numpy(), DEPTH_ORDER_PAIRS,
-                                             DEPTH_ORDER_MIN_GAP, seed=frame)
-            if np.isfinite(order):
-                scores["depth_order"] = round(order, 5)
-        per_frame[frame] = scores
+        per_frame[frame] = frame_scores(view, data, frame)
         if render_dir is not None:
             name = f"{frame:06d}"
             write_rgb(render_dir / "rgb" / f"{name}.png", view["rgb"])
@@ -95,9 +63,7 @@ def score_frames(model, data, frames: list[int], params, render_dir: Path | None
             if compare:
                 write_rgb(render_dir / "compare" / f"{name}.png",
                           np.concatenate([frame_image, view["rgb"], depth_picture], axis=1))
-    keys = sorted({key for scores in per_frame.values() for key in scores})
-    mean = {key: round(float(np.mean([s[key] for s in per_frame.values() if key in s])), 5) for key in keys}
-    return {"frames": per_frame, "mean": mean}
+    return {"frames": per_frame, "mean": mean_scores(per_frame)}
 
 
 def plot_curves(curves: dict, width: int = 720, height: int = 360) -> np.ndarray:
@@ -168,6 +134,8 @@ def novel_view_frames(model, data, params, posed_frames: list[int]) -> list[np.n
     of the ``posed_frames``' cameras), time following the frames."""
     import torch
 
+    from models.trainer import render_view
+
     w2c = data.w2c[posed_frames].cpu().numpy().astype(np.float64)
     path = novel_path(w2c, params.novel_offset * data.scene_scale)
     device = data.K.device
@@ -181,6 +149,8 @@ def novel_view_frames(model, data, params, posed_frames: list[int]) -> list[np.n
 
 def write_videos(out_dir: Path, model, data, params, posed_frames: list[int]) -> None:
     """``novel_view.mp4`` and ``time_sweep.mp4`` (see the module docstring)."""
+    from models.trainer import render_view
+
     write_video(out_dir / "novel_view.mp4", novel_view_frames(model, data, params, posed_frames), fps=data.fps)
     middle = data.train_frames[len(data.train_frames) // 2]
     sweep = []

@@ -225,8 +225,9 @@ def test_dnerf_mutant_trains(tmp_path):
 def test_schedule_is_relative_to_iterations():
     """Every step-based setting scales with the budget: one number changes the whole schedule,
     and the cpu preset's budget grows the SH degree to its maximum and densifies."""
+    from models.trainer import make_schedule, sh_degree_at
     from pipeline.config import load_config
-    from stages.train import Params, make_schedule, sh_degree_at
+    from stages.train import Params
 
     long, short = make_schedule(Params(iterations=3000)), make_schedule(Params(iterations=500))
     for name in ("refine_start", "refine_stop", "refine_every", "sh_degree_every", "log_every", "eval_every",
@@ -266,21 +267,22 @@ def test_init_opacities_survive_until_the_first_reset(stage_inputs, tmp_path, mo
     opacities (no reset at step 0, whatever gsplat does there) and resets them where scheduled."""
     import torch
 
-    from stages import init, train, train_outputs
+    from models import trainer
+    from stages import init, train
 
     seen: dict[int, float] = {}
-    original = train_outputs.score_frames
+    original = trainer.evaluate
 
-    def spy(model, data, frames, params, *args, **kwargs):
+    def spy(model, data, frames, params):
         seen[len(seen)] = float(torch.sigmoid(model.params["opacities"].detach()).median())
-        return original(model, data, frames, params, *args, **kwargs)
+        return original(model, data, frames, params)
 
-    monkeypatch.setattr(train_outputs, "score_frames", spy)
+    monkeypatch.setattr(trainer, "evaluate", spy)
     params = train.Params(iterations=20, downscale=4, eval_fraction=0.1, opacity_reset_fraction=0.5,
                           refine_every_fraction=0.25, make_videos=False, export_ply=False)
     train.run(stage_inputs, params, tmp_path)
     initial = init.Params(**TEST_INIT).init_opacity
-    # evaluations after steps 2, 4, ..., 18 (then the final scores): the reset follows step 10
+    # the loop's evaluations after steps 2, 4, ..., 18: the reset follows step 10
     assert abs(seen[0] - initial) < 0.05 and abs(seen[3] - initial) < 0.1, seen
     assert seen[4] <= 0.0101, seen  # step 10: clamped to twice gsplat's pruning threshold (0.005)
 
