@@ -43,11 +43,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+from numba import njit
 from tqdm import tqdm
 
 from data.artifacts import write_masks
@@ -55,8 +57,9 @@ from data.errors import InputError, ParameterError
 from data.images import write_gray, write_rgb
 from data.visualize import colorize, overlay_labels
 from stages import frames as frames_stage
-from stages.masks_common import (FlowFn, StageFlow, clean_binary, clean_labels, dilate_labels, disk, morph_radius,
-                                  pixel_grid, require_consecutive_pairs, warp_backward)
+from stages.flow import MAX_WORKERS, prefetch, worker_count
+from stages.masks_common import (StageFlow, clean_binary, clean_labels, dilate_labels, disk, morph_radius, pixel_grid,
+                                  require_consecutive_pairs, warp_backward, worker_pool)
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +109,8 @@ _VOTE_MIN_WEIGHT = 2.0
 # to where the colours of the object and its surroundings part; GrabCut iterations.
 _SNAP_BAND = 5
 _SNAP_ITERATIONS = 3
+# Per-pair work items computed ahead on the worker pool (bounded memory).
+_IN_FLIGHT = 2 * MAX_WORKERS
 
 
 @dataclass(frozen=True)
@@ -214,11 +219,31 @@ class Params:
         return self.backend == "file" and Path(self.mask_path).suffix.lower() in MASK_SUFFIXES
 
 
-def temporal_mean(values: np.ndarray, flow: FlowFn, window: int) -> np.ndarray:
+def carry_pair(carried: dict[int, np.ndarray], valid: dict[int, np.ndarray], flows: StageFlow, t: int,
+               step: int) -> dict[int, tuple[int, np.ndarray, np.ndarray]]:
+    """One step of :func:`temporal_mean` through the consecutive pair (t, t+1): the map
+    ``carried[1][t+1]`` (frame t + step, already brought into frame t+1) warped into frame t
+    along flow(t, t+1) and ``carried[-1][t]`` into frame t+1 along flow(t+1, t), with where the
+    warped maps are valid (``valid[d]`` carried along, and inside the image). Returns ``{d:
+    (frame, warped, valid)}`` for the directions whose end frame lies in the clip."""
+    num_frames = len(carried[1])
+    pair = flows.read(t, t + 1)
+    moves = {1: (t, t + 1, pair["forward"]), -1: (t + 1, t, pair["backward"])}
+    result = {}
+    for d, (frame, source, step_flow) in moves.items():
+        if not 0 <= frame + step * d < num_frames:
+            continue
+        warped, inside = warp_backward(np.dstack([carried[d][source], valid[d][source]]), step_flow)
+        result[d] = (frame, warped[..., 0], (inside & (warped[..., 1] > 0.5)).astype(np.float32))
+    return result
+
+
+def temporal_mean(values: np.ndarray, flows: StageFlow, window: int, pool: ThreadPoolExecutor) -> np.ndarray:
     """Average of each map of ``values (T, H, W)`` with its ``window // 2`` neighbours on
     either side, warped into the frame along the consecutive flows (``flow(a, b)`` maps a to b,
-    bilinear sampling, steps chained). A neighbour whose warp leaves the image at a pixel
-    does not count there. Returns ``(T, H, W) float32``."""
+    bilinear sampling, steps chained; each step's pairs on ``pool``, summed in frame order).
+    A neighbour whose warp leaves the image at a pixel does not count there. Returns ``(T, H,
+    W) float32``."""
     radius = window // 2
     values = values.astype(np.float32)
     if radius == 0 or len(values) < 2:
@@ -230,45 +255,60 @@ def temporal_mean(values: np.ndarray, flow: FlowFn, window: int) -> np.ndarray:
     carried = {d: values for d in (-1, 1)}
     valid = {d: np.ones(values.shape, np.float32) for d in (-1, 1)}
     for step in range(1, radius + 1):
-        next_carried = {d: np.zeros_like(values) for d in (-1, 1)}
-        next_valid = {d: np.zeros_like(values) for d in (-1, 1)}
-        for t in range(num_frames):
-            for d in (-1, 1):
-                if not 0 <= t + step * d < num_frames:
-                    continue
-                step_flow = flow(t, t + d)
-                next_carried[d][t], inside = warp_backward(carried[d][t + d], step_flow)
-                kept, _ = warp_backward(valid[d][t + d], step_flow)
-                next_valid[d][t] = (inside & (kept > 0.5)).astype(np.float32)
-        carried, valid = next_carried, next_valid
-        for d in (-1, 1):
-            total += carried[d] * valid[d]
-            counts += valid[d]
+        last = step == radius
+        if not last:
+            next_carried = {d: np.zeros_like(values) for d in (-1, 1)}
+            next_valid = {d: np.zeros_like(values) for d in (-1, 1)}
+        moved = prefetch(lambda t: carry_pair(carried, valid, flows, t, step), range(num_frames - 1), pool,
+                         _IN_FLIGHT)
+        for warps in moved:  # pair t brings frame t+1's direction -1 and frame t's direction +1
+            for d, (frame, warped, kept) in sorted(warps.items()):
+                total[frame] += warped * kept
+                counts[frame] += kept
+                if not last:
+                    next_carried[d][frame], next_valid[d][frame] = warped, kept
+        if not last:
+            carried, valid = next_carried, next_valid
     return total / counts
 
 
-def temporal_majority(masks: np.ndarray, flow: FlowFn, window: int) -> np.ndarray:
+def temporal_majority(masks: np.ndarray, flows: StageFlow, window: int, pool: ThreadPoolExecutor) -> np.ndarray:
     """Majority vote of each binary mask ``(T, H, W) bool`` with its flow-aligned neighbours
     (see :func:`temporal_mean`); a tie (at the clip's ends) counts as dynamic."""
-    return temporal_mean(masks, flow, window) >= 0.5
+    return temporal_mean(masks, flows, window, pool) >= 0.5
 
 
 # ---------------------------------------------------------------------------------------------
 # motion backend
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def _sampson_kernel(f: np.ndarray, points_a: np.ndarray, points_b: np.ndarray, out: np.ndarray) -> None:
+    """Sampson distances ``out (N,) float32`` of ``points_a (N, 2)`` -> ``points_b (N, 2)`` for
+    the float64 fundamental matrix ``f``, computed in float64."""
+    for n in range(out.shape[0]):
+        xa, ya = np.float64(points_a[n, 0]), np.float64(points_a[n, 1])
+        xb, yb = np.float64(points_b[n, 0]), np.float64(points_b[n, 1])
+        # F a: epipolar line of a in image b; F^T b: epipolar line of b in image a
+        lb0 = f[0, 0] * xa + f[0, 1] * ya + f[0, 2]
+        lb1 = f[1, 0] * xa + f[1, 1] * ya + f[1, 2]
+        lb2 = f[2, 0] * xa + f[2, 1] * ya + f[2, 2]
+        la0 = f[0, 0] * xb + f[1, 0] * yb + f[2, 0]
+        la1 = f[0, 1] * xb + f[1, 1] * yb + f[2, 1]
+        algebraic = xb * lb0 + yb * lb1 + lb2
+        norm = lb0 * lb0 + lb1 * lb1 + la0 * la0 + la1 * la1
+        out[n] = abs(algebraic) / np.sqrt(max(norm, 1e-24))
+
+
 def sampson_distance(fundamental: np.ndarray, points_a: np.ndarray, points_b: np.ndarray) -> np.ndarray:
-    """First-order geometric distance (pixels) of correspondences ``points_a (..., 2)`` ->
-    ``points_b (..., 2)`` to the epipolar geometry ``points_b^T F points_a = 0``."""
-    f = fundamental.astype(np.float64)
-    xa, ya = points_a[..., 0].astype(np.float64), points_a[..., 1].astype(np.float64)
-    xb, yb = points_b[..., 0].astype(np.float64), points_b[..., 1].astype(np.float64)
-    # F a: epipolar line of a in image b; F^T b: epipolar line of b in image a
-    lb0, lb1, lb2 = (f[row, 0] * xa + f[row, 1] * ya + f[row, 2] for row in range(3))
-    la0, la1 = (f[0, col] * xb + f[1, col] * yb + f[2, col] for col in range(2))
-    algebraic = xb * lb0 + yb * lb1 + lb2
-    norm = lb0 ** 2 + lb1 ** 2 + la0 ** 2 + la1 ** 2
-    return (np.abs(algebraic) / np.sqrt(np.maximum(norm, 1e-24))).astype(np.float32)
+    """First-order geometric distance (pixels) ``(...) float32`` of correspondences ``points_a
+    (..., 2)`` -> ``points_b (..., 2)`` to the epipolar geometry ``points_b^T F points_a = 0``
+    (compiled, GIL-free)."""
+    shape = points_a.shape[:-1]
+    out = np.empty(int(np.prod(shape)), np.float32)
+    _sampson_kernel(np.ascontiguousarray(fundamental, np.float64), np.ascontiguousarray(points_a).reshape(-1, 2),
+                    np.ascontiguousarray(points_b).reshape(-1, 2), out)
+    return out.reshape(shape)
 
 
 def transfer_error(homography: np.ndarray, points_a: np.ndarray, points_b: np.ndarray) -> np.ndarray:
@@ -350,31 +390,40 @@ def motion_pairs(flows: StageFlow, max_offset: int) -> list[tuple[int, int]]:
     return sorted({(min(i, j), max(i, j)) for i, j in flows.pairs if 0 < abs(j - i) <= max_offset})
 
 
-def motion_scores(flows: StageFlow, pairs: list[tuple[int, int]], shape: tuple[int, int, int],
-                  params: Params, dynamic: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def pair_residuals(flows: StageFlow, i: int, j: int, params: Params,
+                   dynamic: np.ndarray | None) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Noise-normalised residuals of the flow pair (i, j) against its robust two-view fit, for
+    both frames: ``[(i, residual (H, W) float32, valid (H, W) bool), (j, ...)]`` (NaN where
+    there is no geometry). The fit's random sample is seeded by the pair, so it does not depend
+    on which pairs ran before (or on which thread)."""
+    pair = flows.read(i, j)
+    no_prior = np.zeros(pair["valid_forward"].shape, bool)
+    priors = {frame: no_prior if dynamic is None else dynamic[frame] for frame in (i, j)}
+    geometry = fit_pair_geometry(pair["forward"], pair["valid_forward"] & ~priors[i], params.fit_samples,
+                                 params.homography_cue, np.random.default_rng((i, j)))
+    result = []
+    for frame, flow, valid, from_i in ((i, pair["forward"], pair["valid_forward"], True),
+                                       (j, pair["backward"], pair["valid_backward"], False)):
+        residual = geometric_residual(geometry, flow, from_i)
+        result.append((frame, residual / noise_sigma(residual, valid & ~priors[frame]), valid))
+    return result
+
+
+def motion_scores(flows: StageFlow, pairs: list[tuple[int, int]], shape: tuple[int, int, int], params: Params,
+                  pool: ThreadPoolExecutor, dynamic: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-frame motion score ``(T, H, W) float32``: the largest noise-normalised residual of a
     pixel's flow against the camera-induced two-view geometry, over the ``pairs`` the frame
     belongs to (0 where no pair has a valid flow), and the share of those pairs whose flow is
     forward-backward consistent at the pixel ``(T, H, W) float32`` in [0, 1]. ``dynamic (T, H,
     W) bool``, when given, is kept out of the fits and the noise estimates (a previous round's
-    dilated masks)."""
-    rng = np.random.default_rng(0)
+    dilated masks). The pairs run on ``pool``; their residuals are gathered in pair order."""
     scores = np.full(shape, -np.inf, np.float32)
     valid_count = np.zeros(shape, np.float32)
     pair_count = np.zeros(shape[0], np.float32)
-    no_prior = np.zeros(shape[1:], bool)
-    for i, j in tqdm(pairs, desc="masks: epipolar residuals", unit="pair", leave=False):
-        pair = flows.pair(i, j)
-        prior_i = no_prior if dynamic is None else dynamic[i]
-        geometry = fit_pair_geometry(pair["forward"], pair["valid_forward"] & ~prior_i, params.fit_samples,
-                                     params.homography_cue, rng)
-        for frame, flow, valid, from_i in ((i, pair["forward"], pair["valid_forward"], True),
-                                           (j, pair["backward"], pair["valid_backward"], False)):
-            residual = geometric_residual(geometry, flow, from_i)
-            prior = no_prior if dynamic is None else dynamic[frame]
-            normalised = residual / noise_sigma(residual, valid & ~prior)
-            usable = valid & np.isfinite(normalised)
-            scores[frame] = np.where(usable, np.maximum(scores[frame], normalised), scores[frame])
+    residuals = prefetch(lambda ij: pair_residuals(flows, *ij, params, dynamic), pairs, pool, _IN_FLIGHT)
+    for frames in tqdm(residuals, total=len(pairs), desc="masks: epipolar residuals", unit="pair", leave=False):
+        for frame, normalised, valid in frames:
+            np.maximum(scores[frame], normalised, out=scores[frame], where=valid & np.isfinite(normalised))
             valid_count[frame] += valid
             pair_count[frame] += 1
     valid_share = valid_count / np.maximum(pair_count, 1)[:, None, None]
@@ -485,6 +534,32 @@ def lab_frames(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
                      for frame in frames]).astype(np.float32)
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def _vote_kernel(mask: np.ndarray, confidence: np.ndarray, lab: np.ndarray, offsets: np.ndarray,
+                 inv_sigma2: np.float32, total: np.ndarray, dynamic: np.ndarray) -> None:
+    """For every pixel of ``mask (H, W) bool``: ``total`` = sum over the ``offsets (K, 2)``
+    (dy, dx) neighbours inside the image of ``confidence x exp(-|lab difference|^2 x
+    inv_sigma2)`` and ``dynamic`` = the same sum over the masked neighbours (``(H, W) float32``)."""
+    height, width = mask.shape
+    zero = np.float32(0.0)
+    for row in range(height):
+        for col in range(width):
+            weight_sum, dynamic_sum = zero, zero
+            for k in range(offsets.shape[0]):
+                r, c = row + offsets[k, 0], col + offsets[k, 1]
+                if r < 0 or r >= height or c < 0 or c >= width:
+                    continue
+                d0 = lab[r, c, 0] - lab[row, col, 0]
+                d1 = lab[r, c, 1] - lab[row, col, 1]
+                d2 = lab[r, c, 2] - lab[row, col, 2]
+                weight = confidence[r, c] * np.exp(-(d0 * d0 + d1 * d1 + d2 * d2) * inv_sigma2)
+                weight_sum += weight
+                if mask[r, c]:
+                    dynamic_sum += weight
+            total[row, col] = weight_sum
+            dynamic[row, col] = dynamic_sum
+
+
 def confident_vote(mask: np.ndarray, confidence: np.ndarray, lab: np.ndarray, radius: int) -> np.ndarray:
     """Re-decide the pixels of ``mask (H, W) bool`` where the flow is unreliable: each pixel
     takes the confidence-weighted vote of the pixels around it (within ``radius``, every other
@@ -493,37 +568,27 @@ def confident_vote(mask: np.ndarray, confidence: np.ndarray, lab: np.ndarray, ra
     half; with too little confident weight of similar colour around it (a flat wall next to a
     moving body, whose interpolated flow is dragged along), it is static. Confident pixels keep
     their decision. Returns ``(H, W) bool``."""
-    height, width = mask.shape
-    pad = radius
-    padded_mask = np.pad(mask.astype(np.float32), pad)
-    padded_conf = np.pad(confidence.astype(np.float32), pad)
-    padded_lab = np.pad(lab, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
-    total = np.zeros((height, width), np.float32)
-    dynamic = np.zeros((height, width), np.float32)
-    inv_sigma2 = 1.0 / (2.0 * _VOTE_COLOUR_SIGMA ** 2)
-    for dy in range(-radius, radius + 1, 2):
-        for dx in range(-radius, radius + 1, 2):
-            if dx * dx + dy * dy > radius * radius:
-                continue
-            rows, cols = slice(pad + dy, pad + dy + height), slice(pad + dx, pad + dx + width)
-            difference = padded_lab[rows, cols] - lab
-            weight = padded_conf[rows, cols] * np.exp(-np.einsum("ijk,ijk->ij", difference, difference) * inv_sigma2)
-            total += weight
-            dynamic += weight * padded_mask[rows, cols]
+    offsets = np.array([(dy, dx) for dy in range(-radius, radius + 1, 2) for dx in range(-radius, radius + 1, 2)
+                        if dx * dx + dy * dy <= radius * radius], np.int64)
+    total = np.empty(mask.shape, np.float32)
+    dynamic = np.empty(mask.shape, np.float32)
+    _vote_kernel(np.ascontiguousarray(mask), np.ascontiguousarray(confidence, np.float32),
+                 np.ascontiguousarray(lab, np.float32), offsets, np.float32(1.0 / (2.0 * _VOTE_COLOUR_SIGMA ** 2)),
+                 total, dynamic)
     share = dynamic / np.maximum(total, 1e-6)
     own = np.clip(confidence, 0.0, 1.0)
     mixed = own * mask + (1.0 - own) * share
     return np.where(total >= _VOTE_MIN_WEIGHT, mixed > 0.5, mask & (own >= _SEED_CONFIDENCE))
 
 
-def flow_texture(lab: np.ndarray, radius: int) -> np.ndarray:
+def flow_texture(lab: np.ndarray, radius: int, pool: ThreadPoolExecutor) -> np.ndarray:
     """Texture confidence ``(T, h, w) float32`` (:func:`texture_confidence`) of the lightness of
-    ``lab (T, h, w, 3)`` frames, over a window of two morphology radii ``radius``."""
-    return np.stack([texture_confidence(frame[..., 0], _TEXTURE_WINDOW * radius) for frame in lab])
+    ``lab (T, h, w, 3)`` frames, over a window of two morphology radii ``radius`` (frames on ``pool``)."""
+    return np.stack(list(pool.map(lambda frame: texture_confidence(frame[..., 0], _TEXTURE_WINDOW * radius), lab)))
 
 
-def confident_seeds(score: np.ndarray, confidence: np.ndarray, flows: FlowFn, threshold: float, radius: int,
-                    window: int) -> np.ndarray:
+def confident_seeds(score: np.ndarray, confidence: np.ndarray, flows: StageFlow, threshold: float, radius: int,
+                    window: int, pool: ThreadPoolExecutor) -> np.ndarray:
     """Seeds ``(T, h, w) bool``: pixels above twice ``threshold`` whose flow is reliable
     (confidence >= 0.5) and that are seeds (within ``radius``) in most frames of the
     flow-aligned temporal window too, so flicker does not start a region."""
@@ -531,33 +596,41 @@ def confident_seeds(score: np.ndarray, confidence: np.ndarray, flows: FlowFn, th
     if window <= 1:
         return raw
     near = np.stack([cv2.dilate(mask.astype(np.uint8), disk(radius)) for mask in raw]).astype(np.float32)
-    return raw & (temporal_mean(near, flows, window) >= 0.5)
+    return raw & (temporal_mean(near, flows, window, pool) >= 0.5)
 
 
-def segment_frames(scores: np.ndarray, confidence: np.ndarray, flows: FlowFn, threshold: float, window: int,
-                   radius: int, min_area: int,
+def segment_frames(scores: np.ndarray, confidence: np.ndarray, flows: StageFlow, threshold: float, window: int,
+                   radius: int, min_area: int, pool: ThreadPoolExecutor,
                    boundary_fraction: float = _BOUNDARY_FRACTION) -> tuple[np.ndarray, np.ndarray]:
     """Dynamic pixels ``(T, h, w) bool`` of the score maps ``(T, h, w)`` (see
-    :func:`segment_scores`, regions cut at ``boundary_fraction`` of their peak) and the
-    temporally confirmed confident seeds they grew from."""
-    seeds = confident_seeds(scores, confidence, flows, threshold, radius, window)
-    dynamic = np.stack([segment_scores(score, seed, conf, threshold, radius, min_area, boundary_fraction)
-                        for score, seed, conf in zip(scores, seeds, confidence)])
+    :func:`segment_scores`, regions cut at ``boundary_fraction`` of their peak; frames on
+    ``pool``) and the temporally confirmed confident seeds they grew from."""
+    seeds = confident_seeds(scores, confidence, flows, threshold, radius, window, pool)
+    dynamic = np.stack(list(pool.map(
+        lambda score, seed, conf: segment_scores(score, seed, conf, threshold, radius, min_area, boundary_fraction),
+        scores, seeds, confidence)))
     return dynamic, seeds
 
 
-def finish_masks(dynamic: np.ndarray, seeds: np.ndarray, confidence: np.ndarray, lab: np.ndarray, flows: FlowFn,
-                 window: int, radius: int, min_area: int) -> np.ndarray:
+def finish_frame(mask: np.ndarray, seeds: np.ndarray, confidence: np.ndarray, colours: np.ndarray, radius: int,
+                 min_area: int) -> np.ndarray:
+    """One frame of :func:`finish_masks`: the colour-aware vote, boundary snapping and cleaning
+    of ``mask (h, w) bool``."""
+    voted = confident_vote(mask, confidence, colours, _VOTE_RADIUS * radius)
+    return clean_binary(snap_boundary(voted, colours, max(2, _SNAP_BAND * radius), seeds), radius, min_area)
+
+
+def finish_masks(dynamic: np.ndarray, seeds: np.ndarray, confidence: np.ndarray, lab: np.ndarray, flows: StageFlow,
+                 window: int, radius: int, min_area: int, pool: ThreadPoolExecutor) -> np.ndarray:
     """Final ``(T, h, w) bool`` masks from segmented ones: flow-aligned majority vote over
     ``window`` frames, unreliable pixels re-decided by a colour-aware vote of the reliable ones
     (:func:`confident_vote`), boundaries snapped to the colour edges of ``lab (T, h, w, 3)``
-    (:func:`snap_boundary`, keeping the ``seeds (T, h, w) bool``), cleaned."""
+    (:func:`snap_boundary`, keeping the ``seeds (T, h, w) bool``), cleaned; frames on ``pool``."""
     if window > 1:
-        dynamic = temporal_majority(dynamic, flows, window)
-    vote_radius, band = _VOTE_RADIUS * radius, max(2, _SNAP_BAND * radius)
-    return np.stack([clean_binary(snap_boundary(confident_vote(mask, conf, colours, vote_radius), colours, band, seed),
-                                  radius, min_area)
-                     for mask, seed, conf, colours in zip(dynamic, seeds, confidence, lab)])
+        dynamic = temporal_majority(dynamic, flows, window, pool)
+    return np.stack(list(pool.map(lambda mask, seed, conf, colours: finish_frame(mask, seed, conf, colours, radius,
+                                                                                  min_area),
+                                  dynamic, seeds, confidence, lab)))
 
 
 def to_frame_size(masks: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -568,10 +641,12 @@ def to_frame_size(masks: np.ndarray, height: int, width: int) -> np.ndarray:
                      for mask in masks])
 
 
-def motion_masks(flow_dir: Path, frames: np.ndarray, params: Params) -> tuple[np.ndarray, MotionCues]:
+def motion_masks(flow_dir: Path, frames: np.ndarray, params: Params,
+                 pool: ThreadPoolExecutor) -> tuple[np.ndarray, MotionCues]:
     """Dynamic masks ``(T, H, W) uint8`` (0 static, 1 dynamic) of ``frames (T, H, W, 3)`` RGB
     from the flow stage output (no cameras), computed at ``params.work_max_side`` and resized
-    to the frames, and the cues at the working resolution.
+    to the frames, and the cues at the working resolution. Pairs and frames run on ``pool``;
+    the result is the same for any number of workers.
 
     Scores (averaged over ``temporal_window`` flow-aligned frames); keeps the regions above the
     threshold that hold enough temporally confirmed confident seeds (flow on flat surfaces
@@ -590,17 +665,17 @@ def motion_masks(flow_dir: Path, frames: np.ndarray, params: Params) -> tuple[np
     radius = morph_radius(work_height, work_width)
     min_area = int(round(params.min_area_fraction * work_height * work_width))
     lab = lab_frames(frames, (work_width, work_height))
-    texture = flow_texture(lab, radius)
+    texture = flow_texture(lab, radius, pool)
     dynamic = None
     for _ in range(1 + _REFIT_ROUNDS):
         prior = None if dynamic is None else np.stack([cv2.dilate(mask.astype(np.uint8), disk(3 * radius)) > 0
                                                        for mask in dynamic])
-        raw_scores, valid_share = motion_scores(flows, pairs, shape, params, prior)
-        scores = temporal_mean(raw_scores, flows, params.temporal_window)
+        raw_scores, valid_share = motion_scores(flows, pairs, shape, params, pool, prior)
+        scores = temporal_mean(raw_scores, flows, params.temporal_window, pool)
         confidence = texture * valid_share
         dynamic, seeds = segment_frames(scores, confidence, flows, params.threshold, params.temporal_window, radius,
-                                        min_area)
-    dynamic = finish_masks(dynamic, seeds, confidence, lab, flows, params.temporal_window, radius, min_area)
+                                        min_area, pool)
+    dynamic = finish_masks(dynamic, seeds, confidence, lab, flows, params.temporal_window, radius, min_area, pool)
     masks = to_frame_size(dynamic, height, width).astype(np.uint8) * DYNAMIC_LABEL
     return masks, MotionCues(scores, confidence, seeds)
 
@@ -734,28 +809,36 @@ def file_label_names(masks: np.ndarray) -> dict[int, str]:
 # Stage entry point and outputs
 
 
-def write_outputs(out_dir: Path, masks: np.ndarray, frames: np.ndarray, names: dict[int, str], backend: str) -> None:
-    """Write ``vis/`` (the labels over each frame) and then the masks artifact (``masks/`` and,
-    last, ``labels.json``; see :func:`data.artifacts.write_masks`)."""
+def write_outputs(out_dir: Path, masks: np.ndarray, frames: np.ndarray, names: dict[int, str], backend: str,
+                  pool: ThreadPoolExecutor) -> None:
+    """Write ``vis/`` (the labels over each frame, frames on ``pool``) and then the masks
+    artifact (``masks/`` and, last, ``labels.json``; see :func:`data.artifacts.write_masks`)."""
     (out_dir / VIS_DIR).mkdir(parents=True, exist_ok=True)
-    for t, (mask, frame) in enumerate(tqdm(list(zip(masks, frames)), desc="masks: writing", unit="frame")):
-        write_rgb(out_dir / VIS_DIR / f"{t:06d}.png", overlay_labels(frame, mask))
+
+    def write_overlay(t: int) -> None:
+        write_rgb(out_dir / VIS_DIR / f"{t:06d}.png", overlay_labels(frames[t], masks[t]))
+
+    for _ in tqdm(pool.map(write_overlay, range(len(masks))), total=len(masks), desc="masks: writing", unit="frame"):
+        pass
     write_masks(out_dir, masks, names, backend)
 
 
 def write_cues(vis_dir: Path, score: np.ndarray, confidence: np.ndarray, threshold: float,
-               size: tuple[int, int]) -> None:
+               size: tuple[int, int], pool: ThreadPoolExecutor) -> None:
     """Cue pictures of every frame into ``vis_dir/cues/``: ``score_{t:06d}.png`` (turbo colours,
     0 to ``4 x threshold`` noise sigmas; red = far above the threshold) and
     ``confidence_{t:06d}.png`` (grey, black = unreliable flow, white = reliable), resized to
-    ``size`` (w, h) with nearest neighbour. ``score``/``confidence`` are ``(T, h, w)``."""
+    ``size`` (w, h) with nearest neighbour; frames on ``pool``. ``score``/``confidence`` are ``(T, h, w)``."""
     folder = Path(vis_dir) / CUES_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    for t, (frame_score, frame_confidence) in enumerate(zip(score, confidence)):
-        coloured = colorize(frame_score, vmin=0.0, vmax=CUE_SCORE_RANGE * threshold)
-        grey = np.clip(frame_confidence * 255.0, 0, 255).astype(np.uint8)
+
+    def write_frame(t: int) -> None:
+        coloured = colorize(score[t], vmin=0.0, vmax=CUE_SCORE_RANGE * threshold)
+        grey = np.clip(confidence[t] * 255.0, 0, 255).astype(np.uint8)
         write_rgb(folder / f"score_{t:06d}.png", cv2.resize(coloured, size, interpolation=cv2.INTER_NEAREST))
         write_gray(folder / f"confidence_{t:06d}.png", cv2.resize(grey, size, interpolation=cv2.INTER_NEAREST))
+
+    list(pool.map(write_frame, range(len(score))))
 
 
 def figures(masks: np.ndarray, names: dict[int, str], backend: str) -> dict:
@@ -784,7 +867,8 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
 
     frames = frames_stage.load_frames(frames_dir)
     if params.backend == "motion":
-        masks, cues = motion_masks(flow_dir, frames, params)
+        with worker_pool(worker_count()) as pool:
+            masks, cues = motion_masks(flow_dir, frames, params, pool)
         names = {DYNAMIC_LABEL: "dynamic"}
     elif params.backend == "file":
         masks = file_masks(Path(params.mask_path).expanduser(), meta, flow_dir, params)
@@ -800,11 +884,12 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
                          f"{(num_frames, height, width)}", "check the mask inputs against the frames stage output")
     if not masks.any():
         notes.append("no dynamic pixels in any frame: the whole scene is treated as static")
-    write_outputs(out_dir, masks, frames, names, params.backend)
-    result = figures(masks, names, params.backend)
-    if params.backend == "motion":
-        write_cues(out_dir / VIS_DIR, cues.score, cues.confidence, params.threshold, (width, height))
-        result["seed_fraction_mean"] = round(float(cues.seeds.mean()), 6)
+    with worker_pool(worker_count()) as pool:
+        write_outputs(out_dir, masks, frames, names, params.backend, pool)
+        result = figures(masks, names, params.backend)
+        if params.backend == "motion":
+            write_cues(out_dir / VIS_DIR, cues.score, cues.confidence, params.threshold, (width, height), pool)
+            result["seed_fraction_mean"] = round(float(cues.seeds.mean()), 6)
     logger.info("masks (%s): %d frames, %.1f %% dynamic on average", params.backend, num_frames,
                 100 * result["dynamic_fraction_mean"])
     if notes:

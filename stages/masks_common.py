@@ -7,8 +7,10 @@ pixels (dx, dy), pixel (row r, column c) at image coordinates (c, r) here.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -16,6 +18,7 @@ import numpy as np
 
 from data.artifacts import list_flow_pairs, read_flow_pair
 from data.errors import InputError
+from stages.flow import opencv_threads
 
 # Flow pairs kept in memory by StageFlow.
 _FLOW_CACHE_PAIRS = 3
@@ -27,7 +30,18 @@ FlowFn = Callable[[int, int], np.ndarray]
 
 
 # ---------------------------------------------------------------------------------------------
-# Flow access and warping
+# Worker pool, flow access and warping
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[ThreadPoolExecutor]:
+    """A pool of ``workers`` threads for the per-frame and per-pair work of the mask stages
+    (OpenCV, numpy and the compiled kernels release the GIL), with OpenCV's own threads at one
+    while there are several workers (no nested pools). Callers collect results in a fixed order,
+    so the output does not depend on ``workers``."""
+    with opencv_threads(1 if workers > 1 else cv2.getNumThreads()), \
+            ThreadPoolExecutor(workers, thread_name_prefix="masks") as pool:
+        yield pool
 
 
 @functools.lru_cache(maxsize=4)
@@ -77,7 +91,7 @@ class StageFlow:
     resized by ``scale`` (fields and vectors; see :func:`resize_pair`) when it is not 1.
 
     Keeps the last few loaded pairs, so sweeps that ask for (t-1, t) and (t, t+1) read each
-    file once."""
+    file once; :meth:`read` bypasses that cache and may be called from several threads."""
 
     def __init__(self, flow_dir: Path, scale: float = 1.0) -> None:
         self.flow_dir = Path(flow_dir)
@@ -90,16 +104,21 @@ class StageFlow:
         """Whether the flow stage computed the pair (a, b) in either direction."""
         return (a, b) in self._stored or (b, a) in self._stored
 
-    def pair(self, a: int, b: int) -> dict:
-        """Pair (a, b): ``forward`` (a -> b), ``backward``, ``valid_forward``, ``valid_backward``."""
+    def read(self, a: int, b: int) -> dict:
+        """Pair (a, b), ``a < b``, read from its file and resized, not cached (thread-safe)."""
         if not self.has(a, b):
             raise InputError(f"the flow stage in {self.flow_dir} has no pair between frames {a} and {b}",
                              "rerun the flow stage with its default pairs (every consecutive pair) and rerun masks")
+        return resize_pair(read_flow_pair(self.flow_dir, a, b), self.scale)
+
+    def pair(self, a: int, b: int) -> dict:
+        """Pair (a, b): ``forward`` (a -> b), ``backward``, ``valid_forward``, ``valid_backward``."""
         key = (min(a, b), max(a, b))
         if key not in self._cache:
+            stored = self.read(*key)
             if len(self._cache) >= _FLOW_CACHE_PAIRS:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = resize_pair(read_flow_pair(self.flow_dir, *key), self.scale)
+            self._cache[key] = stored
         stored = self._cache[key]
         if a < b:
             return stored

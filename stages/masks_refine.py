@@ -29,11 +29,13 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+from numba import njit
 from tqdm import tqdm
 
 from data.artifacts import (LABELS_FILE, MASKS_DIR, read_aligned_depth, read_cameras, read_labels, read_masks,
@@ -41,7 +43,8 @@ from data.artifacts import (LABELS_FILE, MASKS_DIR, read_aligned_depth, read_cam
 from data.errors import InputError, ParameterError
 from stages import frames as frames_stage
 from stages import masks as masks_stage
-from stages.masks_common import StageFlow, dilate_labels, morph_radius, pixel_grid, require_consecutive_pairs
+from stages.flow import MAX_WORKERS, prefetch, worker_count
+from stages.masks_common import StageFlow, dilate_labels, morph_radius, require_consecutive_pairs, worker_pool
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ _NOISE_FLOOR_PX = 0.3
 # a lower cut only adds the halo of dragged flow around it (CI scene: 1.9 % instead of 1.3 % of
 # the static pixels marked dynamic at 25 %).
 _BOUNDARY_FRACTION = 0.4
+# Pairs computed ahead on the worker pool (bounded memory).
+_IN_FLIGHT = 2 * MAX_WORKERS
 
 
 @dataclass(frozen=True)
@@ -102,25 +107,53 @@ class Params:
                                  "use 0 (full resolution) or at least 64, e.g. 480")
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def _camera_flow_kernel(depth: np.ndarray, inv_K_i: np.ndarray, relative: np.ndarray, K_j: np.ndarray,
+                        flow: np.ndarray, defined: np.ndarray) -> None:
+    """Per pixel of ``depth (H, W)``: the ray through the pixel centre (``inv_K_i`` 3x3), scaled
+    by the depth, moved by ``relative`` (4x4, camera i -> camera j) and projected with ``K_j``;
+    ``flow (H, W, 2) float32`` is the target minus the pixel centre where ``defined (H, W)``
+    (positive finite depth, in front of camera j), else 0. All in float64."""
+    height, width = depth.shape
+    for row in range(height):
+        y = row + 0.5
+        for col in range(width):
+            x = col + 0.5
+            z_i = np.float64(depth[row, col])
+            flow[row, col, 0] = 0.0
+            flow[row, col, 1] = 0.0
+            defined[row, col] = False
+            if not (z_i > 0.0 and np.isfinite(z_i)):
+                continue
+            px = (inv_K_i[0, 0] * x + inv_K_i[0, 1] * y + inv_K_i[0, 2]) * z_i
+            py = (inv_K_i[1, 0] * x + inv_K_i[1, 1] * y + inv_K_i[1, 2]) * z_i
+            pz = (inv_K_i[2, 0] * x + inv_K_i[2, 1] * y + inv_K_i[2, 2]) * z_i
+            mx = relative[0, 0] * px + relative[0, 1] * py + relative[0, 2] * pz + relative[0, 3]
+            my = relative[1, 0] * px + relative[1, 1] * py + relative[1, 2] * pz + relative[1, 3]
+            mz = relative[2, 0] * px + relative[2, 1] * py + relative[2, 2] * pz + relative[2, 3]
+            if not mz > 1e-9:
+                continue
+            qx = K_j[0, 0] * mx + K_j[0, 1] * my + K_j[0, 2] * mz
+            qy = K_j[1, 0] * mx + K_j[1, 1] * my + K_j[1, 2] * mz
+            qz = K_j[2, 0] * mx + K_j[2, 1] * my + K_j[2, 2] * mz
+            flow[row, col, 0] = qx / qz - x
+            flow[row, col, 1] = qy / qz - y
+            defined[row, col] = True
+
+
 def camera_flow(depth: np.ndarray, K_i: np.ndarray, w2c_i: np.ndarray, K_j: np.ndarray,
                 w2c_j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flow ``(H, W, 2) float32`` (pixels) a static scene with z-depth ``depth (H, W)`` in frame i
     induces from frame i to frame j (OpenCV cameras ``K`` 3x3, ``w2c`` 4x4; pixel ``[r, c]`` at
     ``(c + 0.5, r + 0.5)``), and where it is defined ``(H, W) bool`` (depth > 0, in front of
-    camera j)."""
+    camera j). Compiled, GIL-free."""
     height, width = depth.shape
-    grid = pixel_grid(height, width).astype(np.float64) + 0.5
-    rays = np.concatenate([grid, np.ones((height, width, 1))], axis=-1) @ np.linalg.inv(K_i).T
-    points_i = rays * depth[..., None].astype(np.float64)
-    relative = w2c_j @ np.linalg.inv(w2c_i)
-    points_j = points_i @ relative[:3, :3].T + relative[:3, 3]
-    z = points_j[..., 2]
-    defined = (depth > 0) & np.isfinite(depth) & (z > 1e-9)
-    projected = points_j @ K_j.T
-    with np.errstate(divide="ignore", invalid="ignore"):
-        target = projected[..., :2] / projected[..., 2:3]
-    flow = np.where(defined[..., None], target - grid, 0.0)
-    return flow.astype(np.float32), defined
+    flow = np.empty((height, width, 2), np.float32)
+    defined = np.empty((height, width), bool)
+    relative = np.asarray(w2c_j, np.float64) @ np.linalg.inv(np.asarray(w2c_i, np.float64))
+    _camera_flow_kernel(np.ascontiguousarray(depth), np.linalg.inv(np.asarray(K_i, np.float64)), relative,
+                        np.ascontiguousarray(K_j, np.float64), flow, defined)
+    return flow, defined
 
 
 def resize_depth(depth: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -131,31 +164,51 @@ def resize_depth(depth: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(depth, (width, height), interpolation=cv2.INTER_NEAREST)
 
 
+def pair_residuals(flows: StageFlow, i: int, j: int, depth: np.ndarray, K: np.ndarray, w2c: np.ndarray,
+                   posed: np.ndarray, static: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray | None]]:
+    """Both directions of the flow pair (i, j): ``[(i, valid (h, w) bool, normalised residual
+    (h, w) float32 or None), (j, ...)]``; the residual ``|flow - camera-induced flow|`` divided
+    by the robust noise of the direction's static pixels, NaN where it is undefined (no depth,
+    behind the camera, inconsistent flow), None when either frame has no pose (see
+    :func:`residual_scores` for the arrays)."""
+    pair = flows.read(i, j)
+    result = []
+    for a, b, flow, valid in ((i, j, pair["forward"], pair["valid_forward"]),
+                              (j, i, pair["backward"], pair["valid_backward"])):
+        if not (posed[a] and posed[b]):
+            result.append((a, valid, None))
+            continue
+        predicted, defined = camera_flow(depth[a], K[a], w2c[a], K[b], w2c[b])
+        residual = np.linalg.norm(flow - predicted, axis=-1)
+        usable = valid & defined
+        reference = residual[usable & static[a]]
+        sigma = max(_NOISE_FLOOR_PX, 1.4826 * float(np.median(reference))) if reference.size else _NOISE_FLOOR_PX
+        result.append((a, valid, np.where(usable, residual / sigma, np.nan).astype(np.float32)))
+    return result
+
+
 def residual_scores(flows: StageFlow, pairs: list[tuple[int, int]], depth: np.ndarray, K: np.ndarray,
-                    w2c: np.ndarray, posed: np.ndarray, static: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    w2c: np.ndarray, posed: np.ndarray, static: np.ndarray,
+                    pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-frame residual score ``(T, h, w) float32`` (largest noise-normalised residual over
     the pairs, 0 where none is defined), where it is defined ``(T, h, w) bool``, and the share
     of pairs with forward-backward consistent flow ``(T, h, w) float32``. ``depth (T, h, w)``
     and ``K (T, 3, 3)`` are at the working resolution; ``posed (T,)`` frames with a finite
-    pose; ``static (T, h, w) bool`` the first pass's static pixels (for the noise estimate)."""
+    pose; ``static (T, h, w) bool`` the first pass's static pixels (for the noise estimate).
+    The pairs run on ``pool``; their residuals are gathered in pair order."""
     shape = depth.shape
     scores = np.full(shape, -np.inf, np.float32)
     valid_count = np.zeros(shape, np.float32)
     pair_count = np.zeros(shape[0], np.float32)
-    for i, j in tqdm(pairs, desc="masks_refine: residual flow", unit="pair", leave=False):
-        pair = flows.pair(i, j)
-        for a, b, flow, valid in ((i, j, pair["forward"], pair["valid_forward"]),
-                                  (j, i, pair["backward"], pair["valid_backward"])):
+    residuals = prefetch(lambda ij: pair_residuals(flows, *ij, depth, K, w2c, posed, static), pairs, pool,
+                         _IN_FLIGHT)
+    for directions in tqdm(residuals, total=len(pairs), desc="masks_refine: residual flow", unit="pair",
+                           leave=False):
+        for a, valid, normalised in directions:
             valid_count[a] += valid
             pair_count[a] += 1
-            if not (posed[a] and posed[b]):
-                continue
-            predicted, defined = camera_flow(depth[a], K[a], w2c[a], K[b], w2c[b])
-            residual = np.linalg.norm(flow - predicted, axis=-1)
-            usable = valid & defined
-            reference = residual[usable & static[a]]
-            sigma = max(_NOISE_FLOOR_PX, 1.4826 * float(np.median(reference))) if reference.size else _NOISE_FLOOR_PX
-            scores[a] = np.where(usable, np.maximum(scores[a], residual / sigma), scores[a])
+            if normalised is not None:
+                np.fmax(scores[a], normalised, out=scores[a])
     valid_share = valid_count / np.maximum(pair_count, 1)[:, None, None]
     defined_any = np.isfinite(scores)
     return np.where(defined_any, scores, 0.0).astype(np.float32), defined_any, valid_share
@@ -223,23 +276,25 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     static = ~np.stack([dilate_labels(mask.astype(np.uint8), 3 * radius) > 0 for mask in first_work])
 
     lab = masks_stage.lab_frames(frames, (work_width, work_height))
-    raw, defined, valid_share = residual_scores(flows, pairs, depth, K_work, w2c, posed, static)
-    scores = masks_stage.temporal_mean(raw, flows, params.temporal_window)
-    confidence = masks_stage.flow_texture(lab, radius) * valid_share
-    dynamic, seeds = masks_stage.segment_frames(scores, confidence, flows, params.threshold, params.temporal_window,
-                                                radius, min_area, _BOUNDARY_FRACTION)
-    if params.keep_first_pass:
-        explained = defined & (confidence >= 0.5) & (scores < params.threshold)
-        dynamic |= first_work & ~explained
-    dynamic[~posed] = first_work[~posed]
-    dynamic = masks_stage.finish_masks(dynamic, seeds, confidence, lab, flows, params.temporal_window, radius,
-                                       min_area)
-    refined = masks_stage.to_frame_size(dynamic, height, width)
-    result_masks = np.stack([dilate_labels(mask.astype(np.uint8) * masks_stage.DYNAMIC_LABEL,
-                                                       params.dilate_px) for mask in refined])
     names = {masks_stage.DYNAMIC_LABEL: "dynamic"}
-    masks_stage.write_outputs(out_dir, result_masks, frames, names, BACKEND)
-    masks_stage.write_cues(out_dir / masks_stage.VIS_DIR, scores, confidence, params.threshold, (width, height))
+    with worker_pool(worker_count()) as pool:
+        raw, defined, valid_share = residual_scores(flows, pairs, depth, K_work, w2c, posed, static, pool)
+        scores = masks_stage.temporal_mean(raw, flows, params.temporal_window, pool)
+        confidence = masks_stage.flow_texture(lab, radius, pool) * valid_share
+        dynamic, seeds = masks_stage.segment_frames(scores, confidence, flows, params.threshold,
+                                                    params.temporal_window, radius, min_area, pool, _BOUNDARY_FRACTION)
+        if params.keep_first_pass:
+            explained = defined & (confidence >= 0.5) & (scores < params.threshold)
+            dynamic |= first_work & ~explained
+        dynamic[~posed] = first_work[~posed]
+        dynamic = masks_stage.finish_masks(dynamic, seeds, confidence, lab, flows, params.temporal_window, radius,
+                                           min_area, pool)
+        refined = masks_stage.to_frame_size(dynamic, height, width)
+        result_masks = np.stack([dilate_labels(mask.astype(np.uint8) * masks_stage.DYNAMIC_LABEL,
+                                               params.dilate_px) for mask in refined])
+        masks_stage.write_outputs(out_dir, result_masks, frames, names, BACKEND, pool)
+        masks_stage.write_cues(out_dir / masks_stage.VIS_DIR, scores, confidence, params.threshold, (width, height),
+                               pool)
     first_dynamic, now_dynamic = first > 0, result_masks > 0
     result = masks_stage.figures(result_masks, names, BACKEND)
     result.update({"first_pass_fraction_mean": round(float(first_dynamic.mean()), 6),

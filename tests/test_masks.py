@@ -154,6 +154,33 @@ def test_motion_needs_flow(synthetic_frames_dir, tmp_path):
         masks.run({"frames": synthetic_frames_dir}, masks.Params(), tmp_path)
 
 
+@pytest.mark.parametrize("stage", ["masks", "masks_refine"])
+def test_masks_do_not_depend_on_the_worker_count(stage, synthetic_scene, synthetic_frames_dir, synthetic_flow_dir,
+                                                motion_run, monkeypatch, tmp_path):
+    """Pairs and frames run on a thread pool whose results are gathered in a fixed order, and
+    each pair's random fit sample is seeded by the pair: one worker and two write the same masks
+    and cue pictures, byte for byte."""
+    module = masks if stage == "masks" else masks_refine
+    inputs = {"frames": synthetic_frames_dir, "flow": synthetic_flow_dir}
+    if stage == "masks_refine":
+        cameras_dir, align_dir = ground_truth_geometry(synthetic_scene, tmp_path, depth_noise=0.02)
+        inputs.update(masks=motion_run[0], cameras=cameras_dir, align=align_dir)
+    outputs = []
+    for workers in (1, 2):
+        monkeypatch.setattr(module, "worker_count", lambda: workers)
+        out = tmp_path / f"workers{workers}"
+        out.mkdir()
+        module.run(inputs, module.Params(), out)
+        outputs.append(out)
+    one, two = (artifacts.read_masks(out) for out in outputs)
+    assert one.any() and not one.all()
+    np.testing.assert_array_equal(one, two)
+    cues = sorted(path.name for path in (outputs[0] / "vis" / "cues").glob("*.png"))
+    assert len(cues) == 2 * synthetic_scene.num_frames
+    for name in cues:
+        assert (outputs[0] / "vis" / "cues" / name).read_bytes() == (outputs[1] / "vis" / "cues" / name).read_bytes(), name
+
+
 def test_sampson_distance_of_a_known_geometry():
     # Pure sideways translation: epipolar lines are the rows, so only vertical motion counts.
     fundamental = np.array([[0, 0, 0], [0, 0, -1], [0, 1, 0]], np.float64)
