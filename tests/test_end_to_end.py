@@ -15,7 +15,8 @@ import pytest
 from pipeline.cli import main
 from pipeline.workspace import Workspace
 
-pytestmark = pytest.mark.usefixtures("single_torch_thread")
+#: The slow tier (minutes: every stage, then two trainings); the README's test command runs it too.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_torch_thread")]
 
 #: Pixel pairs per frame when scoring depth order against the ground truth.
 ORDER_PAIRS = 50000
@@ -27,7 +28,9 @@ def figures(work: Path, stage: str) -> dict:
 
 #: COLMAP is the one stage whose output changes from run to run with several threads (its
 #: multi-threaded matching and bundle adjustment), and every later stage inherits the change;
-#: with one thread (and torch's one, the fixture above) the whole run is reproducible.
+#: with one thread (and torch's one, the fixture above) the whole run is reproducible, given a
+#: reproducible input: the scene's video.mp4 is encoded bit-identically (data/video.py's libx264
+#: options; tests/test_video.py checks it).
 DETERMINISTIC = ["cameras.num_threads=1"]
 
 

@@ -265,6 +265,7 @@ def test_raft_small_checkpoint_runs_through_the_stage(tmp_path, synthetic_frames
 
 # ----------------------------------------------------------------------------- real clip
 
+@pytest.mark.slow
 def test_flow_on_real_video(tmp_path):
     """First 20 frames of teddy.mp4 (handheld, hands moving a teddy bear): files parse and most
     pixels pass the forward-backward check."""
