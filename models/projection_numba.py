@@ -308,6 +308,42 @@ def _project_backward(means: np.ndarray, quats: np.ndarray, scales: np.ndarray, 
     return grad_means, grad_quats, grad_scales, grad_opac
 
 
+RADIX_BITS = 11
+"""Bits per pass of :func:`_stable_order`'s radix sort."""
+
+
+@njit(cache=True)
+def _stable_order(keys: np.ndarray) -> np.ndarray:
+    """Stable ascending order of float64 ``keys`` [V] (no NaN; -0 equals +0), as
+    ``np.argsort(keys, kind="stable")``: a least-significant-digit radix sort of the keys' bit
+    patterns mapped to unsigned integers of the same order, skipping digits all keys share."""
+    n = keys.shape[0]
+    bits = (keys + 0.0).view(np.uint64)  # + 0.0 turns -0 into +0
+    sign = np.uint64(1) << np.uint64(63)
+    current = np.empty(n, dtype=np.uint64)
+    for i in range(n):
+        current[i] = ~bits[i] if bits[i] & sign else bits[i] | sign
+    order = np.arange(n)
+    spare_keys, spare_order = np.empty_like(current), np.empty_like(order)
+    n_buckets = 1 << RADIX_BITS
+    mask = np.uint64(n_buckets - 1)
+    for shift in range(0, 64, RADIX_BITS):
+        offsets = np.zeros(n_buckets + 1, dtype=np.int64)
+        for i in range(n):
+            offsets[((current[i] >> np.uint64(shift)) & mask) + 1] += 1
+        if offsets.max() == n:
+            continue
+        for bucket in range(n_buckets):
+            offsets[bucket + 1] += offsets[bucket]
+        for i in range(n):
+            bucket = (current[i] >> np.uint64(shift)) & mask
+            spare_keys[offsets[bucket]], spare_order[offsets[bucket]] = current[i], order[i]
+            offsets[bucket] += 1
+        current, spare_keys = spare_keys, current
+        order, spare_order = spare_order, order
+    return order
+
+
 @njit(cache=True)
 def _visible_list(drawn: np.ndarray, depths: np.ndarray,
                   boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -315,20 +351,27 @@ def _visible_list(drawn: np.ndarray, depths: np.ndarray,
     (stable, from camera-major order, as the torch backend's ``argsort``), and their ``boxes``
     [V, 4] (from [C, N, 4])."""
     n_cameras, n_gaussians = drawn.shape
-    cameras = np.empty(drawn.sum(), dtype=np.int64)
-    gaussians = np.empty_like(cameras)
-    keys = np.empty(cameras.shape[0], dtype=depths.dtype)
+    n_visible = 0
+    for c in range(n_cameras):
+        for n in range(n_gaussians):
+            n_visible += drawn[c, n]
+    entries = np.empty(n_visible, dtype=np.int64)
+    keys = np.empty(n_visible)
     v = 0
     for c in range(n_cameras):
         for n in range(n_gaussians):
             if drawn[c, n]:
-                cameras[v], gaussians[v], keys[v] = c, n, depths[c, n]
+                entries[v], keys[v] = c * n_gaussians + n, depths[c, n]
                 v += 1
-    order = np.argsort(keys, kind="mergesort")
-    cameras, gaussians = cameras[order], gaussians[order]
-    visible_boxes = np.empty((cameras.shape[0], 4), dtype=np.int64)
-    for v in range(cameras.shape[0]):
-        visible_boxes[v] = boxes[cameras[v], gaussians[v]]
+    order = _stable_order(keys)
+    cameras = np.empty(n_visible, dtype=np.int64)
+    gaussians = np.empty(n_visible, dtype=np.int64)
+    visible_boxes = np.empty((n_visible, 4), dtype=np.int64)
+    for v in range(n_visible):
+        c, n = divmod(entries[order[v]], n_gaussians)
+        cameras[v], gaussians[v] = c, n
+        for i in range(4):
+            visible_boxes[v, i] = boxes[c, n, i]
     return cameras, gaussians, visible_boxes
 
 

@@ -5,18 +5,23 @@ The backend runs :func:`models.rasterizer_torch.rasterize` with compiled stages:
 always, and :mod:`models.projection_numba`'s projection (pinhole cameras, covariances from quats
 and scales) and spherical harmonics (degrees 0 to 3) when cameras are not optimised; otherwise
 those stages are the torch backend's. Its images, alphas and ``info`` are the torch backend's to
-float rounding. The compositing rules are the torch backend's (and gsplat's CUDA kernel's): per pixel, front to back in camera depth order, ``alpha = min(0.999, o exp(-sigma))``
-with ``sigma = a dx^2 / 2 + b dx dy + c dy^2 / 2`` (conic ``(a, b, c)``, ``d`` the offset from the
-pixel centre to the projected mean), a Gaussian is skipped where ``alpha < 1/255`` or outside its
-bounding box, and a pixel stops before the Gaussian that would bring its transmittance to 1e-4.
+float rounding. The compositing rules are the torch backend's (and gsplat's CUDA kernel's): per
+pixel, front to back in camera depth order, ``alpha = min(0.999, o exp(-sigma))`` with ``sigma =
+a dx^2 / 2 + b dx dy + c dy^2 / 2`` (conic ``(a, b, c)``, ``d`` the offset from the pixel centre
+to the projected mean), a Gaussian is skipped where ``alpha < 1/255`` or outside its bounding box,
+and a pixel stops before the Gaussian that would bring its transmittance to 1e-4.
 
 How, as gsplat does it on the GPU: each visible entry (camera, Gaussian), already sorted by depth,
 is binned into the image tiles (``tile_size`` square) its bounding box overlaps; a counting sort by
-tile keeps depth order inside each tile's list. Tiles are rendered in parallel (``prange``) with
-early termination; each pixel keeps its final transmittance and list length. The backward walks
-each pixel's list back to front, recovering transmittance by division, and accumulates gradients
-per (tile, entry) pair so that threads never write to the same place; a parallel reduction per
-entry sums them. Arithmetic is float64 throughout; results are returned in the input dtype.
+tile keeps depth order inside each tile's list. The entries' data are stored grouped by their
+first tile, so that a tile reads them from a few runs of memory instead of all over it (memory
+latency, not arithmetic, was most of the time). Tiles are rendered in parallel (``prange``) with
+early termination; each entry evaluates ``exp(-sigma)`` only on its exact alpha >= 1/255 row
+spans, by multiplicative recurrences along and between rows; each pixel keeps its list length.
+The backward walks each pixel's list front to back again (transmittance as the forward's product,
+no division to recover it) and accumulates gradients per (tile, entry) pair so that threads never
+write to the same place; a parallel reduction per entry sums them. Arithmetic is float64
+throughout; results are returned in the input dtype.
 
 The kernels are compiled on first use and cached on disk (``cache=True``, in ``__pycache__``), so
 only the first run on a machine pays the compile time (about half a minute on 2 cores).
@@ -40,50 +45,100 @@ DEFAULT_TILE_SIZE = 16
 """Tile side in pixels (gsplat's default)."""
 SPLAT_GRADIENTS = 6
 """Gradient slots per pair before the features: mean x, mean y, conic a, b, c, opacity."""
+DEFINITE_MARGIN = 1e-9
+"""A conic with ``b^2 < a c (1 - margin)`` (and ``a > 0``) is positive definite with room for
+float64 rounding: its sigma is never negative, so the per-pixel ``sigma < 0`` test is skipped."""
+MAX_CURSOR_STEPS = 8
+"""Furthest (in pixels) a row's first column is stepped to from the previous row's by recurrence;
+further, ``exp(-sigma)`` is evaluated directly."""
+CURSOR_RANGE = (1e-280, 1e280)
+"""Recurrence values outside this range (far outside the Gaussian's ellipse, where they could
+underflow) are evaluated directly instead."""
 
 
-@njit(cache=True)
+@njit(parallel=True, cache=True)
 def _bin_tiles(boxes: np.ndarray, cameras: np.ndarray, n_cameras: int, tiles_x: int, tiles_y: int,
-               tile_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Tile lists of the entries (sorted front to back) whose inclusive pixel box ``boxes`` [V, 4]
-    (x0, x1, y0, y1) overlaps the tile; ``cameras`` [V] camera index of each entry.
+               tile_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Storage order and tile lists of the entries (sorted front to back) whose inclusive pixel box
+    ``boxes`` [V, 4] (x0, x1, y0, y1) overlaps the tile; ``cameras`` [V] camera index of each entry.
 
-    Returns ``tile_offsets`` [C * tiles_y * tiles_x + 1] and ``tile_entries`` [P] (tile ``t`` holds
-    ``tile_entries[tile_offsets[t]:tile_offsets[t + 1]]`` in depth order), and for the backward's
-    reduction ``entry_offsets`` [V + 1] with ``entry_pairs`` [P]: the positions in ``tile_entries``
-    of each entry's pairs.
+    Entries are stored (``order`` [V]: the entry at each storage position; ``position`` [V]: the
+    storage position of each entry) by the tile of their box's top-left corner, in depth order within
+    it, so that a tile's list reads a few runs of neighbouring storage positions rather than
+    positions scattered over all entries. Returns ``order``, ``position``, ``tile_offsets``
+    [C * tiles_y * tiles_x + 1] and ``tile_entries`` [P] (tile ``t`` holds the storage positions
+    ``tile_entries[tile_offsets[t]:tile_offsets[t + 1]]``, in depth order), and for the
+    backward's reduction ``entry_offsets`` [V + 1] with ``entry_pairs`` [P]: for each storage
+    position, the positions in ``tile_entries`` of its pairs.
     """
     n_entries = boxes.shape[0]
     n_tiles = n_cameras * tiles_x * tiles_y
-    tile_offsets = np.zeros(n_tiles + 1, dtype=np.int64)
-    entry_offsets = np.zeros(n_entries + 1, dtype=np.int64)
-    for v in range(n_entries):
-        tx0, tx1 = boxes[v, 0] // tile_size, boxes[v, 1] // tile_size
-        ty0, ty1 = boxes[v, 2] // tile_size, boxes[v, 3] // tile_size
+    tile_boxes = np.empty((n_entries, 4), dtype=np.int64)  # inclusive tile columns and rows, camera offset
+    for v in prange(n_entries):
         base = cameras[v] * tiles_x * tiles_y
-        for ty in range(ty0, ty1 + 1):
-            for tx in range(tx0, tx1 + 1):
-                tile_offsets[base + ty * tiles_x + tx + 1] += 1
-        entry_offsets[v + 1] = entry_offsets[v] + (tx1 - tx0 + 1) * (ty1 - ty0 + 1)
+        tile_boxes[v, 0], tile_boxes[v, 1] = base + boxes[v, 0] // tile_size, base + boxes[v, 1] // tile_size
+        tile_boxes[v, 2], tile_boxes[v, 3] = boxes[v, 2] // tile_size * tiles_x, boxes[v, 3] // tile_size * tiles_x
+    tile_offsets = np.zeros(n_tiles + 1, dtype=np.int64)
+    corner_offsets = np.zeros(n_tiles + 1, dtype=np.int64)
+    for v in range(n_entries):
+        corner_offsets[tile_boxes[v, 2] + tile_boxes[v, 0] + 1] += 1
+        for row in range(tile_boxes[v, 2], tile_boxes[v, 3] + 1, tiles_x):
+            for tile in range(row + tile_boxes[v, 0], row + tile_boxes[v, 1] + 1):
+                tile_offsets[tile + 1] += 1
     for t in range(n_tiles):
         tile_offsets[t + 1] += tile_offsets[t]
+        corner_offsets[t + 1] += corner_offsets[t]
+    order = np.empty(n_entries, dtype=np.int64)
+    position = np.empty(n_entries, dtype=np.int64)
+    for v in range(n_entries):
+        corner = tile_boxes[v, 2] + tile_boxes[v, 0]
+        order[corner_offsets[corner]] = v
+        position[v] = corner_offsets[corner]
+        corner_offsets[corner] += 1
+    entry_offsets = np.zeros(n_entries + 1, dtype=np.int64)
+    for u in range(n_entries):
+        v = order[u]
+        tiles_high = (tile_boxes[v, 3] - tile_boxes[v, 2]) // tiles_x + 1
+        entry_offsets[u + 1] = entry_offsets[u] + (tile_boxes[v, 1] - tile_boxes[v, 0] + 1) * tiles_high
     n_pairs = entry_offsets[n_entries]
     tile_entries = np.empty(n_pairs, dtype=np.int64)
     entry_pairs = np.empty(n_pairs, dtype=np.int64)
     fill = tile_offsets[:-1].copy()
     for v in range(n_entries):
-        tx0, tx1 = boxes[v, 0] // tile_size, boxes[v, 1] // tile_size
-        ty0, ty1 = boxes[v, 2] // tile_size, boxes[v, 3] // tile_size
-        base = cameras[v] * tiles_x * tiles_y
-        pair = entry_offsets[v]
-        for ty in range(ty0, ty1 + 1):
-            for tx in range(tx0, tx1 + 1):
-                tile = base + ty * tiles_x + tx
-                tile_entries[fill[tile]] = v
+        pair = entry_offsets[position[v]]
+        for row in range(tile_boxes[v, 2], tile_boxes[v, 3] + 1, tiles_x):
+            for tile in range(row + tile_boxes[v, 0], row + tile_boxes[v, 1] + 1):
+                tile_entries[fill[tile]] = position[v]
                 entry_pairs[pair] = fill[tile]
                 fill[tile] += 1
                 pair += 1
-    return tile_offsets, tile_entries, entry_offsets, entry_pairs
+    return order, position, tile_offsets, tile_entries, entry_offsets, entry_pairs
+
+
+@njit(parallel=True, cache=True)
+def _entries(position: np.ndarray, means2d: np.ndarray, conics: np.ndarray, opacities: np.ndarray,
+             features: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The visible entries' ``means2d`` [V, 2], ``conics`` [V, 3], ``opacities`` [V], ``features``
+    [V, D] and ``boxes`` [V, 4] in storage order (``position``, :func:`_bin_tiles`), as ``splats`` [V, 8]
+    float64 (mx, my, a, b, c, o, log(255 o), 1 where the conic is safely positive definite, so that
+    sigma cannot round below 0, else 0), the features (their dtype) and the boxes."""
+    n_entries = position.shape[0]
+    splats = np.empty((n_entries, 8))
+    stored_features = np.empty((n_entries, features.shape[1]), dtype=features.dtype)
+    stored_boxes = np.empty((n_entries, 4), dtype=np.int64)
+    for v in prange(n_entries):
+        u = position[v]
+        a, b, c = float(conics[v, 0]), float(conics[v, 1]), float(conics[v, 2])
+        splats[u, 0], splats[u, 1] = means2d[v, 0], means2d[v, 1]
+        splats[u, 2], splats[u, 3], splats[u, 4] = a, b, c
+        splats[u, 5] = opacities[v]
+        splats[u, 6] = np.log(splats[u, 5] / ALPHA_THRESHOLD)
+        splats[u, 7] = 1.0 if a > 0.0 and b * b < a * c * (1.0 - DEFINITE_MARGIN) else 0.0
+        for d in range(features.shape[1]):
+            stored_features[u, d] = features[v, d]
+        for i in range(4):
+            stored_boxes[u, i] = boxes[v, i]
+    return splats, stored_features, stored_boxes
 
 
 @njit(inline="always")
@@ -143,35 +198,72 @@ def _schedule(tile_offsets: np.ndarray, n_workers: int) -> tuple[np.ndarray, np.
     return worker_offsets, worker_tiles
 
 
-@njit(cache=True)
-def _splats(means2d: np.ndarray, conics: np.ndarray, opacities: np.ndarray) -> np.ndarray:
-    """``splats`` [V, 7] float64 (mx, my, a, b, c, o, log(255 o)) of the visible entries' ``means2d``
-    [V, 2], ``conics`` [V, 3] and ``opacities`` [V]."""
-    splats = np.empty((means2d.shape[0], 7))
-    for v in range(means2d.shape[0]):
-        splats[v, 0], splats[v, 1] = means2d[v, 0], means2d[v, 1]
-        splats[v, 2], splats[v, 3], splats[v, 4] = conics[v, 0], conics[v, 1], conics[v, 2]
-        splats[v, 5] = opacities[v]
-        splats[v, 6] = np.log(splats[v, 5] / ALPHA_THRESHOLD)
-    return splats
+@njit(inline="always")
+def _falloff(a: float, b: float, c: float, dx: float, dy: float) -> tuple[float, float, float]:
+    """``exp(-sigma)`` at offset (dx, dy) and its ratios to the right neighbour's (``dx - 1``) and
+    to the lower neighbour's (``dy - 1``). ``sigma`` is quadratic, so a step right multiplies the
+    right ratio by ``exp(-a)`` and the lower one by ``exp(-b)``, and a step down the lower ratio by
+    ``exp(-c)`` and the right one by ``exp(-b)``."""
+    sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
+    return np.exp(-sigma), np.exp(a * dx + b * dy - 0.5 * a), np.exp(c * dy + b * dx - 0.5 * c)
 
 
 @njit(inline="always")
-def _row_start(a: float, b: float, c: float, dx: float, dy: float) -> tuple[float, float]:
-    """``exp(-sigma)`` at offset (dx, dy) and its ratio to the next pixel's (``dx - 1``): along a row
-    ``sigma`` is quadratic, so the next ratio is this one times ``exp(-a)``."""
-    sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
-    return np.exp(-sigma), np.exp(a * dx + b * dy - 0.5 * a)
+def _steps(a: float, b: float, c: float) -> tuple[float, float, float, float, float]:
+    """The recurrence factors of :func:`_falloff`: exp(-a), exp(-b), exp(-c), exp(a), exp(b)."""
+    return np.exp(-a), np.exp(-b), np.exp(-c), np.exp(a), np.exp(b)
+
+
+@njit(inline="always")
+def _row_falloff(gauss: float, right: float, down: float, column: int, first: int, a: float, b: float,
+                 c: float, dx: float, dy: float,
+                 steps: tuple[float, float, float, float, float]) -> tuple[float, float, float]:
+    """:func:`_falloff` at a row's first column ``first`` (offset (dx, dy)), stepped from the cursor
+    (``gauss``, ``right``, ``down`` at column ``column`` of this row; -1: no cursor yet) when it is
+    near, else (or where the steps leave the safe float range) evaluated directly."""
+    step_a, step_b, _, inverse_a, inverse_b = steps
+    if column >= 0 and abs(first - column) <= MAX_CURSOR_STEPS:
+        for _ in range(column, first):
+            gauss *= right
+            right *= step_a
+            down *= step_b
+        for _ in range(first, column):
+            right *= inverse_a
+            gauss /= right
+            down *= inverse_b
+        if (CURSOR_RANGE[0] < gauss < CURSOR_RANGE[1] and CURSOR_RANGE[0] < right < CURSOR_RANGE[1]
+                and CURSOR_RANGE[0] < down < CURSOR_RANGE[1]):
+            return gauss, right, down
+    return _falloff(a, b, c, dx, dy)
+
+
+@njit(inline="always")
+def _next_row(splats: np.ndarray, boxes: np.ndarray, v: int, py: int, x_first: int, x_last: int,
+              cursor: tuple[int, float, float, float],
+              steps: tuple[float, float, float, float, float]) -> tuple[int, int, tuple[int, float, float, float]]:
+    """Entry ``v``'s span (first, last) on row ``py`` (:func:`_row_span`) and the cursor (column,
+    ``exp(-sigma)``, right and lower ratios; column -1: none yet) moved from the previous row to
+    the span's first column (:func:`_row_falloff`); rows must come in order."""
+    column, gauss, right, down = cursor
+    if column >= 0:
+        gauss, right, down = gauss * down, right * steps[1], down * steps[2]
+    first, last = _row_span(splats, boxes, v, py, x_first, x_last)
+    if first <= last:
+        mx, my, a, b, c = splats[v, 0], splats[v, 1], splats[v, 2], splats[v, 3], splats[v, 4]
+        gauss, right, down = _row_falloff(gauss, right, down, column, first, a, b, c, mx - (first + 0.5),
+                                          my - (py + 0.5), steps)
+        column = first
+    return first, last, (column, gauss, right, down)
 
 
 @njit(cache=True)
 def _forward_tile(tile: int, splats: np.ndarray, features: np.ndarray, boxes: np.ndarray,
                   tile_offsets: np.ndarray, tile_entries: np.ndarray, tiles_x: int, tiles_y: int, tile_size: int,
-                  colors: np.ndarray, alphas: np.ndarray, final_t: np.ndarray, counts: np.ndarray,
-                  transmittance: np.ndarray, color: np.ndarray, weights: np.ndarray, count: np.ndarray) -> None:
-    """Composite tile ``tile`` front to back into ``colors``, ``alphas``, ``final_t`` and ``counts``
-    (see :func:`_forward`), using the tile-sized buffers ``transmittance``, ``color``, ``weights`` and
-    ``count`` (a pixel that has stopped has ``count`` negated minus one)."""
+                  colors: np.ndarray, alphas: np.ndarray, counts: np.ndarray, transmittance: np.ndarray,
+                  color: np.ndarray, weights: np.ndarray, count: np.ndarray, entry_features: np.ndarray) -> None:
+    """Composite tile ``tile`` front to back into ``colors``, ``alphas`` and ``counts`` (see
+    :func:`_forward`), using the tile-sized buffers ``transmittance``, ``color``, ``weights`` and
+    ``count`` (a pixel that has stopped has ``count`` negated minus one), and ``entry_features`` [D]."""
     n_features = features.shape[1]
     height, width = alphas.shape[1], alphas.shape[2]
     start, stop = tile_offsets[tile], tile_offsets[tile + 1]
@@ -185,35 +277,39 @@ def _forward_tile(tile: int, splats: np.ndarray, features: np.ndarray, boxes: np
     for k in range(start, stop):
         v = tile_entries[k]
         mx, my, a, b, c, opacity = splats[v, 0], splats[v, 1], splats[v, 2], splats[v, 3], splats[v, 4], splats[v, 5]
-        step_ratio = np.exp(-a)
+        definite = splats[v, 7] > 0.0
+        for d in range(n_features):
+            entry_features[d] = features[v, d]
+        steps = _steps(a, b, c)
+        cursor = (-1, 0.0, 0.0, 0.0)
         for py in range(max(boxes[v, 2], y_first), min(boxes[v, 3], y_last) + 1):
-            first, last = _row_span(splats, boxes, v, py, x_first, x_last)
-            if first > last:
-                continue
-            ty, dy = py - y_first, my - (py + 0.5)
-            gauss, ratio = _row_start(a, b, c, mx - (first + 0.5), dy)
-            for px in range(first, last + 1):
-                tx = px - x_first
-                alpha = min(MAX_ALPHA, opacity * gauss)
-                gauss *= ratio
-                ratio *= step_ratio
-                if count[ty, tx] < 0 or alpha < ALPHA_THRESHOLD:
-                    continue
-                dx = mx - (px + 0.5)
-                if 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy < 0.0:
-                    continue
-                before = transmittance[ty, tx]
-                after = before * (1.0 - alpha)
-                if after <= MIN_TRANSMITTANCE:
-                    count[ty, tx] = -count[ty, tx] - 1
-                    running -= 1
-                    continue
-                weight = alpha * before
-                for d in range(n_features):
-                    color[ty, tx, d] += weight * features[v, d]
-                weights[ty, tx] += weight
-                transmittance[ty, tx] = after
-                count[ty, tx] = k - start + 1
+            first, last, cursor = _next_row(splats, boxes, v, py, x_first, x_last, cursor, steps)
+            if first <= last:
+                ty, dy = py - y_first, my - (py + 0.5)
+                pixel_gauss, ratio = cursor[1], cursor[2]
+                for px in range(first, last + 1):
+                    tx = px - x_first
+                    alpha = min(MAX_ALPHA, opacity * pixel_gauss)
+                    pixel_gauss *= ratio
+                    ratio *= steps[0]
+                    if count[ty, tx] < 0 or alpha < ALPHA_THRESHOLD:
+                        continue
+                    if not definite:
+                        dx = mx - (px + 0.5)
+                        if 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy < 0.0:
+                            continue
+                    before = transmittance[ty, tx]
+                    after = before * (1.0 - alpha)
+                    if after <= MIN_TRANSMITTANCE:
+                        count[ty, tx] = -count[ty, tx] - 1
+                        running -= 1
+                        continue
+                    weight = alpha * before
+                    for d in range(n_features):
+                        color[ty, tx, d] += weight * entry_features[d]
+                    weights[ty, tx] += weight
+                    transmittance[ty, tx] = after
+                    count[ty, tx] = k - start + 1
         if running == 0:
             break
     for ty in range(rows):
@@ -222,7 +318,6 @@ def _forward_tile(tile: int, splats: np.ndarray, features: np.ndarray, boxes: np
             for d in range(n_features):
                 colors[camera, py, px, d] = color[ty, tx, d]
             alphas[camera, py, px] = weights[ty, tx]
-            final_t[camera, py, px] = transmittance[ty, tx]
             counts[camera, py, px] = count[ty, tx] if count[ty, tx] >= 0 else -count[ty, tx] - 1
 
 
@@ -230,118 +325,132 @@ def _forward_tile(tile: int, splats: np.ndarray, features: np.ndarray, boxes: np
 def _forward(splats: np.ndarray, features: np.ndarray, boxes: np.ndarray, tile_offsets: np.ndarray,
              tile_entries: np.ndarray, worker_offsets: np.ndarray, worker_tiles: np.ndarray, n_cameras: int,
              width: int, height: int, tiles_x: int, tiles_y: int,
-             tile_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+             tile_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Composite every tile front to back, each worker its tiles (:func:`_schedule`) in parallel.
-    ``splats`` [V, 7] (:func:`_splats`), ``features`` [V, D].
+    ``splats`` [V, 8], ``features`` [V, D] and ``boxes`` [V, 4] in storage order (:func:`_entries`).
 
     Within a tile, entries are taken in depth order and each updates only the pixels of its row
-    spans, skipping pixels that have stopped; the tile ends when all its pixels have stopped.
+    spans, skipping pixels that have stopped; the tile ends when all its pixels have stopped. Along
+    a row, and from one row's first column to the next's, ``exp(-sigma)`` follows multiplicative
+    recurrences (:func:`_falloff`), so an entry needs a few ``exp`` per tile rather than per pixel.
     Pixels accumulate in tile-local buffers, written out once per tile.
-    Returns ``colors`` [C, H, W, D] (sum of weight * feature) and ``alphas`` [C, H, W] (sum of
-    weights) in the features' dtype, ``final_t`` [C, H, W] transmittance after the last blended
-    entry, and ``counts`` [C, H, W] how many entries of the pixel's tile list come up to and
+    Returns float64 ``colors`` [C, H, W, D] (sum of weight * feature) and ``alphas`` [C, H, W] (sum
+    of weights), and ``counts`` [C, H, W] how many entries of the pixel's tile list come up to and
     including its last blended one.
     """
     n_features = features.shape[1]
-    colors = np.zeros((n_cameras, height, width, n_features), dtype=features.dtype)
-    alphas = np.zeros((n_cameras, height, width), dtype=features.dtype)
-    final_t = np.ones((n_cameras, height, width))
+    colors = np.zeros((n_cameras, height, width, n_features))
+    alphas = np.zeros((n_cameras, height, width))
     counts = np.zeros((n_cameras, height, width), dtype=np.int64)
     for worker in prange(worker_offsets.shape[0] - 1):
         transmittance = np.empty((tile_size, tile_size))
         color = np.empty((tile_size, tile_size, n_features))
         weights = np.empty((tile_size, tile_size))
         count = np.empty((tile_size, tile_size), dtype=np.int64)
+        entry_features = np.empty(n_features)
         for i in range(worker_offsets[worker], worker_offsets[worker + 1]):
             _forward_tile(worker_tiles[i], splats, features, boxes, tile_offsets, tile_entries, tiles_x, tiles_y,
-                          tile_size, colors, alphas, final_t, counts, transmittance, color, weights, count)
-    return colors, alphas, final_t, counts
+                          tile_size, colors, alphas, counts, transmittance, color, weights, count, entry_features)
+    return colors, alphas, counts
 
 
 @njit(cache=True)
 def _backward_tile(tile: int, splats: np.ndarray, features: np.ndarray, boxes: np.ndarray,
-                   tile_offsets: np.ndarray, tile_entries: np.ndarray, final_t: np.ndarray, counts: np.ndarray,
-                   grad_colors: np.ndarray, grad_alphas: np.ndarray, tiles_x: int, tiles_y: int, tile_size: int,
-                   pair_grads: np.ndarray, transmittance: np.ndarray, rest: np.ndarray,
+                   tile_offsets: np.ndarray, tile_entries: np.ndarray, colors: np.ndarray, alphas: np.ndarray,
+                   counts: np.ndarray, grad_colors: np.ndarray, grad_alphas: np.ndarray, tiles_x: int, tiles_y: int,
+                   tile_size: int, pair_grads: np.ndarray, transmittance: np.ndarray, rest: np.ndarray,
+                   pixel_grads: np.ndarray, count: np.ndarray, entry_features: np.ndarray,
                    feature_grads: np.ndarray) -> None:
     """Gradients of tile ``tile``'s pairs into ``pair_grads`` (see :func:`_backward`), using the
-    tile-sized buffers ``transmittance`` and ``rest`` and ``feature_grads`` [D]."""
+    tile-sized buffers ``transmittance``, ``rest``, ``pixel_grads`` (the pixels' colour and alpha
+    gradients) and ``count``, and ``entry_features`` and ``feature_grads`` [D]."""
     n_features = features.shape[1]
-    height, width = final_t.shape[1], final_t.shape[2]
+    height, width = alphas.shape[1], alphas.shape[2]
     start, stop = tile_offsets[tile], tile_offsets[tile + 1]
     camera, x_first, x_last, y_first, y_last = _tile_bounds(tile, tiles_x, tiles_y, tile_size, width, height)
     walked = 0
-    for py in range(y_first, y_last + 1):
-        for px in range(x_first, x_last + 1):
-            transmittance[py - y_first, px - x_first] = final_t[camera, py, px]
-            rest[py - y_first, px - x_first] = 0.0
-            walked = max(walked, counts[camera, py, px])
-    pair_grads[start + walked:stop] = 0.0
-    for k in range(start + walked - 1, start - 1, -1):
+    for ty in range(y_last - y_first + 1):
+        for tx in range(x_last - x_first + 1):
+            py, px = y_first + ty, x_first + tx
+            transmittance[ty, tx] = 1.0
+            total = float(grad_alphas[camera, py, px])
+            pixel_grads[ty, tx, n_features] = total
+            total *= alphas[camera, py, px]
+            for d in range(n_features):
+                pixel_grads[ty, tx, d] = grad_colors[camera, py, px, d]
+                total += colors[camera, py, px, d] * pixel_grads[ty, tx, d]
+            rest[ty, tx] = total
+            count[ty, tx] = counts[camera, py, px]
+            walked = max(walked, count[ty, tx])
+    for k in range(start, start + walked):
         v = tile_entries[k]
         mx, my, a, b, c, opacity = splats[v, 0], splats[v, 1], splats[v, 2], splats[v, 3], splats[v, 4], splats[v, 5]
-        step_ratio = np.exp(-a)
+        definite = splats[v, 7] > 0.0
+        steps = _steps(a, b, c)
+        cursor = (-1, 0.0, 0.0, 0.0)
         grad_mx = grad_my = grad_a = grad_b = grad_c = grad_o = 0.0
-        feature_grads[:] = 0.0
+        for d in range(n_features):
+            entry_features[d] = features[v, d]
+            feature_grads[d] = 0.0
         for py in range(max(boxes[v, 2], y_first), min(boxes[v, 3], y_last) + 1):
-            first, last = _row_span(splats, boxes, v, py, x_first, x_last)
-            if first > last:
-                continue
-            ty, dy = py - y_first, my - (py + 0.5)
-            gauss, ratio = _row_start(a, b, c, mx - (first + 0.5), dy)
-            for px in range(first, last + 1):
-                tx = px - x_first
-                pixel_gauss = gauss
-                alpha = min(MAX_ALPHA, opacity * gauss)
-                gauss *= ratio
-                ratio *= step_ratio
-                if k - start >= counts[camera, py, px] or alpha < ALPHA_THRESHOLD:
-                    continue
-                dx = mx - (px + 0.5)
-                if 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy < 0.0:
-                    continue
-                inverse = 1.0 / (1.0 - alpha)
-                before = transmittance[ty, tx] * inverse
-                transmittance[ty, tx] = before
-                weight = alpha * before
-                shade = float(grad_alphas[camera, py, px])
-                for d in range(n_features):
-                    grad = grad_colors[camera, py, px, d]
-                    shade += features[v, d] * grad
-                    feature_grads[d] += weight * grad
-                grad_alpha = before * shade - rest[ty, tx] * inverse
-                rest[ty, tx] += weight * shade
-                if opacity * pixel_gauss > MAX_ALPHA:
-                    continue
-                grad_o += grad_alpha * pixel_gauss
-                grad_sigma = -grad_alpha * alpha
-                grad_mx += grad_sigma * (a * dx + b * dy)
-                grad_my += grad_sigma * (b * dx + c * dy)
-                grad_a += grad_sigma * 0.5 * dx * dx
-                grad_b += grad_sigma * dx * dy
-                grad_c += grad_sigma * 0.5 * dy * dy
+            first, last, cursor = _next_row(splats, boxes, v, py, x_first, x_last, cursor, steps)
+            if first <= last:
+                ty, dy = py - y_first, my - (py + 0.5)
+                pixel_gauss, ratio = cursor[1], cursor[2]
+                for px in range(first, last + 1):
+                    tx = px - x_first
+                    this_gauss = pixel_gauss
+                    alpha = min(MAX_ALPHA, opacity * pixel_gauss)
+                    pixel_gauss *= ratio
+                    ratio *= steps[0]
+                    if k - start >= count[ty, tx] or alpha < ALPHA_THRESHOLD:
+                        continue
+                    dx = mx - (px + 0.5)
+                    if not definite and 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy < 0.0:
+                        continue
+                    before = transmittance[ty, tx]
+                    transmittance[ty, tx] = before * (1.0 - alpha)
+                    weight = alpha * before
+                    shade = pixel_grads[ty, tx, n_features]
+                    for d in range(n_features):
+                        grad = pixel_grads[ty, tx, d]
+                        shade += entry_features[d] * grad
+                        feature_grads[d] += weight * grad
+                    rest[ty, tx] -= weight * shade
+                    if opacity * this_gauss > MAX_ALPHA:
+                        continue
+                    grad_alpha = before * shade - rest[ty, tx] / (1.0 - alpha)
+                    grad_o += grad_alpha * this_gauss
+                    grad_sigma = -grad_alpha * alpha
+                    grad_mx += grad_sigma * (a * dx + b * dy)
+                    grad_my += grad_sigma * (b * dx + c * dy)
+                    grad_a += grad_sigma * 0.5 * dx * dx
+                    grad_b += grad_sigma * dx * dy
+                    grad_c += grad_sigma * 0.5 * dy * dy
         pair_grads[k, 0], pair_grads[k, 1], pair_grads[k, 2] = grad_mx, grad_my, grad_a
         pair_grads[k, 3], pair_grads[k, 4], pair_grads[k, 5] = grad_b, grad_c, grad_o
         for d in range(n_features):
             pair_grads[k, SPLAT_GRADIENTS + d] = feature_grads[d]
+    pair_grads[start + walked:stop] = 0.0
 
 
 @njit(parallel=True, cache=True)
-def _backward(splats: np.ndarray, features: np.ndarray, boxes: np.ndarray, tile_offsets: np.ndarray,
-              tile_entries: np.ndarray, entry_offsets: np.ndarray, entry_pairs: np.ndarray,
-              worker_offsets: np.ndarray, worker_tiles: np.ndarray, final_t: np.ndarray, counts: np.ndarray,
-              grad_colors: np.ndarray, grad_alphas: np.ndarray, tiles_x: int, tiles_y: int,
-              tile_size: int) -> np.ndarray:
+def _backward(splats: np.ndarray, features: np.ndarray, boxes: np.ndarray, order: np.ndarray,
+              tile_offsets: np.ndarray, tile_entries: np.ndarray, entry_offsets: np.ndarray,
+              entry_pairs: np.ndarray, worker_offsets: np.ndarray, worker_tiles: np.ndarray, colors: np.ndarray,
+              alphas: np.ndarray, counts: np.ndarray, grad_colors: np.ndarray, grad_alphas: np.ndarray,
+              tiles_x: int, tiles_y: int, tile_size: int) -> np.ndarray:
     """Exact gradients of ``_forward``'s colors and alphas: ``grad_colors`` [C, H, W, D] and
-    ``grad_alphas`` [C, H, W] in; [V, 6 + D] out in the features' dtype (mean x, mean y, conic a,
-    b, c, opacity, features).
+    ``grad_alphas`` [C, H, W] in; [V, 6 + D] out (entries in depth order, as given to
+    :func:`_bin_tiles`) in the features' dtype (mean x, mean y, conic a, b, c, opacity, features).
 
-    Each tile's list is walked back to front, every pixel starting from its final transmittance
-    and taking only the entries up to its last blended one. With ``rest`` the sum over the pixel's
-    later blended entries of ``w_k (f_k . g + g_alpha)``, ``dL/dalpha_i = T_i (f_i . g + g_alpha) -
-    rest / (1 - alpha_i)``. Clamped alphas (0.999) pass no gradient to opacity or sigma. Gradients
-    go to one slot per (tile, entry) pair, so that threads never write to the same place; a
-    parallel reduction per entry sums them in tile order.
+    Each tile's list is walked front to back again, every pixel taking only the entries up to its
+    last blended one, so that transmittance is the forward's product, not recovered by division.
+    With ``rest`` the sum over the pixel's later blended entries of ``w_k (f_k . g + g_alpha)``
+    (the pixel's total, ``colors . g + alphas g_alpha``, less the entries so far), ``dL/dalpha_i =
+    T_i (f_i . g + g_alpha) - rest / (1 - alpha_i)``. Clamped alphas (0.999) pass no gradient to
+    opacity or sigma. Gradients go to one slot per (tile, entry) pair, so that threads never write
+    to the same place; a parallel reduction per entry sums them in tile order.
     """
     n_features = features.shape[1]
     n_slots = SPLAT_GRADIENTS + n_features
@@ -349,17 +458,21 @@ def _backward(splats: np.ndarray, features: np.ndarray, boxes: np.ndarray, tile_
     for worker in prange(worker_offsets.shape[0] - 1):
         transmittance = np.empty((tile_size, tile_size))
         rest = np.empty((tile_size, tile_size))
+        pixel_grads = np.empty((tile_size, tile_size, n_features + 1))
+        count = np.empty((tile_size, tile_size), dtype=np.int64)
+        entry_features = np.empty(n_features)
         feature_grads = np.empty(n_features)
         for i in range(worker_offsets[worker], worker_offsets[worker + 1]):
-            _backward_tile(worker_tiles[i], splats, features, boxes, tile_offsets, tile_entries, final_t, counts,
-                           grad_colors, grad_alphas, tiles_x, tiles_y, tile_size, pair_grads, transmittance, rest,
-                           feature_grads)
+            _backward_tile(worker_tiles[i], splats, features, boxes, tile_offsets, tile_entries, colors, alphas,
+                           counts, grad_colors, grad_alphas, tiles_x, tiles_y, tile_size, pair_grads, transmittance,
+                           rest, pixel_grads, count, entry_features, feature_grads)
     n_entries = splats.shape[0]
     grads = np.empty((n_entries, n_slots), dtype=features.dtype)
-    for v in prange(n_entries):
+    for u in prange(n_entries):
+        v = order[u]
         for slot in range(n_slots):
             total = 0.0
-            for pair in range(entry_offsets[v], entry_offsets[v + 1]):
+            for pair in range(entry_offsets[u], entry_offsets[u + 1]):
                 total += pair_grads[entry_pairs[pair], slot]
             grads[v, slot] = total
     return grads
@@ -372,24 +485,27 @@ class _Composite(torch.autograd.Function):
     def forward(ctx, means2d: Tensor, conics: Tensor, opacities: Tensor, features: Tensor, cameras: Tensor,
                 boxes: Tensor, n_cameras: int, width: int, height: int,
                 tile_size: int) -> tuple[Tensor, Tensor]:
-        splats = _splats(*(value.detach().contiguous().numpy() for value in (means2d, conics, opacities)))
-        features_array = features.detach().contiguous().numpy()
+        arrays = tuple(value.detach().contiguous().numpy() for value in (means2d, conics, opacities, features))
         boxes64 = boxes.to(torch.int64).contiguous().numpy()
         tiles_x, tiles_y = -(-width // tile_size), -(-height // tile_size)
         set_threads()
-        bins = _bin_tiles(boxes64, cameras.to(torch.int64).contiguous().numpy(), n_cameras, tiles_x, tiles_y, tile_size)
+        order, position, *bins = _bin_tiles(boxes64, cameras.to(torch.int64).contiguous().numpy(), n_cameras,
+                                            tiles_x, tiles_y, tile_size)
+        splats, stored_features, stored_boxes = _entries(position, *arrays, boxes64)
         workers = _schedule(bins[0], numba.get_num_threads())
-        colors, alphas, final_t, counts = _forward(splats, features_array, boxes64, bins[0], bins[1], *workers,
-                                                   n_cameras, width, height, tiles_x, tiles_y, tile_size)
-        ctx.kernel_inputs = (splats, features_array, boxes64, bins, workers, final_t, counts)
+        colors, alphas, counts = _forward(splats, stored_features, stored_boxes, bins[0], bins[1], *workers,
+                                          n_cameras, width, height, tiles_x, tiles_y, tile_size)
+        ctx.kernel_inputs = (splats, stored_features, stored_boxes, order, bins, workers, colors, alphas, counts)
         ctx.sizes = (tiles_x, tiles_y, tile_size)
-        return (torch.from_numpy(colors).to(means2d.dtype), torch.from_numpy(alphas)[..., None].to(means2d.dtype))
+        # Copies: the backward reads the float64 sums, which the caller must not see change.
+        return (torch.from_numpy(colors).to(means2d.dtype, copy=True),
+                torch.from_numpy(alphas)[..., None].to(means2d.dtype, copy=True))
 
     @staticmethod
     def backward(ctx, grad_colors: Tensor, grad_alphas: Tensor) -> tuple[Tensor | None, ...]:
-        splats, features_array, boxes64, bins, workers, final_t, counts = ctx.kernel_inputs
+        splats, stored_features, stored_boxes, order, bins, workers, colors, alphas, counts = ctx.kernel_inputs
         set_threads()
-        grads = _backward(splats, features_array, boxes64, *bins, *workers, final_t, counts,
+        grads = _backward(splats, stored_features, stored_boxes, order, *bins, *workers, colors, alphas, counts,
                           grad_colors.contiguous().numpy(), grad_alphas[..., 0].contiguous().numpy(), *ctx.sizes)
         grads = torch.from_numpy(grads)
         return (grads[:, 0:2], grads[:, 2:5], grads[:, 5], grads[:, SPLAT_GRADIENTS:],
