@@ -1,11 +1,13 @@
 """D-NeRF "mutant": train on the train split, score the test split at 400x400 on a white background
 (the standard protocol), and print PSNR / SSIM next to published numbers; also prints training
-iterations per second on CPU (and on CUDA when available).
+iterations per second on CPU (and on CUDA when available). Runs through the pipeline
+(``mono4d run FOLDER``: frames, known cameras, silhouette init, train) in one workspace, so the
+speed runs and the full run share frames, cameras and init.
 
 Usage::
 
     python benchmarks/dnerf_mutant.py [--root ../shared/data/dnerf/mutant] [--iterations 3000]
-        [--resolution 400] [--points 20000] [--device auto] [--speed-steps 30] [--json out.json]
+        [--resolution 400] [--points 20000] [--device auto] [--speed-steps 30] [--out DIR] [--json out.json]
 
 Published numbers (test split, mutant scene):
 
@@ -40,16 +42,19 @@ PUBLISHED = {
 }
 
 
-def measure_speed(root: Path, device: str, steps: int, points: int, resolution: int) -> float:
-    """Iterations per second of ``steps`` training steps (no densification) on ``device``."""
-    from stages.train import DnerfInit, Params, train_dnerf
+def train_figures(root: Path, work: Path, settings: list[str]) -> dict:
+    """The train stage's figures of ``mono4d run root --work work --set ...settings``."""
+    from pipeline.runner import run_pipeline
 
-    params = Params(iterations=steps, background="white", ordinal_weight=0.0, densify=False, eval_fraction=0.0,
-                    make_videos=False, export_ply=False, device=device)
-    with tempfile.TemporaryDirectory() as scratch:
-        figures = train_dnerf(root, scratch, params, DnerfInit(num_points=points), resolution=resolution,
-                              write_renders=False)
-    return float(figures["iterations_per_second"])
+    summary = run_pipeline(work, root, overrides=settings)
+    return summary.outcomes[-1].figures
+
+
+def measure_speed(root: Path, work: Path, device: str, steps: int, common: list[str]) -> float:
+    """Iterations per second of ``steps`` training steps (no densification) on ``device``."""
+    settings = [*common, f"train.iterations={steps}", "train.densify=false", "train.eval_fraction=0.0",
+                f"train.device={device}"]
+    return float(train_figures(root, work, settings)["iterations_per_second"])
 
 
 def main() -> None:
@@ -60,36 +65,36 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=20000, help="initial Gaussians")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--speed-steps", type=int, default=30, help="steps of the it/s measurement per device (0: skip)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: a temporary one)")
+    parser.add_argument("--out", type=Path, default=None, help="workspace (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
     import torch
 
-    from stages.train import DnerfInit, Params, train_dnerf
-
     if not (args.root / "transforms_train.json").is_file():
         sys.exit(f"no D-NeRF scene at {args.root} (expected transforms_train.json)")
+    work = args.out or Path(tempfile.mkdtemp(prefix="dnerf_mutant_"))
+    common = [f"frames.max_side={args.resolution}", f"init.max_dynamic={args.points}", "train.make_videos=false",
+              "train.export_ply=false"]
     results: dict = {"scene": str(args.root), "resolution": args.resolution, "iterations": args.iterations,
                      "initial_points": args.points, "torch_threads": torch.get_num_threads()}
     if args.speed_steps:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         for device in devices:
-            speed = measure_speed(args.root, device, args.speed_steps, args.points, args.resolution)
+            speed = measure_speed(args.root, work, device, args.speed_steps, common)
             results[f"iterations_per_second_{device}"] = speed
             print(f"training speed on {device}: {speed:.2f} it/s ({args.points} Gaussians, {args.resolution}px)")
         if "cuda" not in devices:
             print("training speed on cuda: not measured (CUDA is not available here)")
 
-    out = args.out or Path(tempfile.mkdtemp(prefix="dnerf_mutant_"))
-    params = Params(iterations=args.iterations, background="white", ordinal_weight=0.0,
-                    refine_start_fraction=min(500 / args.iterations, 1 / 6), eval_fraction=1 / 6,
-                    make_videos=False, export_ply=False, device=args.device)
+    settings = [*common, f"train.iterations={args.iterations}",
+                f"train.refine_start_fraction={min(500 / args.iterations, 1 / 6)}", f"train.eval_fraction={1 / 6}",
+                f"train.device={args.device}"]
     started = time.perf_counter()
-    figures = train_dnerf(args.root, out, params, DnerfInit(num_points=args.points), resolution=args.resolution)
-    results.update({"psnr": figures["psnr_test"], "ssim": figures["ssim_test"],
+    figures = train_figures(args.root, work, settings)
+    results.update({"psnr": figures["psnr_heldout"], "ssim": figures["ssim_heldout"],
                     "num_gaussians": figures["num_gaussians"], "iterations_per_second": figures["iterations_per_second"],
-                    "wall_seconds": round(time.perf_counter() - started, 1), "output": str(out)})
+                    "wall_seconds": round(time.perf_counter() - started, 1), "workspace": str(work)})
 
     print(f"\nD-NeRF mutant, test split, {args.resolution}x{args.resolution}, white background")
     print(f"{'method':40s} {'PSNR':>8s} {'SSIM':>8s}")
@@ -97,7 +102,7 @@ def main() -> None:
     for name, numbers in PUBLISHED.items():
         print(f"{name:40s} {numbers['psnr']:8.2f} {numbers['ssim']:8.4f}")
     print(f"\n{results['num_gaussians']} Gaussians, {results['iterations_per_second']:.2f} it/s, "
-          f"{results['wall_seconds']} s in all; renders and metrics in {out}")
+          f"{results['wall_seconds']} s in all; renders and metrics in {work / 'train'}")
     if args.json:
         args.json.write_text(json.dumps({**results, "published": PUBLISHED}, indent=1))
 

@@ -4,12 +4,20 @@ Each file holds ``camera_angle_x`` (horizontal field of view, radians) and frame
 ``file_path`` (relative, often without extension), ``transform_matrix`` (Blender/OpenGL
 camera-to-world) and, for D-NeRF, ``time`` in [0, 1]. Images are square RGBA PNGs; the principal
 point is the image centre.
+
+A D-NeRF folder is also a pipeline input (``mono4d run FOLDER``): the frames stage writes the
+:data:`PIPELINE_SPLITS` (train, then test: the held-out frames) composited over the protocol's
+white :data:`BACKGROUND`, and :data:`PIPELINE_SETTINGS` are the configuration such a run starts
+from (see :mod:`pipeline.config`).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from data.dataset_frames import DatasetFrames, image_size, linear_times, read_json
@@ -17,6 +25,31 @@ from data.errors import InputError
 from data.geometry import intrinsics_matrix, opengl_c2w_to_w2c
 
 SPLITS = ("train", "val", "test")
+#: The splits a pipeline run over a D-NeRF folder uses, in frame order; the last one is held out.
+PIPELINE_SPLITS = ("train", "test")
+#: Grey level in [0, 1] the RGBA images are composited over (white: the D-NeRF protocol).
+BACKGROUND = 1.0
+#: ``stage.param`` -> value of a pipeline run over a D-NeRF folder, applied after the preset and
+#: before ``--set``: the folder's own cameras, the silhouette initialisation (no flow, masks or
+#: depth needed), white background, the protocol's half resolution (400 x 400).
+PIPELINE_SETTINGS = {
+    "frames.max_side": "400",
+    "cameras.mode": "known",
+    "init.mode": "silhouette",
+    "init.max_dynamic": "20000",
+    "init.init_opacity": "0.1",
+    "init.time_frequencies": "6",
+    "train.downscale": "1",
+    "train.background": "white",
+    "train.ordinal_weight": "0",
+    "train.use_depth": "false",
+    "train.use_masks": "false",
+}
+
+
+def is_dnerf_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a D-NeRF / Blender dataset folder (it holds ``transforms_train.json``)."""
+    return (Path(path) / "transforms_train.json").is_file()
 
 
 def transforms_path(path: str | Path, split: str = "train") -> Path:
@@ -73,3 +106,36 @@ def read_dnerf(path: str | Path, split: str = "train") -> DatasetFrames:
     K = np.repeat(intrinsics_matrix(focal, focal, width / 2.0, height / 2.0)[None], len(frames), axis=0)
     return DatasetFrames(image_paths=image_paths, K=K, w2c=opengl_c2w_to_w2c(c2w), times=times,
                          width=width, height=height, units="dataset", format="dnerf")
+
+
+def read_dnerf_splits(path: str | Path, splits: Sequence[str] = PIPELINE_SPLITS) -> DatasetFrames:
+    """The frames of several splits of a D-NeRF folder, one after the other (each as
+    :func:`read_dnerf`; all splits must share the image size)."""
+    parts = [read_dnerf(path, split) for split in splits]
+    sizes = {(part.width, part.height) for part in parts}
+    if len(sizes) > 1:
+        raise InputError(f"the splits {', '.join(splits)} of {path} have different image sizes {sorted(sizes)}",
+                         "use a D-NeRF folder whose splits share one image size")
+    return replace(parts[0], image_paths=[image for part in parts for image in part.image_paths],
+                   K=np.concatenate([part.K for part in parts]), w2c=np.concatenate([part.w2c for part in parts]),
+                   times=np.concatenate([part.times for part in parts]))
+
+
+def read_rgba(path: Path) -> np.ndarray:
+    """``(H, W, 4)`` uint8 RGBA of an image file (opaque alpha for images without one)."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise InputError(f"cannot read image {path}", "check the D-NeRF dataset's image folders")
+    if image.dtype != np.uint8:
+        raise InputError(f"image {path} is {image.dtype}, not 8-bit", "convert the dataset's images to 8-bit PNG")
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGBA)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGBA if image.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
+
+
+def composite(rgba: np.ndarray, background: float = BACKGROUND) -> np.ndarray:
+    """``(..., 3)`` uint8 RGB of ``(..., 4)`` uint8 RGBA images over a grey level ``background``
+    in [0, 1]."""
+    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+    rgb = rgba[..., :3].astype(np.float32) * alpha + 255.0 * background * (1.0 - alpha)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)

@@ -70,8 +70,9 @@ def run_batch(inputs: Sequence[str | Path], root: str | Path, until: str | None 
             try:
                 workspace.check_usable()
                 source = resolve_input(workspace, result.input)
+                input_config = load_config(preset, overrides, config_files, source)  # what this input needs
                 locks.enter_context(workspace.lock())
-                run_config, stages, todo = prepare_run(workspace, source, config, target, [])
+                run_config, stages, todo = prepare_run(workspace, source, input_config, target, [])
             except Mono4dError as error:
                 result.error = error
                 continue

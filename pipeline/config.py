@@ -7,7 +7,9 @@ Precedence, lowest first:
 2. the stage sections of ``luigi.cfg`` files: the repository's own, then ``./luigi.cfg`` in the
    working directory, then any ``--config FILE`` given on the command line;
 3. the chosen preset (``[preset.cpu]`` / ``[preset.gpu]`` sections, ``stage.param = value``);
-4. ``--set stage.param=value`` on the command line.
+4. what the input needs (:func:`input_settings`: a D-NeRF folder brings its own cameras, the
+   silhouette initialisation and no depth or masks);
+5. ``--set stage.param=value`` on the command line.
 
 The effective configuration is validated as a whole before anything runs and written into
 the workspace (``DIR/config.json``) so a run can be explained and repeated.
@@ -123,9 +125,23 @@ def read_config_files(paths: Sequence[Path]) -> configparser.ConfigParser:
     return parser
 
 
+def input_settings(source: str | Path | None) -> dict[str, str]:
+    """``stage.param`` -> value that the run's input needs: for a D-NeRF folder,
+    :data:`data.dnerf.PIPELINE_SETTINGS` with ``cameras.known_path`` the folder; nothing for
+    videos and image folders (or no input)."""
+    if source is None or not Path(source).is_dir():
+        return {}
+    from data.dnerf import PIPELINE_SETTINGS, is_dnerf_folder
+
+    if not is_dnerf_folder(source):
+        return {}
+    return {**PIPELINE_SETTINGS, "cameras.known_path": str(Path(source).resolve())}
+
+
 def load_config(preset: str | None = None, overrides: Sequence[str] = (),
-                config_files: Sequence[str | Path] = ()) -> Config:
-    """Build and validate the effective configuration (see the module docstring for precedence)."""
+                config_files: Sequence[str | Path] = (), source: str | Path | None = None) -> Config:
+    """Build and validate the effective configuration for the input ``source`` (see the module
+    docstring for precedence)."""
     missing = [str(p) for p in config_files if not Path(p).is_file()]
     if missing:
         raise ParameterError(f"config file not found: {', '.join(missing)}", "give the path of an existing luigi.cfg-style file")
@@ -157,6 +173,9 @@ def load_config(preset: str | None = None, overrides: Sequence[str] = (),
         for key, text in parser.items(section):
             stage, _, param = key.partition(".")
             assign(stage, param, text, f"preset {chosen}")
+    for key, text in input_settings(source).items():
+        stage, _, param = key.partition(".")
+        assign(stage, param, text, "input")
     for text in overrides:
         stage, param, value = parse_assignment(text)
         assign(stage, param, value, "--set")

@@ -150,13 +150,20 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("tracks", "stages.tracks", "Long-term 2D tracks and 3D flow pairs (stages/tracks.py).",
           upstream=lambda p: ["frames", "flow", "cameras", "align"]),
     Stage("init", "stages.init", "Stage 1 of the optimizer: deformation fitted to the 3D flow pairs, canonical "
-          "Gaussians (stages/init.py).",
-          upstream=lambda p: ["frames", "cameras", "align", "masks_refine", "tracks"],
-          input_names={"masks_refine": "masks"}, uses_cuda=lambda p: device_is_cuda(p.device)),
+          "Gaussians; or a silhouette hull of an RGBA dataset (stages/init.py).",
+          upstream=lambda p: (["frames", "cameras"] if p.mode == "silhouette"
+                              else ["frames", "cameras", "align", "masks_refine", "tracks"]),
+          backend_param="mode",
+          backends={"flow": ("max_static", "depth_edge_threshold", "fit_iterations", "fit_lr", "fit_batch",
+                             "smoothness_weight", "rigidity_weight", "device"),
+                    "silhouette": ("hull_candidates", "hull_half_size", "hull_min_foreground")},
+          input_names={"masks_refine": "masks"},
+          uses_cuda=lambda p: p.mode == "flow" and device_is_cuda(p.device)),
     # train.resume_from is not a path input: the stage writes that checkpoint itself.
     Stage("train", "stages.train", "Stage 2: photometric + ordinal depth + priors optimisation, renders, exports "
           "(stages/train.py).",
-          upstream=lambda p: (["init", "frames", "cameras", "align", "masks_refine"]
+          upstream=lambda p: (["init", "frames", "cameras"] + (["align"] if p.use_depth else [])
+                              + (["masks_refine"] if p.use_masks else [])
                               + (["tracks"] if p.reprojection_weight > 0 else [])),
           input_names={"masks_refine": "masks"},
           uses_cuda=lambda p: p.backend == "gsplat" or device_is_cuda(p.device)),

@@ -88,7 +88,7 @@ def run_pipeline(work: str | Path, input_path: str | Path | None = None, until: 
     workspace = Workspace(work)
     workspace.check_usable()
     source = resolve_input(workspace, input_path)
-    config = load_config(preset, overrides, config_files)
+    config = load_config(preset, overrides, config_files, source)
     target = check_stage_name(until, "--until") if until else dag.final_stage()
     forced = [check_stage_name(name, "--rerun") for name in rerun]
     if workers < 1:

@@ -18,7 +18,8 @@ def workspace_states(work: str | Path, preset: str | None = None, overrides: Seq
     run_config = dict(workspace.read_config())
     if preset or overrides or config_files:
         recorded_preset = run_config["config"]["preset"]
-        run_config["config"] = load_config(preset or recorded_preset, overrides, config_files).to_json()
+        run_config["config"] = load_config(preset or recorded_preset, overrides, config_files,
+                                           run_config["input"]).to_json()
     run_config["force"] = []
     state = RunState(workspace, run_config)
     return [state.state(name) for name in dag.closure(dag.final_stage(), state.config)]

@@ -15,7 +15,8 @@ Three modes:
   point at the image centre. No 3D points.
 - ``known``: cameras read from a dataset (``known_path``: D-NeRF ``transforms_*.json``,
   Panoptic ``train_meta.json``, nerfstudio ``transforms.json`` or a COLMAP model folder) and
-  matched to the frames by order; intrinsics are rescaled to the frames' size.
+  matched to the frames by order; intrinsics are rescaled to the frames' size. Frames written
+  from a D-NeRF folder (``known_path`` that folder) take the cameras of its train and test splits.
 
 Outputs: ``cameras.json`` and ``points.npz`` (see :func:`data.artifacts.write_cameras`,
 :func:`~data.artifacts.write_points`), ``sparse/`` (a COLMAP model of the result, in every mode)
@@ -412,11 +413,18 @@ def match_known_frames(dataset: DatasetFrames, meta: dict) -> tuple[np.ndarray, 
 
 
 def known_cameras(params: Params, meta: dict) -> tuple[np.ndarray, np.ndarray, dict, str, list[str]]:
-    """Read dataset cameras for the frames. Returns ``(K, w2c, points, units, notes)``."""
+    """Read dataset cameras for the frames. Returns ``(K, w2c, points, units, notes)``. Frames the
+    frames stage wrote from this D-NeRF folder itself get the cameras of the same splits, in the
+    same order."""
     from data.datasets import read_dataset
+    from data.dnerf import read_dnerf_splits
 
     path = Path(params.known_path)
-    dataset = read_dataset(path, camera=params.known_camera)
+    written = meta.get("dataset", {})
+    if written.get("format") == "dnerf" and path.resolve() == Path(meta["source"]).resolve():
+        dataset = read_dnerf_splits(path, list(written["splits"]))
+    else:
+        dataset = read_dataset(path, camera=params.known_camera)
     indices, notes = match_known_frames(dataset, meta)
     notes = [*dataset.notes, *notes]
     width, height = int(meta["width"]), int(meta["height"])

@@ -13,9 +13,16 @@ Selection, in this order (timestamps are seconds from the source's first frame):
 
 Outputs: ``images/000000.png ...`` (RGB; ``.jpg`` with ``format="jpg"``), resized so the longer
 side is at most ``max_side``, and ``frames.json`` with ``source``, ``source_type``
-("video"|"images"), ``source_fps``, ``fps`` (mean rate of the written frames), ``width``,
-``height``, ``num_frames``, ``source_indices``, ``timestamps`` (seconds in the source) and
-``files`` (relative to the stage folder).
+("video"|"images"|"dataset"), ``source_fps``, ``fps`` (mean rate of the written frames),
+``width``, ``height``, ``num_frames``, ``source_indices``, ``timestamps`` (seconds in the source)
+and ``files`` (relative to the stage folder).
+
+A D-NeRF folder as the source (:func:`data.dnerf.is_dnerf_folder`) gives every image of its
+:data:`~data.dnerf.PIPELINE_SPLITS` in that order (the selection steps above do not apply),
+composited over :data:`~data.dnerf.BACKGROUND`, and also ``alpha/000000.png ...`` (the images'
+alpha, 8-bit, resized alike); its ``frames.json`` adds ``times`` (the dataset's normalised
+times), ``holdout_frames`` (the frames of the last split, the test split) and ``dataset``
+(``{"format": "dnerf", "splits": {split: count}}``); timestamps are ``i / folder_fps``.
 """
 import json
 import logging
@@ -30,7 +37,7 @@ from tqdm import tqdm
 
 from data import video
 from data.errors import InputError, ParameterError
-from data.images import read_rgb, write_rgb
+from data.images import read_gray, read_rgb, write_gray, write_rgb
 from stages.flow import DIS_MIN_SIDE, RAFT_MIN_SIDE
 
 logger = logging.getLogger(__name__)
@@ -38,6 +45,7 @@ logger = logging.getLogger(__name__)
 FORMATS = ("png", "jpg")
 META_FILE = "frames.json"
 IMAGES_DIR = "images"
+ALPHA_DIR = "alpha"
 MIN_FRAMES = 2
 _MIN_MAX_SIDE = 32
 # Timestamps closer than this (seconds) to the start/end of the window count as inside it.
@@ -190,8 +198,12 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     ``{"num_frames", "width", "height", "fps", "source_fps", "duration_s"}`` (``duration_s``:
     time from the first to the last written frame) plus ``"notes"`` when there are warnings.
     """
+    from data.dnerf import is_dnerf_folder
+
     params.validate()
     source_path = Path(inputs["source"])
+    if source_path.is_dir() and is_dnerf_folder(source_path):
+        return write_dataset_frames(source_path, params, Path(out_dir))
     source = video.open_source(source_path, folder_fps=params.folder_fps,
                                until_s=params.end if params.end > 0 else None)
     selected = select_frames(source.timestamps, fps=params.fps, stride=params.stride,
@@ -242,6 +254,59 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     return figures
 
 
+def write_dataset_frames(root: Path, params: Params, out_dir: Path) -> dict:
+    """Write the frames of the D-NeRF folder ``root`` (see the module docstring) to ``out_dir``;
+    returns :func:`run`'s figures plus ``num_holdout``."""
+    from data.dnerf import BACKGROUND, PIPELINE_SPLITS, composite, read_dnerf, read_rgba
+
+    splits = {split: read_dnerf(root, split) for split in PIPELINE_SPLITS}
+    paths = [path for dataset in splits.values() for path in dataset.image_paths]
+    times = np.concatenate([dataset.times for dataset in splits.values()])
+    notes = []
+    selection = {"fps": 0.0, "stride": 1, "max_frames": 0, "start": 0.0, "end": 0.0}
+    changed = [f"frames.{name}" for name, default in selection.items() if getattr(params, name) != default]
+    if changed:
+        notes.append(f"{', '.join(changed)} not applied: a dataset's frames are all its "
+                     f"{' and '.join(PIPELINE_SPLITS)} views")
+    (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    (out_dir / ALPHA_DIR).mkdir(parents=True, exist_ok=True)
+    files, alpha_files = [], []
+    size = (0, 0)
+    for number, path in enumerate(tqdm(paths, desc="frames", unit="frame")):
+        rgba = read_rgba(path)
+        source_size = (rgba.shape[1], rgba.shape[0])
+        rgba = resize_to_max_side(rgba, params.max_side)
+        if number == 0:
+            size = (rgba.shape[1], rgba.shape[0])
+            check_frame_size(*size, source_size, params, root)
+        elif (rgba.shape[1], rgba.shape[0]) != size:
+            raise InputError(f"image {path} is {source_size[0]}x{source_size[1]}, unlike the dataset's first image",
+                             "every image of a D-NeRF folder must have the same size")
+        files.append(f"{IMAGES_DIR}/{number:06d}.{params.format}")
+        alpha_files.append(f"{ALPHA_DIR}/{number:06d}.png")
+        write_rgb(out_dir / files[-1], composite(rgba, BACKGROUND), jpeg_quality=params.jpeg_quality)
+        write_gray(out_dir / alpha_files[-1], rgba[..., 3])
+    counts = {split: dataset.num_frames for split, dataset in splits.items()}
+    num_frames = len(files)
+    holdout = list(range(num_frames - counts[PIPELINE_SPLITS[-1]], num_frames))
+    meta = {
+        "source": str(root.resolve()), "source_type": "dataset", "source_fps": params.folder_fps,
+        "fps": params.folder_fps, "width": int(size[0]), "height": int(size[1]), "num_frames": num_frames,
+        "source_indices": list(range(num_frames)),
+        "timestamps": [round(i / params.folder_fps, 6) for i in range(num_frames)], "files": files,
+        "alpha_files": alpha_files, "times": [float(t) for t in times], "holdout_frames": holdout,
+        "dataset": {"format": "dnerf", "splits": counts},
+    }
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=1))
+    logger.info("wrote %d frames of %dx%d from the D-NeRF folder %s (%s)", num_frames, size[0], size[1], root,
+                ", ".join(f"{count} {split}" for split, count in counts.items()))
+    figures = {key: meta[key] for key in ("num_frames", "width", "height", "fps", "source_fps")}
+    figures.update(duration_s=meta["timestamps"][-1], num_holdout=len(holdout))
+    if notes:
+        figures["notes"] = notes
+    return figures
+
+
 _REQUIRED_META_KEYS = ("source", "source_type", "source_fps", "fps", "width", "height", "num_frames",
                        "source_indices", "timestamps", "files")
 
@@ -283,3 +348,14 @@ def load_frames(frames_dir: str | Path, indices: Sequence[int] | None = None) ->
     if not images:
         return np.empty((0, meta["height"], meta["width"], 3), dtype=np.uint8)
     return np.stack(images)
+
+
+def load_alpha(frames_dir: str | Path) -> np.ndarray:
+    """The frames' alpha ``(T, H, W)`` uint8 (255 = opaque) that the frames stage wrote for a
+    dataset of RGBA images (a D-NeRF folder); :class:`InputError` for frames without one."""
+    meta = read_frames_meta(frames_dir)
+    if "alpha_files" not in meta:
+        raise InputError(f"the frames in {frames_dir} have no alpha channel (source {meta['source']})",
+                         "the silhouette initialisation (init.mode=silhouette) needs a dataset of RGBA images, "
+                         "e.g. a D-NeRF folder as the input; use init.mode=flow for videos")
+    return np.stack([read_gray(Path(frames_dir) / name) for name in meta["alpha_files"]])

@@ -23,6 +23,9 @@ Frames without a pose (NaN ``w2c``) and held-out frames (``holdout_every``) are 
 train stage evaluates on the held-out frames and reads the list from this stage's checkpoint.
 Time is ``t = i / (T - 1)``.
 
+``mode=silhouette`` instead initialises an object-centred dataset with alpha (a D-NeRF folder as
+the input) from its silhouettes alone (:mod:`stages.init_silhouette`).
+
 Outputs: ``init.pt`` (:func:`models.gaussians.save_model` layout: params, is_dynamic, field,
 ``meta`` with ``num_frames``, ``width``, ``height``, ``times``, ``train_frames``,
 ``holdout_frames``, ``scene_scale`` (median aligned depth, world units), ``units`` and the
@@ -52,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "init.pt"
 SUMMARY_FILE = "init.json"
+MODES = ("flow", "silhouette")
 #: At most this many pixels are lifted over all frames (a pixel stride is chosen to stay below).
 MAX_LIFTED_POINTS = 3_000_000
 #: Per-frame dynamic points kept as anchors of the smoothness / rigidity terms.
@@ -66,6 +70,9 @@ SCALE_NEIGHBOURS = 3
 class Params:
     """Parameters of the init stage.
 
+    mode: "flow" (the deformation fitted to the 3D flow pairs, Gaussians lifted from the aligned
+        depth: see the module docstring) or "silhouette" (a visual hull of the frames' alpha, for
+        a dataset of RGBA images with known cameras: :mod:`stages.init_silhouette`).
     holdout_every: every k-th frame (frames with ``i % k == k // 2``) is held out of init and
         training and evaluated by the train stage; 0 = use every frame.
     max_static: budget of static (background) Gaussians.
@@ -87,11 +94,15 @@ class Params:
     rigidity_weight: weight of the rigidity term that fits the field's rotation head.
     seed: random seed (pair batches, sampling).
     device: "auto" (CUDA when available), "cpu" or "cuda".
+    hull_candidates, hull_half_size, hull_min_foreground: mode "silhouette": random points drawn,
+        half size of the cube they are drawn in (world units) and the fraction of the training
+        views whose foreground a point must fall on.
     label_names: "ID:NAME,..." names of mask label ids that replace those of the masks stage's
         labels.json (e.g. "2:hand": the file and motion backends cannot name a hand; a label
         named hand goes to the hand layer, see :mod:`models.layers`); "" keeps labels.json's.
     """
 
+    mode: str = "flow"
     holdout_every: int = 8
     max_static: int = 20000
     max_dynamic: int = 10000
@@ -110,12 +121,16 @@ class Params:
     rigidity_weight: float = 1.0
     seed: int = 0
     device: str = "auto"
+    hull_candidates: int = 400000
+    hull_half_size: float = 1.5
+    hull_min_foreground: float = 0.6
     label_names: str = ""
 
     def validate(self) -> None:
         """Raise :class:`ParameterError` for values that cannot make sense."""
         for name in ("holdout_every", "max_static", "max_dynamic", "sh_degree", "deform_layers", "deform_width",
-                     "position_frequencies", "time_frequencies", "fit_iterations", "fit_batch", "seed"):
+                     "position_frequencies", "time_frequencies", "fit_iterations", "fit_batch", "seed",
+                     "hull_candidates"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
                 raise ParameterError(f"init.{name} must be a whole number, got {value!r}",
@@ -149,6 +164,11 @@ class Params:
             raise ParameterError("init.smoothness_weight and init.rigidity_weight must be >= 0", "use 0 to turn off")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ParameterError(f"init.device={self.device!r} is unknown", "use auto, cpu or cuda")
+        if self.mode not in MODES:
+            raise ParameterError(f"init.mode={self.mode!r} is unknown", f"use one of {', '.join(MODES)}")
+        if self.hull_candidates < 100 or not self.hull_half_size > 0 or not 0 < self.hull_min_foreground <= 1:
+            raise ParameterError("init.hull_candidates must be >= 100, init.hull_half_size > 0 and "
+                                 "init.hull_min_foreground in (0, 1]", "use e.g. 400000, 1.5 and 0.6")
         parse_label_names(self.label_names)
 
 
@@ -423,7 +443,8 @@ def splat_points(points: np.ndarray, colors: np.ndarray, K: np.ndarray, w2c: np.
 def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     """Fit the deformation and create the canonical Gaussians (see the module docstring).
 
-    ``inputs``: ``frames``, ``cameras``, ``align``, ``masks``, ``tracks``. Returns key figures:
+    ``inputs``: ``frames``, ``cameras``, ``align``, ``masks``, ``tracks`` (mode "silhouette":
+    ``frames`` and ``cameras``, see :func:`stages.init_silhouette.run`). Returns key figures:
     ``num_static``, ``num_dynamic``, ``num_pairs_dynamic``, ``pair_residual_before`` and
     ``pair_residual_after`` (median, world units), ``pair_residual_ratio`` (after / before),
     ``num_train_frames``, ``num_holdout_frames``, ``fit_seconds``.
@@ -437,6 +458,10 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     from stages.tracks import depth_edges
 
     params.validate()
+    if params.mode == "silhouette":
+        from stages import init_silhouette
+
+        return init_silhouette.run(inputs, params, out_dir)
     for name in ("frames", "cameras", "align", "masks", "tracks"):
         if name not in inputs:
             raise InputError(f"the init stage needs the {name} stage's output (inputs[{name!r}])",

@@ -7,8 +7,9 @@ inputs into a :class:`~models.trainer.TrainingData` (:func:`load_training_data`)
 :func:`models.trainer.optimize` and writes the outputs (:mod:`stages.train_outputs`).
 
 Inputs: the init stage's model (its checkpoint names the training and held-out frames and their
-times), the frames and cameras, the aligned depth (depth-prior losses and the depth-order score)
-and the refined masks (label loss, PSNR on dynamic pixels, scene layers). Pixels of moving
+times), the frames and cameras, and, unless turned off (``use_depth`` / ``use_masks``: inputs
+without them, such as a D-NeRF folder), the aligned depth (depth-prior losses and the depth-order
+score) and the refined masks (label loss, PSNR on dynamic pixels, layer IoU). Pixels of moving
 objects are left out of the depth-prior losses when the prior cannot measure them
 (``prior_on_dynamic``: the weights-free ``sfm`` depth).
 
@@ -27,21 +28,16 @@ Outputs (see :mod:`stages.train_outputs`): ``model.pt``, ``metrics.json``, ``cur
 ``curves.png``, ``renders/`` (rgb, depth .npy and colourised, held-out comparisons),
 ``novel_view.mp4`` and ``time_sweep.mp4``, ``ply/`` (standard 3DGS PLY per frame),
 ``trajectories.npz`` (dense 3D tracks of the dynamic Gaussians). Loader: :func:`load_trained`.
-
-D-NeRF: :func:`train_dnerf` trains on a D-NeRF folder's train split and scores its test split
-(white background), with the same loop.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import cv2
 import numpy as np
 
 from data.errors import InputError, ParameterError
@@ -89,6 +85,12 @@ class Params:
     label_weight: weight of the label-map loss (0 = off): the one-hot mask labels of the
         Gaussians rendered as colours, half the L1 distance to the masks' one-hot labels (one
         more rasterization per step; see :mod:`models.layers`).
+    use_depth: read the align stage's depth (the depth-prior losses and the depth-order score);
+        false for inputs without depth (a D-NeRF folder), which needs ordinal_weight and
+        depth_l1_weight at 0.
+    use_masks: read the refined masks (label loss, dynamic pixels of the depth-prior and
+        reprojection losses, PSNR on dynamic pixels, layer IoU); false for inputs without masks,
+        which needs label_weight at 0.
     background: "random" (a random colour per step; evaluation on black), "black" or "white".
     exposure: learn a per-frame colour affine (Dynamic 3D Gaussians' per-camera ``cam_m`` /
         ``cam_c``): the render of frame i is ``C * exp(m_i) + alpha * c_i + (1 - alpha) * bg``
@@ -153,6 +155,8 @@ class Params:
     isometry_weight: float = 0.0
     knn: int = 8
     label_weight: float = 0.0
+    use_depth: bool = True
+    use_masks: bool = True
     background: str = "random"
     exposure: bool = False
     lr_exposure: float = 0.01
@@ -216,6 +220,12 @@ class Params:
             raise ParameterError(f"train.refine_start_fraction={self.refine_start_fraction} is not below "
                                  f"train.refine_stop_fraction={self.refine_stop_fraction}: nothing would densify",
                                  "lower refine_start_fraction, or set train.densify=false")
+        if not self.use_depth and (self.ordinal_weight > 0 or self.depth_l1_weight > 0):
+            raise ParameterError("train.use_depth=false leaves the depth-prior losses without depth",
+                                 "set train.ordinal_weight=0 and train.depth_l1_weight=0, or train.use_depth=true")
+        if not self.use_masks and self.label_weight > 0:
+            raise ParameterError("train.use_masks=false leaves the label loss without masks",
+                                 "set train.label_weight=0, or train.use_masks=true")
         if self.prior_on_dynamic not in PRIOR_ON_DYNAMIC:
             raise ParameterError(f"train.prior_on_dynamic={self.prior_on_dynamic!r} is unknown",
                                  f"use one of {', '.join(PRIOR_ON_DYNAMIC)}")
@@ -245,26 +255,31 @@ def load_training_data(inputs: Mapping[str, Path], params: Params, meta: dict, d
                        notes: list[str]) -> TrainingData:
     """The :class:`~models.trainer.TrainingData` of a model whose ``meta`` (frame count, size,
     times, training and held-out frames, scene scale) the init stage wrote, from the stage
-    outputs ``inputs`` (``frames``, ``cameras``, ``align``, ``masks``, and ``tracks`` when the
-    reprojection loss is on); appends what it notices to ``notes``."""
+    outputs ``inputs`` (``frames``, ``cameras``, ``align`` with ``use_depth``, ``masks`` with
+    ``use_masks``, and ``tracks`` when the reprojection loss is on); appends what it notices to
+    ``notes``."""
     from data.artifacts import read_aligned_depth, read_aligned_kind, read_cameras, read_masks
     from models.trainer import build_training_data
     from stages.frames import load_frames, read_frames_meta
 
     images = load_frames(inputs["frames"])
     K, w2c, _ = read_cameras(inputs["cameras"])
-    depth = read_aligned_depth(inputs["align"])
-    masks = read_masks(inputs["masks"])
+    depth = read_aligned_depth(inputs["align"]) if params.use_depth else None
+    masks = read_masks(inputs["masks"]) if params.use_masks else None
     expected = (meta["num_frames"], meta["height"], meta["width"])
-    for what, shape in (("frames", images.shape[:3]), ("aligned depth", depth.shape), ("masks", masks.shape)):
-        if tuple(shape) != expected:
-            raise InputError(f"{what} {tuple(shape)} do not match the init stage's frames {expected}",
+    for what, array in (("frames", images), ("aligned depth", depth), ("masks", masks)):
+        if array is not None and tuple(array.shape[:3]) != expected:
+            raise InputError(f"{what} {tuple(array.shape[:3])} do not match the init stage's frames {expected}",
                              "rerun init and train on the same upstream outputs")
-    depth_kind = read_aligned_kind(inputs["align"])
-    if ignores_dynamic_prior(params.prior_on_dynamic, depth_kind):
-        depth = np.where(masks > 0, 0.0, depth).astype(np.float32)
-        notes.append(f"depth-prior losses skip the dynamic pixels of the masks stage (aligned depth kind "
-                     f"{depth_kind!r}; train.prior_on_dynamic={params.prior_on_dynamic})")
+    depth_kind = read_aligned_kind(inputs["align"]) if depth is not None else None
+    if depth is not None and ignores_dynamic_prior(params.prior_on_dynamic, depth_kind):
+        if masks is None:
+            notes.append(f"train.use_masks=false: the depth-prior losses use the dynamic pixels too, although "
+                         f"the aligned depth (kind {depth_kind!r}) cannot measure them")
+        else:
+            depth = np.where(masks > 0, 0.0, depth).astype(np.float32)
+            notes.append(f"depth-prior losses skip the dynamic pixels of the masks stage (aligned depth kind "
+                         f"{depth_kind!r}; train.prior_on_dynamic={params.prior_on_dynamic})")
     tracks = None
     if "tracks" in inputs and params.reprojection_weight > 0:
         from data.artifacts import read_tracks
@@ -284,8 +299,9 @@ def load_training_data(inputs: Mapping[str, Path], params: Params, meta: dict, d
 def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     """Train the init stage's model on the frames (see the module docstring).
 
-    ``inputs``: ``init``, ``frames``, ``cameras``, ``align``, ``masks`` and optionally ``tracks``
-    (needed when ``reprojection_weight`` > 0). Returns key figures: ``psnr_heldout``,
+    ``inputs``: ``init``, ``frames``, ``cameras``, ``align`` (with ``use_depth``), ``masks`` (with
+    ``use_masks``) and optionally ``tracks`` (needed when ``reprojection_weight`` > 0). Returns
+    key figures: ``psnr_heldout``,
     ``ssim_heldout``, ``psnr_train``, ``ssim_train``, ``psnr_dynamic_heldout``,
     ``depth_order_heldout`` (agreement of rendered depth order with the aligned depth),
     ``num_gaussians``, ``num_dynamic``, ``iterations_per_second``, ``lpips`` (None: see the
@@ -298,7 +314,8 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     from stages import train_outputs
 
     params.validate()
-    for name in ("init", "frames", "cameras", "align", "masks"):
+    needed = ["init", "frames", "cameras"] + ["align"] * params.use_depth + ["masks"] * params.use_masks
+    for name in needed:
         if name not in inputs:
             raise InputError(f"the train stage needs the {name} stage's output (inputs[{name!r}])",
                              f"run the {name} stage first")
@@ -340,139 +357,3 @@ def load_trained(train_dir: str | Path, device: str = "cpu"):
                          "run the train stage first")
     model, _ = load_model(path, device)
     return model
-
-
-# ----------------------------------------------------------------------------------------------
-# D-NeRF
-
-
-@dataclass(frozen=True)
-class DnerfInit:
-    """Initial Gaussians of a D-NeRF scene (no depth): ``num_points`` random points in the cube
-    ``[-half_size, half_size]^3`` that project onto the foreground (alpha > 0.5) in at least
-    ``min_foreground`` of all training views (a loose visual hull, loose because the object
-    moves), coloured with the mean of those views' pixels; all dynamic. ``candidates`` points are
-    drawn before that filter."""
-
-    num_points: int = 20000
-    candidates: int = 400000
-    half_size: float = 1.5
-    min_foreground: float = 0.6
-    sh_degree: int = 3
-    init_opacity: float = 0.1
-    deform_layers: int = 6
-    deform_width: int = 64
-    position_frequencies: int = 4
-    time_frequencies: int = 6
-
-
-def read_rgba_frames(paths: list[Path], width: int, height: int) -> np.ndarray:
-    """``(T, H, W, 4)`` uint8 RGBA images resized (area) to ``width`` x ``height``."""
-    frames = []
-    for path in paths:
-        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if image is None:
-            raise InputError(f"cannot read image {path}", "check the D-NeRF dataset's image folders")
-        if image.ndim == 2:
-            image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGRA)
-        elif image.shape[2] == 3:
-            image = cv2.cvtColor(image, cv2.COLOR_BGR2BGRA)
-        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
-        frames.append(cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA))
-    return np.stack(frames)
-
-
-def composite(rgba: np.ndarray, background: float) -> np.ndarray:
-    """``(..., 3)`` uint8 RGB of RGBA images over a grey level ``background`` in [0, 1]."""
-    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
-    rgb = rgba[..., :3].astype(np.float32) * alpha + 255.0 * background * (1.0 - alpha)
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-
-
-def dnerf_initial_model(rgba: np.ndarray, K: np.ndarray, w2c: np.ndarray, settings: DnerfInit, seed: int):
-    """The :class:`DnerfInit` Gaussians and an identity deformation field (a SceneModel)."""
-    import torch
-
-    from data.geometry import project_points
-    from models.deformation import DeformationConfig, DeformationField
-    from models.gaussians import SceneModel, create_params
-    from stages.init import nearest_neighbour_scales
-
-    rng = np.random.default_rng(seed)
-    points = rng.uniform(-settings.half_size, settings.half_size, (settings.candidates, 3))
-    height, width = rgba.shape[1:3]
-    inside = np.zeros(len(points))
-    color_sum = np.zeros((len(points), 3))
-    for frame in range(len(rgba)):
-        uv, depth = project_points(K[frame], w2c[frame], points)
-        cols, rows = np.floor(uv[:, 0]), np.floor(uv[:, 1])
-        ok = (depth > 0) & (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
-        r, c = rows[ok].astype(np.int64), cols[ok].astype(np.int64)
-        foreground = rgba[frame, r, c, 3] > 127
-        inside[np.flatnonzero(ok)[foreground]] += 1
-        color_sum[np.flatnonzero(ok)[foreground]] += rgba[frame, r[foreground], c[foreground], :3] / 255.0
-    keep = np.flatnonzero((inside > 0) & (inside >= settings.min_foreground * len(rgba)))
-    if len(keep) < 100:
-        raise InputError(f"only {len(keep)} random points fall on the D-NeRF foreground",
-                         "check the dataset (RGBA images with an alpha channel, cameras around the origin)")
-    keep = rng.choice(keep, min(settings.num_points, len(keep)), replace=False)
-    points, colors = points[keep], color_sum[keep] / inside[keep, None]
-    scales = nearest_neighbour_scales(points)
-    params, variables = create_params(torch.as_tensor(points, dtype=torch.float32),
-                                      torch.as_tensor(colors, dtype=torch.float32),
-                                      torch.as_tensor(np.repeat(scales[:, None], 3, 1), dtype=torch.float32),
-                                      torch.ones(len(points), dtype=torch.bool), settings.sh_degree,
-                                      settings.init_opacity)
-    config = DeformationConfig(num_layers=settings.deform_layers, hidden=settings.deform_width,
-                               position_frequencies=settings.position_frequencies,
-                               time_frequencies=settings.time_frequencies, canonical_time=0.5)
-    field = DeformationField(config, torch.zeros(3), settings.half_size * math.sqrt(3.0))
-    return SceneModel(params, variables, field, {"stage": "dnerf-init"})
-
-
-def train_dnerf(root: str | Path, out_dir: str | Path, params: Params, init: DnerfInit = DnerfInit(),
-                resolution: int = 400, write_renders: bool = True) -> dict:
-    """Train on a D-NeRF folder's train split and score its test split at ``resolution`` x
-    ``resolution`` over a white background (the standard protocol). Writes ``model.pt``,
-    ``metrics.json``, ``curves.json``/``curves.png`` and (``write_renders``) the test renders to
-    ``out_dir``. Returns ``psnr_test``, ``ssim_test``, ``num_gaussians``,
-    ``iterations_per_second``."""
-    import torch
-
-    from data.dnerf import read_dnerf
-    from data.geometry import scale_intrinsics
-    from models.trainer import build_training_data, optimize
-    from stages import train_outputs
-    from stages.init import resolve_device
-
-    params.validate()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(params.device)
-    train_split, test_split = read_dnerf(root, "train"), read_dnerf(root, "test")
-    scale = resolution / train_split.width
-    rgba = np.concatenate([read_rgba_frames(split.image_paths, resolution, resolution)
-                           for split in (train_split, test_split)])
-    K = scale_intrinsics(np.concatenate([train_split.K, test_split.K]), scale, scale)
-    w2c = np.concatenate([train_split.w2c, test_split.w2c])
-    times = np.concatenate([train_split.times, test_split.times])
-    white = 1.0 if params.background == "white" else 0.0
-    images = composite(rgba, white)
-    num_train = train_split.num_frames
-    model = dnerf_initial_model(rgba[:num_train], K[:num_train], w2c[:num_train], init, params.seed)
-    model.params = {name: torch.nn.Parameter(value.detach().to(device)) for name, value in model.params.items()}
-    model.field = model.field.to(device)
-    model.variables = {"is_dynamic": model.variables["is_dynamic"].to(device)}
-    camera_distance = float(np.median(np.linalg.norm(np.linalg.inv(w2c[:num_train])[:, :3, 3], axis=1)))
-    data = build_training_data(images, K, w2c, times, list(range(num_train)), list(range(num_train, len(images))),
-                               camera_distance, replace(params, downscale=1), device)
-    eval_frames = data.eval_frames
-    notes: list[str] = []
-    _, curves, stats = optimize(model, data, params, device, None, "", notes)
-    model.meta = {"stage": "train-dnerf", "dataset": str(root), "train_params": asdict(params),
-                  "dnerf_init": asdict(init), "resolution": resolution}
-    scores = train_outputs.score_frames(model, data, eval_frames, params, out_dir / "renders" if write_renders else None)
-    train_outputs.write_metrics_and_curves(out_dir, model, scores, None, curves)
-    return {"psnr_test": scores["mean"]["psnr"], "ssim_test": scores["mean"]["ssim"],
-            "num_gaussians": model.num_gaussians, "iterations_per_second": stats["iterations_per_second"],
-            "notes": notes}

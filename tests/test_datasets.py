@@ -9,7 +9,7 @@ import pytest
 
 from data.colmap import read_colmap_model, read_colmap_points, write_colmap_model
 from data.datasets import detect_format, read_dataset
-from data.dnerf import read_dnerf
+from data.dnerf import is_dnerf_folder, read_dnerf, read_dnerf_splits
 from data.errors import InputError
 from data.geometry import OPENGL_TO_OPENCV, camera_centers, invert_rigid, project_points
 from data.nerfstudio import read_nerfstudio, write_nerfstudio_transforms
@@ -38,6 +38,13 @@ def test_dnerf_mutant_train_split():
     assert read_dataset(root / "transforms_test.json").num_frames == 20
     with pytest.raises(InputError, match="split"):
         read_dnerf(root, split="holdout")
+    # what a pipeline run over the folder uses: train, then test (held out)
+    both = read_dnerf_splits(root)
+    test = read_dnerf(root, split="test")
+    assert both.num_frames == 170 and both.image_paths[150:] == test.image_paths and is_dnerf_folder(root)
+    np.testing.assert_array_equal(both.w2c[:150], dataset.w2c)
+    np.testing.assert_array_equal(both.times[150:], test.times)
+    assert not is_dnerf_folder(root / "train")
 
 
 def test_panoptic_basketball_single_camera():

@@ -1,6 +1,6 @@
 """Train stage on the CI synthetic scene, driven by ground truth in the stage formats (GT cameras,
 GT depth as aligned depth, GT masks, GT 3D flow pairs and tracks): held-out PSNR, the effect of
-the ordinal depth loss, resuming, the exports, and the D-NeRF path."""
+the ordinal depth loss, resuming, the exports, and D-NeRF folders through the pipeline."""
 from __future__ import annotations
 
 import json
@@ -175,15 +175,15 @@ def test_train_rejects_bad_params_and_inputs(stage_inputs, tmp_path):
         train.run({key: value for key, value in stage_inputs.items() if key != "init"}, train.Params(), tmp_path)
 
 
-def test_dnerf_initial_points_follow_the_silhouettes(tmp_path):
-    """The D-NeRF initialisation keeps random points inside the silhouettes' visual hull."""
+def sphere_views(size: int, views: int, radius: float = 0.6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``views`` OpenCV cameras ``K (3, 3)``, ``w2c (V, 4, 4)`` on a circle of radius 3 around a
+    sphere of ``radius`` at the origin, and its silhouettes ``(V, size, size)`` bool."""
     from data.geometry import intrinsics_matrix
-    from stages.train import DnerfInit, dnerf_initial_model
 
-    size, radius = 64, 0.6
-    K = intrinsics_matrix(80.0, 80.0, size / 2, size / 2)
+    focal = 1.25 * size
+    K = intrinsics_matrix(focal, focal, size / 2, size / 2)
     poses, masks = [], []
-    for angle in np.linspace(0, 2 * np.pi, 12, endpoint=False):
+    for angle in np.linspace(0, 2 * np.pi, views, endpoint=False):
         centre = np.array([3.0 * np.sin(angle), 0.3, 3.0 * np.cos(angle)])
         forward = -centre / np.linalg.norm(centre)
         right = np.cross(forward, [0.0, -1.0, 0.0])
@@ -194,31 +194,107 @@ def test_dnerf_initial_points_follow_the_silhouettes(tmp_path):
         w2c[:3, :3], w2c[:3, 3] = rotation, -rotation @ centre
         poses.append(w2c)
         rows, cols = np.mgrid[0:size, 0:size]
-        rays = np.stack([(cols + 0.5 - size / 2) / 80.0, (rows + 0.5 - size / 2) / 80.0, np.ones_like(rows, float)], -1)
+        rays = np.stack([(cols + 0.5 - size / 2) / focal, (rows + 0.5 - size / 2) / focal,
+                         np.ones_like(rows, float)], -1)
         rays = rays @ rotation / np.linalg.norm(rays, axis=-1, keepdims=True)
         closest = np.linalg.norm(np.cross(rays, -centre), axis=-1)
         masks.append(closest < radius)
-    rgba = np.zeros((12, size, size, 4), np.uint8)
-    rgba[..., 0] = 200
-    rgba[..., 3] = np.array(masks) * 255
-    model = dnerf_initial_model(rgba, np.repeat(K[None], 12, 0), np.array(poses),
-                                DnerfInit(num_points=800, candidates=40000, half_size=1.5), seed=0)
+    return K, np.array(poses), np.array(masks)
+
+
+def write_dnerf_folder(root: Path, size: int = 96, views: int = 12, test_every: int = 6) -> Path:
+    """A small D-NeRF folder: RGBA views of a red sphere (transparent around it), every
+    ``test_every``-th view in the test split, the others in train (and val, unused), times
+    ``i / (views - 1)``, Blender cameras."""
+    from data.geometry import w2c_to_opengl_c2w
+
+    K, w2c, masks = sphere_views(size, views)
+    splits: dict[str, list] = {"train": [], "val": [], "test": []}
+    for view in range(views):
+        split = "test" if view % test_every == test_every // 2 else "train"
+        (root / split).mkdir(parents=True, exist_ok=True)
+        bgra = np.zeros((size, size, 4), np.uint8)
+        bgra[..., 2], bgra[..., 3] = 200, masks[view] * 255
+        cv2.imwrite(str(root / split / f"r_{view:03d}.png"), bgra)
+        splits[split].append({"file_path": f"./{split}/r_{view:03d}", "time": view / (views - 1),
+                              "transform_matrix": w2c_to_opengl_c2w(w2c[view]).tolist()})
+    splits["val"] = splits["test"]
+    angle_x = 2 * math.atan(size / 2 / K[0, 0])
+    for split, frames in splits.items():
+        (root / f"transforms_{split}.json").write_text(json.dumps({"camera_angle_x": angle_x, "frames": frames}))
+    return root
+
+
+def test_silhouette_init_points_follow_the_silhouettes():
+    """The silhouette initialisation (init.mode=silhouette, the D-NeRF path) keeps random points
+    inside the silhouettes' visual hull."""
+    from stages import init
+    from stages.init_silhouette import silhouette_model
+
+    radius = 0.6
+    K, w2c, masks = sphere_views(64, 12, radius)
+    rgb = np.zeros((12, 64, 64, 3), np.uint8)
+    rgb[..., 0] = 200
+    params = init.Params(mode="silhouette", max_dynamic=800, hull_candidates=40000, hull_half_size=1.5)
+    model = silhouette_model(masks.astype(np.uint8) * 255, rgb, np.repeat(K[None], 12, 0), w2c, params, {})
     points = model.params["means"].detach().numpy()
     assert 200 <= len(points) <= 800 and bool(model.variables["is_dynamic"].all())
     assert np.percentile(np.linalg.norm(points, axis=1), 95) < radius * 1.25
     assert np.allclose(model.params["sh0"].detach().numpy()[:, 0, 0], (200 / 255 - 0.5) / 0.28209479177387814, atol=1e-3)
 
 
+def test_dnerf_folder_trains_through_the_pipeline(tmp_path):
+    """`mono4d run DNERF_FOLDER`: frames from its train and test images over white, the folder's
+    cameras (cameras.mode=known), the silhouette init and train, nothing else; the test split is
+    held out and scored."""
+    from data.artifacts import read_cameras
+    from data.dnerf import read_dnerf_splits
+    from pipeline import dag
+    from pipeline.config import load_config
+    from pipeline.runner import run_pipeline
+    from stages.frames import load_alpha, load_frames, read_frames_meta
+
+    root = write_dnerf_folder(tmp_path / "sphere")
+    settings = ["train.iterations=60", "train.make_videos=false", "train.export_ply=false", "train.densify=false",
+                "init.max_dynamic=1500", "init.hull_candidates=60000"]
+    config = load_config("cpu", settings, source=root)
+    assert dag.closure("train", config) == ["frames", "cameras", "init", "train"]
+    assert config.params["cameras"].known_path == str(root.resolve()) and config.sources["cameras.mode"] == "input"
+    assert config.params["init"].max_dynamic == 1500 and config.sources["init.max_dynamic"] == "--set"
+    summary = run_pipeline(tmp_path / "work", root, preset="cpu", overrides=settings)
+    assert summary.ran == ["frames", "cameras", "init", "train"]
+    work = tmp_path / "work"
+    meta = read_frames_meta(work / "frames")
+    assert meta["num_frames"] == 12 and meta["holdout_frames"] == [10, 11] and meta["dataset"]["splits"] == {
+        "train": 10, "test": 2}
+    images, alpha = load_frames(work / "frames"), load_alpha(work / "frames")
+    assert (images[alpha == 0] == 255).all() and (images[alpha == 255] == [200, 0, 0]).all()  # over white
+    dataset = read_dnerf_splits(root)
+    K, w2c, _ = read_cameras(work / "cameras")
+    np.testing.assert_allclose(w2c, dataset.w2c, atol=1e-9)
+    np.testing.assert_allclose(K, dataset.K, atol=1e-9)
+    assert np.allclose(meta["times"], dataset.times)
+    figures = json.loads((work / "train" / "manifest.json").read_text())["figures"]
+    metrics = json.loads((work / "train" / "metrics.json").read_text())
+    assert set(metrics["eval"]["frames"]) == {"10", "11"}
+    assert figures["psnr_heldout"] > 25.0, figures
+    assert "depth_order_heldout" not in figures and "psnr_dynamic_heldout" not in figures  # no depth, no masks
+
+
 @pytest.mark.slow
 def test_dnerf_mutant_trains(tmp_path):
-    from stages.train import DnerfInit, Params, train_dnerf
+    """The D-NeRF mutant through `mono4d run` at 200 x 200: 300 steps, 8000 initial Gaussians."""
+    from pipeline.runner import run_pipeline
 
     root = shared_path("dnerf/mutant")
-    params = Params(iterations=300, background="white", ordinal_weight=0.0, refine_start_fraction=0.34,
-                    refine_every_fraction=0.34, eval_fraction=0.0, make_videos=False, export_ply=False)
-    figures = train_dnerf(root, tmp_path, params, DnerfInit(num_points=8000), resolution=200)
-    assert figures["psnr_test"] > 22.0, figures
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    settings = ["frames.max_side=200", "train.iterations=300", "train.refine_start_fraction=0.34",
+                "train.refine_every_fraction=0.34", "train.eval_fraction=0.0", "train.make_videos=false",
+                "train.export_ply=false", "init.max_dynamic=8000"]
+    summary = run_pipeline(tmp_path / "work", root, preset="cpu", overrides=settings)
+    assert summary.ran == ["frames", "cameras", "init", "train"]
+    figures = summary.outcomes[-1].figures
+    assert figures["psnr_heldout"] > 22.0, figures
+    metrics = json.loads((tmp_path / "work" / "train" / "metrics.json").read_text())
     assert len(metrics["eval"]["frames"]) == 20
 
 

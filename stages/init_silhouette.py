@@ -1,0 +1,162 @@
+"""Init stage, ``mode=silhouette``: the initial Gaussians of an object-centred dataset with an
+alpha channel (a D-NeRF folder as the input) from its silhouettes, without flow, masks or depth.
+
+``max_dynamic`` random points of the cube ``[-hull_half_size, hull_half_size]^3`` (world units)
+that project onto the foreground (alpha > 127) in at least ``hull_min_foreground`` of the
+training views (a loose visual hull, loose because the object moves), coloured with the mean of
+those views' pixels; ``hull_candidates`` points are drawn before that filter. Every Gaussian is
+dynamic (label 1, "object"), with isotropic scales from its nearest neighbours, identity
+rotations and opacity ``init_opacity``; the deformation field is the identity, normalised to
+the cube (centre 0, radius ``hull_half_size * sqrt(3)``).
+
+Frames, times and held-out frames: those the frames stage wrote for the dataset (its test split
+is held out, its times are the dataset's); frames from elsewhere use ``holdout_every`` and
+``t = i / (T - 1)``. The scene scale is the median distance of the training cameras from the
+origin. Outputs as the flow mode's (:mod:`stages.init`): ``init.pt``, ``init.json`` and
+``init_view.png``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from data.errors import InputError
+from data.images import write_rgb
+
+if TYPE_CHECKING:
+    from stages.init import Params
+
+logger = logging.getLogger(__name__)
+
+#: The label and name of every Gaussian of a silhouette initialisation.
+OBJECT_LABEL = 1
+OBJECT_NAME = "object"
+#: Fewer points than this on the foreground means the cameras or the alpha are wrong.
+MIN_POINTS = 100
+
+
+def hull_points(alpha: np.ndarray, rgb: np.ndarray, K: np.ndarray, w2c: np.ndarray, params: Params,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """World points ``(N, 3)`` float64 and colours ``(N, 3)`` in [0, 1] of the loose visual hull
+    (see the module docstring) of the views ``alpha (V, H, W)`` uint8, ``rgb (V, H, W, 3)``
+    uint8 with OpenCV cameras ``K (V, 3, 3)``, ``w2c (V, 4, 4)``; ``N <= params.max_dynamic``."""
+    from data.geometry import project_points
+
+    half = params.hull_half_size
+    points = rng.uniform(-half, half, (params.hull_candidates, 3))
+    height, width = alpha.shape[1:3]
+    inside = np.zeros(len(points))
+    color_sum = np.zeros((len(points), 3))
+    for view in range(len(alpha)):
+        uv, depth = project_points(K[view], w2c[view], points)
+        cols, rows = np.floor(uv[:, 0]), np.floor(uv[:, 1])
+        ok = (depth > 0) & (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
+        r, c = rows[ok].astype(np.int64), cols[ok].astype(np.int64)
+        foreground = alpha[view, r, c] > 127
+        seen = np.flatnonzero(ok)[foreground]
+        inside[seen] += 1
+        color_sum[seen] += rgb[view, r[foreground], c[foreground]] / 255.0
+    keep = np.flatnonzero((inside > 0) & (inside >= params.hull_min_foreground * len(alpha)))
+    if len(keep) < MIN_POINTS:
+        raise InputError(f"only {len(keep)} of {params.hull_candidates} random points of the cube of half size "
+                         f"{half:g} fall on the foreground of {params.hull_min_foreground:.0%} of the views",
+                         "check the dataset (RGBA images with an alpha channel, cameras around the origin), or "
+                         "lower init.hull_min_foreground / adjust init.hull_half_size")
+    keep = rng.choice(keep, min(params.max_dynamic, len(keep)), replace=False)
+    return points[keep], color_sum[keep] / inside[keep, None]
+
+
+def silhouette_model(alpha: np.ndarray, rgb: np.ndarray, K: np.ndarray, w2c: np.ndarray, params: Params, meta: dict):
+    """The :class:`models.gaussians.SceneModel` of the visual hull of the views (arrays as in
+    :func:`hull_points`) with an identity deformation field and ``meta``."""
+    import torch
+
+    from models.deformation import DeformationConfig, DeformationField
+    from models.gaussians import SceneModel, create_params
+    from stages.init import nearest_neighbour_scales
+
+    points, colors = hull_points(alpha, rgb, K, w2c, params, np.random.default_rng(params.seed))
+    scales = nearest_neighbour_scales(points)
+    gaussians, variables = create_params(
+        torch.as_tensor(points, dtype=torch.float32), torch.as_tensor(colors, dtype=torch.float32),
+        torch.as_tensor(np.repeat(scales[:, None], 3, axis=1), dtype=torch.float32),
+        torch.ones(len(points), dtype=torch.bool), params.sh_degree, params.init_opacity,
+        torch.full((len(points),), OBJECT_LABEL, dtype=torch.int64))
+    config = DeformationConfig(num_layers=params.deform_layers, hidden=params.deform_width,
+                               position_frequencies=params.position_frequencies,
+                               time_frequencies=params.time_frequencies, canonical_time=params.canonical_time)
+    field = DeformationField(config, torch.zeros(3), params.hull_half_size * math.sqrt(3.0))
+    return SceneModel(gaussians, variables, field, meta)
+
+
+def frames_split(frames_meta: dict, num_frames: int, holdout_every: int) -> tuple[np.ndarray, list[int]]:
+    """``(times (T,), held-out frames)``: the frames stage's (a dataset's) when it wrote them,
+    else ``i / (T - 1)`` and every ``holdout_every``-th frame (:func:`stages.init.holdout_frames`)."""
+    from stages.init import frame_times, holdout_frames
+
+    if "times" in frames_meta and "holdout_frames" in frames_meta:
+        return np.asarray(frames_meta["times"], np.float64), [int(i) for i in frames_meta["holdout_frames"]]
+    return frame_times(num_frames), holdout_frames(num_frames, holdout_every)
+
+
+def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
+    """The silhouette initialisation (see the module docstring) of ``inputs["frames"]`` (with
+    alpha) and ``inputs["cameras"]``. Returns key figures: ``num_static`` (0), ``num_dynamic``,
+    ``num_train_frames``, ``num_holdout_frames``, ``scene_scale``."""
+    import torch
+
+    from data.artifacts import read_cameras, read_cameras_meta
+    from models.gaussians import save_model, sh0_to_rgb
+    from models.layers import parse_label_names
+    from stages.frames import load_alpha, load_frames, read_frames_meta
+    from stages.init import CHECKPOINT_FILE, SUMMARY_FILE, splat_points
+
+    for name in ("frames", "cameras"):
+        if name not in inputs:
+            raise InputError(f"the init stage (mode silhouette) needs the {name} stage's output (inputs[{name!r}])",
+                             f"run the {name} stage first")
+    out_dir = Path(out_dir)
+    images = load_frames(inputs["frames"])
+    alpha = load_alpha(inputs["frames"])
+    K, w2c, _ = read_cameras(inputs["cameras"])
+    num_frames, height, width = images.shape[:3]
+    if len(K) != num_frames or alpha.shape != (num_frames, height, width):
+        raise InputError(f"the cameras ({len(K)} frames) or the alpha {alpha.shape} do not match the frames "
+                         f"({num_frames}, {height}, {width})", "rerun the cameras stage on the current frames")
+    times, held_out = frames_split(read_frames_meta(inputs["frames"]), num_frames, params.holdout_every)
+    posed = np.isfinite(w2c).all(axis=(1, 2))
+    train_frames = [i for i in range(num_frames) if posed[i] and i not in set(held_out)]
+    if len(train_frames) < 2:
+        raise InputError(f"only {len(train_frames)} posed training frames remain (of {num_frames})",
+                         "give a dataset with a train split of posed views")
+    centres = np.linalg.inv(w2c[train_frames])[:, :3, 3]
+    scene_scale = float(np.median(np.linalg.norm(centres, axis=1)))
+    names = {0: "background", OBJECT_LABEL: OBJECT_NAME}
+    names.update(parse_label_names(params.label_names))
+    meta = {"num_frames": num_frames, "width": width, "height": height, "times": times.tolist(),
+            "train_frames": train_frames, "holdout_frames": held_out, "scene_scale": scene_scale,
+            "units": read_cameras_meta(inputs["cameras"]).get("units", "dataset"), "stage": "init",
+            "params": asdict(params), "labels": {str(k): v for k, v in sorted(names.items())}}
+    model = silhouette_model(alpha[train_frames], images[train_frames], K[train_frames], w2c[train_frames], params,
+                             meta)
+    save_model(out_dir / CHECKPOINT_FILE, model)
+
+    middle = train_frames[len(train_frames) // 2]
+    with torch.no_grad():
+        points = model.params["means"].numpy().astype(np.float64)
+        colors = sh0_to_rgb(model.params["sh0"][:, 0]).clamp(0, 1).numpy()
+    write_rgb(out_dir / "init_view.png", np.concatenate(
+        [images[middle], splat_points(points, colors, K[middle], w2c[middle], height, width)], axis=1))
+    figures = {"num_static": 0, "num_dynamic": model.num_gaussians, "num_train_frames": len(train_frames),
+               "num_holdout_frames": len(held_out), "scene_scale": round(scene_scale, 6)}
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(figures, indent=1))
+    logger.info("init (silhouette): %d dynamic Gaussians from %d training views", model.num_gaussians,
+                len(train_frames))
+    return figures
