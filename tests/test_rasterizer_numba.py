@@ -261,3 +261,14 @@ def test_backend_selection_and_options():
     # The torch backend's memory bound is accepted and changes nothing.
     plain = rasterization(**scene, backend="numba", **common)[0]
     torch.testing.assert_close(rasterization(**scene, backend="numba", max_pairs=10, **common)[0], plain)
+
+
+def test_depth_sort_is_numpys_stable_argsort():
+    """The radix sort of the visible list: ties keep camera-major order, -0 equals +0, negative and
+    infinite keys and subnormals sort as numpy does."""
+    generator = np.random.default_rng(0)
+    cases = [generator.standard_normal(1000), np.round(generator.standard_normal(5000), 1),
+             generator.random(20000).astype(np.float32).astype(np.float64), np.full(7, 2.5), np.zeros(0),
+             np.array([0.0, -0.0, 1.0, -1.0, 0.0, np.inf, -np.inf, 1e-320, -1e-320, 3.0, -0.0])]
+    for keys in cases:
+        np.testing.assert_array_equal(projection_numba._stable_order(keys), np.argsort(keys, kind="stable"))
