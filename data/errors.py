@@ -38,3 +38,12 @@ class StageFailure(Mono4dError):
     """A stage ran but could not produce a usable result (e.g. COLMAP registered nothing)."""
 
     exit_code = 3
+
+
+def require_inputs(inputs, names, stage: str) -> None:
+    """Raise :class:`InputError` naming the first of the upstream stages ``names`` whose output
+    is missing from the stage function's ``inputs`` mapping (stage name -> output folder)."""
+    for name in names:
+        if name not in inputs:
+            raise InputError(f"the {stage} stage needs the {name} stage's output (inputs[{name!r}])",
+                             f"run the {name} stage first (the pipeline schedules it: mono4d run)")

@@ -47,7 +47,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from data.errors import InputError, ParameterError, StageFailure
+from data.errors import InputError, ParameterError, StageFailure, require_inputs
 from data.images import write_rgb
 from models.layers import nearest_labels, parse_label_names
 
@@ -462,10 +462,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
         from stages import init_silhouette
 
         return init_silhouette.run(inputs, params, out_dir)
-    for name in ("frames", "cameras", "align", "masks", "tracks"):
-        if name not in inputs:
-            raise InputError(f"the init stage needs the {name} stage's output (inputs[{name!r}])",
-                             f"run the {name} stage first")
+    require_inputs(inputs, ("frames", "cameras", "align", "masks", "tracks"), "init")
     out_dir = Path(out_dir)
     device = resolve_device(params.device)
     torch.manual_seed(params.seed)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from data.errors import InputError
+from data.errors import InputError, require_inputs
 from data.images import write_rgb
 
 if TYPE_CHECKING:
@@ -118,10 +118,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     from stages.frames import load_alpha, load_frames, read_frames_meta
     from stages.init import CHECKPOINT_FILE, SUMMARY_FILE, splat_points
 
-    for name in ("frames", "cameras"):
-        if name not in inputs:
-            raise InputError(f"the init stage (mode silhouette) needs the {name} stage's output (inputs[{name!r}])",
-                             f"run the {name} stage first")
+    require_inputs(inputs, ("frames", "cameras"), "init (mode silhouette)")
     out_dir = Path(out_dir)
     images = load_frames(inputs["frames"])
     alpha = load_alpha(inputs["frames"])

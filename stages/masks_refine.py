@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from data.artifacts import (LABELS_FILE, MASKS_DIR, read_aligned_depth, read_cameras, read_labels, read_masks,
                             read_masks_meta)
-from data.errors import InputError, ParameterError
+from data.errors import InputError, ParameterError, require_inputs
 from stages import frames as frames_stage
 from stages import masks as masks_stage
 from stages.flow import MAX_WORKERS, prefetch, worker_count
@@ -239,10 +239,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     added to / removed from the first pass), ``residual_defined_fraction``."""
     params.validate()
     out_dir = Path(out_dir)
-    for name in ("frames", "flow", "masks", "cameras", "align"):
-        if name not in inputs:
-            raise InputError(f"the refined masks stage needs the {name} stage output, which was not given",
-                             "run it through the pipeline (it schedules frames, flow, masks, cameras and align first)")
+    require_inputs(inputs, ("frames", "flow", "masks", "cameras", "align"), "refined masks")
     first_dir = Path(inputs["masks"])
     labels = read_labels(first_dir)
     backend = read_masks_meta(first_dir).get("backend", "")

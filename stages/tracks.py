@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from data.artifacts import (PAIRS3D_ARRAYS, flow_pair_name, list_flow_pairs, read_aligned_depth, read_cameras,
                             read_flow_meta, read_flow_pair, write_pairs3d, write_tracks)
-from data.errors import InputError, ParameterError
+from data.errors import InputError, ParameterError, require_inputs
 from data.images import read_rgb, write_rgb
 from data.video import write_video
 from stages import flow as flow_stage
@@ -485,10 +485,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     from stages import frames as frames_stage
 
     params.validate()
-    for name in ("frames", "flow"):
-        if name not in inputs:
-            raise InputError(f"the tracks stage needs the {name} stage's output (inputs[{name!r}])",
-                             f"run the {name} stage first")
+    require_inputs(inputs, ("frames", "flow"), "tracks")
     out_dir = Path(out_dir)
     flow_dir = Path(inputs["flow"])
     meta = read_flow_meta(flow_dir)

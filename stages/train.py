@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from data.errors import InputError, ParameterError
+from data.errors import InputError, ParameterError, require_inputs
 
 if TYPE_CHECKING:
     from models.trainer import TrainingData
@@ -315,10 +315,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
 
     params.validate()
     needed = ["init", "frames", "cameras"] + ["align"] * params.use_depth + ["masks"] * params.use_masks
-    for name in needed:
-        if name not in inputs:
-            raise InputError(f"the train stage needs the {name} stage's output (inputs[{name!r}])",
-                             f"run the {name} stage first")
+    require_inputs(inputs, needed, "train")
     if params.reprojection_weight > 0 and "tracks" not in inputs:
         raise InputError("train.reprojection_weight > 0 needs the tracks stage's output (inputs['tracks'])",
                          "run the tracks stage, or set train.reprojection_weight=0")
