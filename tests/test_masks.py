@@ -117,15 +117,17 @@ def test_motion_first_pass_leaves_a_plain_wall_static(walker):
     """The walker's back wall is one flat colour: optical flow there is interpolated noise and
     must not be called dynamic (the old backend marked 4.9 % of the static pixels, blobs on the
     wall in every frame). The figure walks nearly along the epipolar lines of the camera's
-    motion, so the first pass finds only part of it (measured: IoU 0.693, 0.13 % of the static
-    pixels; 0.584 when regions were cut at 40 % of their peak score, which dropped the slower
-    limbs); the refined pass finds the rest."""
+    motion, so the first pass finds only part of it; the refined pass finds the rest. The IoU
+    moves with the pairs' random fit samples: measured over five sample seeds (each pair's seed
+    prefixed by 0..4), IoU min 0.629 / mean 0.656 / max 0.679, 0.13-0.14 % of the static pixels
+    (one draw gave 0.584 when regions were cut at 40 % of their peak score, which dropped the
+    slower limbs). The bar sits 0.03 below the worst seed."""
     predicted = artifacts.read_masks(walker["masks"]) > 0
     truth = walker["scene"].masks > 0
     false_positives = false_positive_share(predicted, truth)
     assert false_positives < 0.004, f"{false_positives:.2%} of the static pixels marked dynamic"
     iou = mean_iou(predicted, truth)
-    assert iou >= 0.65, f"first-pass IoU {iou:.3f} on the walker"
+    assert iou >= 0.6, f"first-pass IoU {iou:.3f} on the walker"
 
 
 def test_texture_confidence_tells_flat_from_textured():
@@ -205,9 +207,14 @@ def test_camera_flow_is_the_static_scene_flow(synthetic_scene):
     assert np.median(error[scene.masks[0] > 0]) > 0.5  # the moving objects do not follow it
 
 
-# measured (benchmarks/masks_accuracy.py): CI scene IoU 0.898, 1.48 % false positives; walker 0.826, 0.23 %
-@pytest.mark.parametrize("scene_name, min_iou, max_false_positives", [("ci", 0.86, 0.02), ("walker", 0.8, 0.008)])
-def test_refined_masks_match_ground_truth(scene_name, min_iou, max_false_positives, synthetic_scene,
+# measured (benchmarks/masks_accuracy.py): CI scene IoU 0.898, 1.48 % false positives; walker 0.826, 0.23 %.
+# Over five fit-sample seeds of the first pass (each pair's seed prefixed by 0..4) on the CI scene: refined IoU
+# min 0.886 / mean 0.895 / max 0.900, 1.44-1.70 % false positives; first pass 0.696 / 0.742 / 0.796, so the
+# refined pass gains 0.090 (worst seed) to 0.203: ``min_gain`` is the worst gain less a margin (the walker's
+# gain was not measured over seeds and keeps its bar).
+@pytest.mark.parametrize("scene_name, min_iou, max_false_positives, min_gain",
+                         [("ci", 0.86, 0.02, 0.05), ("walker", 0.8, 0.008, 0.1)])
+def test_refined_masks_match_ground_truth(scene_name, min_iou, max_false_positives, min_gain, synthetic_scene,
                                           synthetic_frames_dir, synthetic_flow_dir, motion_run, walker, tmp_path):
     if scene_name == "ci":
         scene, frames_dir, flow_dir, first_dir = synthetic_scene, synthetic_frames_dir, synthetic_flow_dir, motion_run[0]
@@ -222,7 +229,8 @@ def test_refined_masks_match_ground_truth(scene_name, min_iou, max_false_positiv
     truth = scene.masks > 0
     first_iou = mean_iou(artifacts.read_masks(first_dir) > 0, truth)
     iou, false_positives = mean_iou(predicted, truth), false_positive_share(predicted, truth)
-    assert iou >= min_iou and iou > first_iou + 0.1, f"{scene_name}: refined IoU {iou:.3f} (first pass {first_iou:.3f})"
+    assert iou >= min_iou and iou > first_iou + min_gain, \
+        f"{scene_name}: refined IoU {iou:.3f} (first pass {first_iou:.3f})"
     assert false_positives < max_false_positives, \
         f"{scene_name}: {false_positives:.2%} of the static pixels marked dynamic"
     assert artifacts.read_labels(out) == {0: "background", 1: "dynamic"}
