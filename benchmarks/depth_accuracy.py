@@ -30,8 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import artifacts, synthetic  # noqa: E402
-from stages import align, depth, frames  # noqa: E402
+from mono4d.data import artifacts, synthetic  # noqa: E402
+from mono4d.stages import align, depth, frames  # noqa: E402
 from tests.test_align import (abs_rel, corrupted_inverse_depth, sample_static_points,  # noqa: E402
                               write_cameras_dir, write_masks_dir)
 from tests.test_depth import build_tiny_depth_anything, depth_edge_band  # noqa: E402

@@ -5,7 +5,7 @@ The model is built from the Small configuration (DINOv2 ViT-S/14 backbone: hidde
 layers, 6 heads, features from layers 3/6/9/12; DPT head with neck sizes 48/96/192/384, fusion
 64), randomly initialised (~24.8 M parameters, like the released weights), saved to a temporary
 folder with its image processor (input 518 on the shorter side, multiple of 14, aspect kept) and
-run through :func:`stages.depth_backends.estimate_transformers_depth` exactly as the stage runs
+run through :func:`mono4d.stages.depth_backends.estimate_transformers_depth` exactly as the stage runs
 it, on frames of a real clip. The depth values mean nothing; the time per frame is that of the
 released model, which has the same shapes and operations.
 
@@ -16,16 +16,13 @@ batch size.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stages.depth_backends import estimate_transformers_depth  # noqa: E402
+from mono4d.stages.depth_backends import estimate_transformers_depth
 
 DEFAULT_VIDEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos" / "cat.mp4"
 

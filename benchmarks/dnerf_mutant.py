@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
 PUBLISHED = {
     "Deformable-3DGS (arXiv:2309.13101)": {"psnr": 42.63, "ssim": 0.9951},
@@ -44,7 +43,7 @@ PUBLISHED = {
 
 def train_figures(root: Path, work: Path, settings: list[str]) -> dict:
     """The train stage's figures of ``mono4d run root --work work --set ...settings``."""
-    from pipeline.runner import run_pipeline
+    from mono4d.pipeline.runner import run_pipeline
 
     summary = run_pipeline(work, root, overrides=settings)
     return summary.outcomes[-1].figures

@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data import synthetic  # noqa: E402
-from stages import flow  # noqa: E402
+from mono4d.data import synthetic
+from mono4d.stages import flow
 
 
 def load_or_generate(preset: str, scene_dir: str) -> synthetic.SyntheticScene:

@@ -101,7 +101,7 @@ device() {
     python3 -c "import torch, gsplat; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gsplat', gsplat.__version__)"
 
     # 1. gsplat's CUDA extension: just-in-time build (what `import gsplat` does), else from source.
-    local status_py="from models.rasterizer import gsplat_cuda_status; ok, why = gsplat_cuda_status(); print(why); raise SystemExit(0 if ok else 1)"
+    local status_py="from mono4d.models.rasterizer import gsplat_cuda_status; ok, why = gsplat_cuda_status(); print(why); raise SystemExit(0 if ok else 1)"
     if ! step gsplat_jit_build 210 python3 -c "$status_py"; then
         local sdist
         sdist=$(ls "$WHEELS"/gsplat-*.tar.gz 2>/dev/null | head -n 1)
@@ -123,13 +123,13 @@ device() {
     local common=(--preset gpu --set flow.backend=dis --set depth.backend=sfm --set train.iterations=1000
                   --set train.make_videos=false --until train)
     local started=$SECONDS
-    step teddy_torch 150 python3 -m pipeline.cli run "$DATA/teddy.mp4" --work /tmp/teddy_torch "${common[@]}" \
+    step teddy_torch 150 python3 -m mono4d.pipeline.cli run "$DATA/teddy.mp4" --work /tmp/teddy_torch "${common[@]}" \
         --set train.backend=torch
     echo "teddy torch: $((SECONDS - started))s" | tee -a "$OUT/teddy.txt"
     train_summary /tmp/teddy_torch | tee -a "$OUT/teddy.txt"
     cp -r /tmp/teddy_torch /tmp/teddy_gsplat
     started=$SECONDS
-    step teddy_gsplat 60 python3 -m pipeline.cli run "$DATA/teddy.mp4" --work /tmp/teddy_gsplat "${common[@]}" \
+    step teddy_gsplat 60 python3 -m mono4d.pipeline.cli run "$DATA/teddy.mp4" --work /tmp/teddy_gsplat "${common[@]}" \
         --set train.backend=gsplat
     echo "teddy gsplat (train only, upstream reused): $((SECONDS - started))s" | tee -a "$OUT/teddy.txt"
     train_summary /tmp/teddy_gsplat | tee -a "$OUT/teddy.txt"

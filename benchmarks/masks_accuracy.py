@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import artifacts, synthetic  # noqa: E402
-from stages import flow, frames, masks, masks_refine  # noqa: E402
+from mono4d.data import artifacts, synthetic  # noqa: E402
+from mono4d.stages import flow, frames, masks, masks_refine  # noqa: E402
 from tests.test_masks import false_positive_share, ground_truth_geometry, mean_iou  # noqa: E402
 
 

@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--work", default=None, help="an existing completed workspace (no first run)")
     args = parser.parse_args()
-    base = [sys.executable, "-m", "pipeline.cli", "run"]
+    base = [sys.executable, "-m", "mono4d.pipeline.cli", "run"]
     if args.work:
         work = Path(args.work).resolve()
         command = base + recorded_command(work)

@@ -35,8 +35,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 STAGES = ("frames", "flow", "masks", "cameras", "depth", "align", "masks_refine", "tracks", "init")
 
 
@@ -49,7 +47,7 @@ def cpu_seconds() -> float:
 def time_stages(source: Path, work: Path, overrides: list[str], stages: tuple[str, ...] = STAGES) -> dict[str, dict]:
     """Run ``stages`` one after the other on ``source`` in ``work`` (cpu preset); returns per stage
     ``{"wall_s", "cpu_s", "action"}`` (``action``: "ran" or "cached")."""
-    from pipeline.runner import run_pipeline
+    from mono4d.pipeline.runner import run_pipeline
 
     timings = {}
     for stage in stages:
@@ -78,7 +76,7 @@ def fitted_exponent(counts: list[int], seconds: list[float]) -> float:
 
 def render_bench(work: Path, num_frames: int, size: tuple[int, int], supersample: int) -> Path:
     """Folder of the bench scene with ``num_frames`` frames of ``size`` (width, height), rendered once."""
-    from data import synthetic
+    from mono4d.data import synthetic
 
     scene_dir = work / f"bench_{num_frames}_{size[0]}x{size[1]}_ss{supersample}"
     if not (scene_dir / "scene.json").is_file():
@@ -121,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--supersample", type=int, default=1, help="rays per pixel side of the rendered scene")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    from pipeline.cli import configure_logging
+    from mono4d.pipeline.cli import configure_logging
 
     configure_logging(False)
     if args.scaling:
@@ -138,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         figures = {"input": str(args.input), "overrides": args.overrides, "timings": timings,
                    "total": print_total(timings)}
     if args.json:
-        from pipeline.workspace import write_json_atomic
+        from mono4d.pipeline.workspace import write_json_atomic
 
         write_json_atomic(args.json, figures)
     return 0

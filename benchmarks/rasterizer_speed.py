@@ -24,15 +24,12 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from models.rasterizer import gsplat_cuda_status, rasterization  # noqa: E402
+from mono4d.models.rasterizer import gsplat_cuda_status, rasterization
 
 
 def make_scene(n: int, width: int, height: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -117,7 +114,7 @@ def breakdown(n: int, width: int, height: int, repeats: int) -> list[dict]:
     includes the binning), each forward (building the autograd graph) and forward+backward, and the
     whole training step (RGB colours, as :func:`measure`), whose remainder is torch glue (gathers,
     concatenations, conversions, the loss)."""
-    from models import projection_numba, rasterizer_numba
+    from mono4d.models import projection_numba, rasterizer_numba
 
     scene = make_scene(n, width, height, "cpu")
     names = ("means", "quats", "scales", "opacities")

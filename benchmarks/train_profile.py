@@ -2,7 +2,7 @@
 
     python benchmarks/train_profile.py --work runs/teddy [--steps 100] [--set train.param=value ...]
 
-Runs the train stage's own loop (:func:`models.trainer.optimize`) for ``--steps`` iterations with
+Runs the train stage's own loop (:func:`mono4d.models.trainer.optimize`) for ``--steps`` iterations with
 the workspace's recorded train parameters (``--set`` overrides them; the schedule is relative, so
 densification runs at the same fractions of the shorter run) under cProfile, and prints one JSON
 document: seconds per step and the share of each phase — deformation (the dynamic Gaussians moved
@@ -16,11 +16,8 @@ import argparse
 import cProfile
 import json
 import pstats
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PHASES = {
     # phase -> (file suffix, function name) whose cumulative time it is
@@ -48,10 +45,10 @@ def load_training(work: Path, overrides: list[str]):
     """The init model, training data and train Params of the workspace ``work``."""
     import dataclasses
 
-    from pipeline.config import Config, _field_types, check_key, parse_assignment, parse_value
-    from pipeline.workspace import Workspace
-    from stages import init as init_stage
-    from stages import train
+    from mono4d.pipeline.config import Config, _field_types, check_key, parse_assignment, parse_value
+    from mono4d.pipeline.workspace import Workspace
+    from mono4d.stages import init as init_stage
+    from mono4d.stages import train
 
     workspace = Workspace(work)
     config = Config.from_json(workspace.read_config()["config"])
@@ -76,7 +73,7 @@ def backward_nodes(model, data, params, device, steps: int, top: int = 12) -> li
 
     from torch.profiler import ProfilerActivity, profile
 
-    from models.trainer import optimize
+    from mono4d.models.trainer import optimize
 
     short = dataclasses.replace(params, iterations=steps)
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
@@ -97,7 +94,7 @@ def main() -> None:
 
     import dataclasses
 
-    from models.trainer import optimize
+    from mono4d.models.trainer import optimize
 
     model, data, params, device = load_training(args.work, args.overrides)
     profiled = dataclasses.replace(params, iterations=args.steps)

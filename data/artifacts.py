@@ -4,9 +4,9 @@ Every stage output another stage, the report, the exporters, the viewer or a tes
 written and read here, so its layout is stated once. Placement: ``data/`` holds the readers and
 writers of formats and imports neither ``stages/`` nor ``pipeline/``, so every layer can use
 this module without an import cycle. The writers put files into the folder they are given
-(a stage's temporary ``out_dir``, renamed into place by :meth:`pipeline.workspace.Workspace.commit`;
+(a stage's temporary ``out_dir``, renamed into place by :meth:`mono4d.pipeline.workspace.Workspace.commit`;
 that rename is what makes a stage output appear atomically). Readers raise
-:class:`~data.errors.InputError` naming the file and the stage to rerun when a file is missing
+:class:`~mono4d.data.errors.InputError` naming the file and the stage to rerun when a file is missing
 or unreadable.
 
 Conventions (see DESIGN.md): cameras are OpenCV (x right, y down, z forward), ``w2c`` a 4x4
@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from data.errors import InputError
-from data.images import read_gray, write_gray
+from mono4d.data.errors import InputError
+from mono4d.data.images import read_gray, write_gray
 
 CAMERAS_FILE = "cameras.json"
 POINTS_FILE = "points.npz"
@@ -341,7 +341,7 @@ def read_flow_pair(flow_dir: str | Path, i: int, j: int) -> dict[str, np.ndarray
         path = folder / f"{flow_pair_name(j, i)}.npz"
         if not path.is_file():
             raise InputError(f"flow pair ({i}, {j}) is not stored in {flow_dir}",
-                             "list the stored pairs with data.artifacts.list_flow_pairs, or rerun the flow stage")
+                             "list the stored pairs with mono4d.data.artifacts.list_flow_pairs, or rerun the flow stage")
     data = _read_npz(path, "flow")
     forward, backward, valid_forward, valid_backward = _fields(data, path, "flow", "forward", "backward",
                                                                "valid_forward", "valid_backward")

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
-from data.dataset_frames import DatasetFrames, linear_times
-from data.errors import InputError
+from mono4d.data.dataset_frames import DatasetFrames, linear_times
+from mono4d.data.errors import InputError
 
 if TYPE_CHECKING:
     import pycolmap

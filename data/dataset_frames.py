@@ -1,8 +1,8 @@
 """The record every dataset reader returns, and the helpers the format readers share.
 
-Kept apart from :mod:`data.datasets` (which recognises a format and calls its reader) so the
-format modules (:mod:`data.colmap`, :mod:`data.dnerf`, ...) import only this module and
-:mod:`data.datasets` imports them: no import cycle.
+Kept apart from :mod:`mono4d.data.datasets` (which recognises a format and calls its reader) so the
+format modules (:mod:`mono4d.data.colmap`, :mod:`mono4d.data.dnerf`, ...) import only this module and
+:mod:`mono4d.data.datasets` imports them: no import cycle.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import InputError
+from mono4d.data.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class DatasetFrames:
     for images of ``width`` x ``height``; ``w2c`` ``(T, 4, 4)`` float64 OpenCV world-to-camera;
     ``times`` ``(T,)`` float64 normalised time in [0, 1] (from the dataset where it has one, else
     ``i / (T - 1)``); ``units`` is ``"dataset"`` (the dataset's own world scale) or ``"sfm"``
-    (arbitrary scale of a structure-from-motion model); ``format`` is one of :data:`data.datasets.FORMATS`;
+    (arbitrary scale of a structure-from-motion model); ``format`` is one of :data:`mono4d.data.datasets.FORMATS`;
     ``notes`` are caveats worth passing on to the user (e.g. lens distortion that ``K`` ignores).
     """
 

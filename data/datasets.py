@@ -1,18 +1,18 @@
 """Datasets with known cameras: recognise the format and read it with its reader.
 
-Formats (one module each): D-NeRF / Blender ``transforms_*.json`` (:mod:`data.dnerf`),
-Panoptic as prepared by Dynamic 3D Gaussians ``train_meta.json`` (:mod:`data.panoptic`),
-nerfstudio ``transforms.json`` (:mod:`data.nerfstudio`), COLMAP models (:mod:`data.colmap`),
-Nerfies / HyperNeRF ``dataset.json`` + ``camera/*.json`` (:mod:`data.hypernerf`), DyCheck iPhone
-(:mod:`data.dycheck`) and DyNeRF / Neu3D ``poses_bounds.npy`` + ``camXX.mp4`` (:mod:`data.dynerf`).
-Every reader returns :class:`~data.dataset_frames.DatasetFrames` with OpenCV cameras.
+Formats (one module each): D-NeRF / Blender ``transforms_*.json`` (:mod:`mono4d.data.dnerf`),
+Panoptic as prepared by Dynamic 3D Gaussians ``train_meta.json`` (:mod:`mono4d.data.panoptic`),
+nerfstudio ``transforms.json`` (:mod:`mono4d.data.nerfstudio`), COLMAP models (:mod:`mono4d.data.colmap`),
+Nerfies / HyperNeRF ``dataset.json`` + ``camera/*.json`` (:mod:`mono4d.data.hypernerf`), DyCheck iPhone
+(:mod:`mono4d.data.dycheck`) and DyNeRF / Neu3D ``poses_bounds.npy`` + ``camXX.mp4`` (:mod:`mono4d.data.dynerf`).
+Every reader returns :class:`~mono4d.data.dataset_frames.DatasetFrames` with OpenCV cameras.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from data.dataset_frames import DatasetFrames, read_json
-from data.errors import InputError
+from mono4d.data.dataset_frames import DatasetFrames, read_json
+from mono4d.data.errors import InputError
 
 #: The formats :func:`read_dataset` recognises.
 FORMATS = ("dnerf", "panoptic", "nerfstudio", "colmap", "hypernerf", "dycheck", "dynerf")
@@ -28,7 +28,7 @@ def detect_format(path: str | Path) -> str:
     exists, else Nerfies/HyperNeRF; a JSON with ``k``/``w2c``/``fn`` is Panoptic; one with
     ``fl_x`` (top level or per frame) is nerfstudio; one with ``camera_angle_x`` is D-NeRF/Blender.
     """
-    from data.colmap import find_model_dir
+    from mono4d.data.colmap import find_model_dir
 
     path = Path(path)
     if path.is_dir():
@@ -74,7 +74,7 @@ def read_dataset(path: str | Path, camera: int = -1, split: str = "train") -> Da
     split); ``split`` picks the D-NeRF split when ``path`` is the dataset folder, and the
     Nerfies/HyperNeRF/DyCheck split (``train`` or ``val``).
     """
-    from data import colmap, dnerf, dycheck, dynerf, hypernerf, nerfstudio, panoptic
+    from mono4d.data import colmap, dnerf, dycheck, dynerf, hypernerf, nerfstudio, panoptic
 
     kind = detect_format(path)
     if kind == "colmap":

@@ -8,7 +8,7 @@ point is the image centre.
 A D-NeRF folder is also a pipeline input (``mono4d run FOLDER``): the frames stage writes the
 :data:`PIPELINE_SPLITS` (train, then test: the held-out frames) composited over the protocol's
 white :data:`BACKGROUND`, and :data:`PIPELINE_SETTINGS` are the configuration such a run starts
-from (see :mod:`pipeline.config`).
+from (see :mod:`mono4d.pipeline.config`).
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from data.dataset_frames import DatasetFrames, image_size, linear_times, read_json
-from data.errors import InputError
-from data.geometry import intrinsics_matrix, opengl_c2w_to_w2c
+from mono4d.data.dataset_frames import DatasetFrames, image_size, linear_times, read_json
+from mono4d.data.errors import InputError
+from mono4d.data.geometry import intrinsics_matrix, opengl_c2w_to_w2c
 
 SPLITS = ("train", "val", "test")
 #: The splits a pipeline run over a D-NeRF folder uses, in frame order; the last one is held out.

@@ -1,6 +1,6 @@
 """DyCheck iPhone scenes (Gao et al. 2022), and the masked metrics reported on them.
 
-A scene folder holds the Nerfies layout (:mod:`data.hypernerf`: ``dataset.json``,
+A scene folder holds the Nerfies layout (:mod:`mono4d.data.hypernerf`: ``dataset.json``,
 ``metadata.json``, ``scene.json``, ``camera/<name>.json``, ``points.npy``) plus
 
 - ``splits/train.json``, ``splits/val.json``: ``frame_names``, ``time_ids``, ``camera_ids``
@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from data.dataset_frames import DatasetFrames, read_json
-from data.errors import InputError
-from data.hypernerf import keep_camera, nerfies_frames
+from mono4d.data.dataset_frames import DatasetFrames, read_json
+from mono4d.data.errors import InputError
+from mono4d.data.hypernerf import keep_camera, nerfies_frames
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -85,7 +85,7 @@ def read_dycheck(root: str | Path, split: str = "train", factor: int = 0, camera
     names, time_ids, camera_ids = read_split(root, split)
     names, time_ids, notes = keep_camera(names, time_ids, camera_ids, camera, split, root)
     if split == "val":
-        notes.append("score val frames on their covisible, valid pixels (data.dycheck.evaluation_mask), "
+        notes.append("score val frames on their covisible, valid pixels (mono4d.data.dycheck.evaluation_mask), "
                      "as DyCheck and Shape of Motion report mPSNR/mSSIM")
     steps = num_time_steps(root)
     return nerfies_frames(root, names, time_ids / max(steps - 1, 1), factor, "dycheck", notes)
@@ -177,7 +177,7 @@ def masked_scores(image: "Tensor", target: "Tensor", mask: "Tensor") -> dict[str
     ``image``, ``target`` ``(H, W, 3)`` in [0, 1]; ``mask (H, W)`` bool (e.g. :func:`evaluation_mask`).
     Average these over the val frames for the scene's mPSNR / mSSIM.
     """
-    from models.losses import psnr
+    from mono4d.models.losses import psnr
 
     mask = mask.bool()
     if not bool(mask.any()):

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data.dataset_frames import DatasetFrames, linear_times
-from data.errors import InputError
-from data.geometry import intrinsics_matrix, invert_rigid, scale_intrinsics
+from mono4d.data.dataset_frames import DatasetFrames, linear_times
+from mono4d.data.errors import InputError
+from mono4d.data.geometry import intrinsics_matrix, invert_rigid, scale_intrinsics
 
 #: Camera id of the view held out for evaluation in DyNeRF / 4DGS papers.
 TEST_CAMERA = 0
@@ -88,7 +88,7 @@ def read_dynerf(path: str | Path, camera: int = -1) -> DatasetFrames:
     (``video``; ``image_paths`` is empty), counted by a decoding pass; intrinsics are scaled from
     the calibrated size to the video's. Times are ``i / (T - 1)``.
     """
-    from data.video import open_source, probe_video
+    from mono4d.data.video import open_source, probe_video
 
     root = scene_root(path)
     videos = dynerf_videos(root)

@@ -32,9 +32,9 @@ from typing import Sequence
 
 import numpy as np
 
-from data.dataset_frames import DatasetFrames, image_size, read_json
-from data.errors import InputError
-from data.geometry import intrinsics_matrix
+from mono4d.data.dataset_frames import DatasetFrames, image_size, read_json
+from mono4d.data.errors import InputError
+from mono4d.data.geometry import intrinsics_matrix
 
 SPLITS = ("train", "val")
 #: Keys every Nerfies camera file must hold.
@@ -116,7 +116,7 @@ def nerfies_frames(root: Path, names: Sequence[str], times: np.ndarray, factor: 
                    notes: Sequence[str] = ()) -> DatasetFrames:
     """Frames ``names`` of a Nerfies-layout folder: ``camera/<name>.json`` and ``rgb/<factor>x/<name>.png``.
 
-    ``times`` ``(T,)`` in [0, 1]; ``kind`` the :data:`data.datasets.FORMATS` name; ``factor`` 0
+    ``times`` ``(T,)`` in [0, 1]; ``kind`` the :data:`mono4d.data.datasets.FORMATS` name; ``factor`` 0
     picks the smallest factor present. All frames must share one image size, and the images
     must have the cameras' size divided by ``factor``. Distortion is left out of ``K`` and noted.
     """

@@ -6,7 +6,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from data.errors import InputError
+from mono4d.data.errors import InputError
 
 
 def read_rgb(path: str | Path) -> np.ndarray:

@@ -13,9 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
-from data.dataset_frames import DatasetFrames, image_size, linear_times, read_json
-from data.errors import InputError
-from data.geometry import intrinsics_matrix, opengl_c2w_to_w2c, w2c_to_opengl_c2w
+from mono4d.data.dataset_frames import DatasetFrames, image_size, linear_times, read_json
+from mono4d.data.errors import InputError
+from mono4d.data.geometry import intrinsics_matrix, opengl_c2w_to_w2c, w2c_to_opengl_c2w
 
 DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.dataset_frames import DatasetFrames, linear_times, read_json
-from data.errors import InputError
+from mono4d.data.dataset_frames import DatasetFrames, linear_times, read_json
+from mono4d.data.errors import InputError
 
 
 def panoptic_camera_ids(meta_path: str | Path) -> list[int]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import InputError
+from mono4d.data.errors import InputError
 
 _HEADER_END = b"end_header\n"
 

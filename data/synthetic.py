@@ -22,7 +22,7 @@ Conventions
   ``cy = height / 2``.
 - Pixel coordinates: continuous ``(x, y)`` = (column, row) with pixel centres at half-integers
   (pixel ``[r, c]`` is centred at ``(c + 0.5, r + 0.5)``; the image spans ``[0, W] x [0, H]``),
-  as in :mod:`data.geometry` and COLMAP. Flows are differences, so they do not depend on this.
+  as in :mod:`mono4d.data.geometry` and COLMAP. Flows are differences, so they do not depend on this.
 - Time: frame ``i`` is at ``t = i / (T - 1)``. The clip always spans the same motion; more
   frames sample it more densely. ``fps`` is only the playback rate of ``video.mp4``.
 - Ground truth is taken at pixel centres (the images average ``supersample**2`` rays per pixel).
@@ -57,10 +57,10 @@ from typing import Callable, Mapping
 import numpy as np
 from tqdm import tqdm
 
-from data.errors import InputError, ParameterError
-from data.geometry import intrinsics_matrix, project_points
-from data.images import read_rgb, write_rgb
-from data.video import write_video
+from mono4d.data.errors import InputError, ParameterError
+from mono4d.data.geometry import intrinsics_matrix, project_points
+from mono4d.data.images import read_rgb, write_rgb
+from mono4d.data.video import write_video
 
 logger = logging.getLogger(__name__)
 

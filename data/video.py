@@ -6,7 +6,7 @@ all its frames (for a video this is a decoding pass with ``cv2.VideoCapture.grab
 1 ms per frame at 480p); :func:`iter_frames` then decodes the frames a caller picked.
 Timestamps are seconds from the first frame of the source. Frames are ``(H, W, 3) uint8`` RGB.
 Every predictable problem (missing path, not a video, undecodable or truncated file, empty
-folder, unreadable image) raises :class:`data.errors.InputError` with a hint.
+folder, unreadable image) raises :class:`mono4d.data.errors.InputError` with a hint.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from data.errors import InputError
-from data.images import read_rgb
+from mono4d.data.errors import InputError
+from mono4d.data.images import read_rgb
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Pictures of intermediate results: colourised depth, optical-flow colour wheel, mask overlays.
 
 All functions take NumPy arrays and return ``uint8`` RGB images; writing them is the caller's job
-(see :mod:`data.images`).
+(see :mod:`mono4d.data.images`).
 """
 from __future__ import annotations
 

@@ -11,10 +11,10 @@ State is kept the way Dynamic 3D Gaussians and gsplat keep it:
 - ``variables``: non-optimised per-Gaussian state, the dict gsplat's ``DefaultStrategy`` keeps
   its running statistics in (so densification duplicates, splits and prunes it along with the
   parameters): ``is_dynamic (N,)`` bool, ``label (N,)`` int64 mask label ids (0 static; ``is_dynamic``
-  is ``label > 0``; see :mod:`models.layers`), optionally ``offset (N, 3)`` world translations
+  is ``label > 0``; see :mod:`mono4d.models.layers`), optionally ``offset (N, 3)`` world translations
   added after the deformation (edited copies of layers), plus the strategy's
   ``grad2d``/``count``/``scene_scale``.
-- ``field``: the :class:`~models.deformation.DeformationField` (an ``nn.Module`` with its own
+- ``field``: the :class:`~mono4d.models.deformation.DeformationField` (an ``nn.Module`` with its own
   optimiser) that moves the dynamic Gaussians. Static Gaussians never move.
 - ``exposure`` (optional): ``(T, 2, 3)`` per-frame colour affine of the clip's T frames, row
   ``[i, 0]`` the log gain and ``[i, 1]`` the offset of frame i (:func:`render`'s ``exposure``).
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.deformation import DeformationField, quaternion_multiply
+from mono4d.models.deformation import DeformationField, quaternion_multiply
 
 #: Zeroth-order spherical-harmonics basis constant, 1 / (2 sqrt(pi)).
 SH_C0 = 0.28209479177387814
@@ -117,7 +117,7 @@ def render(params: dict[str, Tensor], variables: dict, field: DeformationField, 
     (``means2d`` keeps its gradient for densification) and ``gaussians``, the output of
     :func:`gaussians_at` (for the priors).
     """
-    from models.rasterizer import rasterization
+    from mono4d.models.rasterizer import rasterization
 
     gaussians = gaussians_at(params, variables, field, time)
     sh = gaussians["sh"][:, :num_sh_bases(sh_degree)]

@@ -18,7 +18,7 @@ Editing (Dynamic 3D Gaussians' compositional edits): :func:`remove_layer` drops 
 Gaussians; :func:`duplicate_layer` appends a copy under a new label id, moved by a world offset.
 A duplicated Gaussian keeps its canonical position (so the deformation field moves it as it
 moves the original) and gets the offset in ``variables["offset"]`` (float32 ``(N, 3)``, world
-units), which :func:`models.gaussians.gaussians_at` adds after the deformation.
+units), which :func:`mono4d.models.gaussians.gaussians_at` adds after the deformation.
 
 Label maps. :func:`render_label_map` renders the one-hot labels of the Gaussians as colours
 (one channel per label id, through the same rasterizer), so channel c of a pixel is the
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from data.errors import ParameterError
+from mono4d.data.errors import ParameterError
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -77,7 +77,7 @@ def parse_label_names(spec: str) -> dict[int, str]:
 
 
 def gaussian_labels(model) -> Tensor:
-    """``(N,)`` int64 label ids of a :class:`~models.gaussians.SceneModel`'s Gaussians (see the
+    """``(N,)`` int64 label ids of a :class:`~mono4d.models.gaussians.SceneModel`'s Gaussians (see the
     module docstring for models without labels)."""
     labels = model.variables.get("label")
     return labels if labels is not None else model.variables["is_dynamic"].long()
@@ -133,11 +133,11 @@ def labels_mask(model, labels: Iterable[int]) -> Tensor:
 
 
 def subset(model, keep: Tensor):
-    """A new :class:`~models.gaussians.SceneModel` with the Gaussians where ``keep (N,)`` is True
+    """A new :class:`~mono4d.models.gaussians.SceneModel` with the Gaussians where ``keep (N,)`` is True
     (parameters detached and copied; the deformation field, meta and exposure shared)."""
     import torch
 
-    from models.gaussians import SceneModel
+    from mono4d.models.gaussians import SceneModel
 
     index = torch.nonzero(keep, as_tuple=True)[0]
     count = model.num_gaussians
@@ -172,7 +172,7 @@ def duplicate_layer(model, selector: str, offset: Iterable[float]) -> tuple[obje
     (named ``"<name> copy"``, so a copied hand is a hand again); and a description of the edit."""
     import torch
 
-    from models.gaussians import SceneModel
+    from mono4d.models.gaussians import SceneModel
 
     shift = torch.as_tensor(list(offset), dtype=torch.float32)
     if shift.shape != (3,) or not bool(torch.isfinite(shift).all()):
@@ -254,10 +254,10 @@ def class_index_map(masks: Tensor, classes: list[int]) -> Tensor:
 def render_label_map(gaussians: Mapping[str, Tensor], one_hot: Tensor, K: Tensor, w2c: Tensor, width: int,
                      height: int, backend: str = "auto") -> Tensor:
     """``(H, W, C)`` label weights: the one-hot labels ``one_hot (N, C)`` of the Gaussians
-    ``gaussians`` (activated, at one time: the ``gaussians`` of :func:`models.gaussians.render`)
+    ``gaussians`` (activated, at one time: the ``gaussians`` of :func:`mono4d.models.gaussians.render`)
     alpha-composited through ``K (3, 3)``, ``w2c (4, 4)`` over nothing (their sum is the
     alpha). Differentiable."""
-    from models.rasterizer import rasterization
+    from mono4d.models.rasterizer import rasterization
 
     colors, _, _ = rasterization(
         means=gaussians["means"], quats=gaussians["quats"], scales=gaussians["scales"],

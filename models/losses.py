@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.deformation import DeformationField, rotate_vectors
+from mono4d.models.deformation import DeformationField, rotate_vectors
 
 #: Side of SSIM's Gaussian window (pixels), as in 3DGS.
 SSIM_WINDOW = 11

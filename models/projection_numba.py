@@ -5,7 +5,7 @@ with exact analytic backwards, for the numba rasterizer backend.
 backend's covariance (quaternion and scales to ``R S S^T R^T``), world-to-camera transform,
 perspective projection, 2D covariance with gsplat's ``eps2d`` blur, conic, antialiasing
 compensation ``sqrt(det_orig / det_blurred)``, near/far culling, radii and pixel boxes
-(:func:`models.rasterizer_torch._project` documents the rules; they are gsplat 1.5.3's, pixel
+(:func:`mono4d.models.rasterizer_torch._project` documents the rules; they are gsplat 1.5.3's, pixel
 centres at half-integers). :func:`shade` replaces the spherical-harmonics colour of degree 0 to 3,
 ``max(SH(dir) + 0.5, 0)`` with ``dir`` the normalised vector from the camera centre to the mean.
 Both follow gsplat's pure-torch code operation by operation (clamps, ``1e-12`` normalisation
@@ -24,7 +24,7 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from models.rasterizer_torch import ALPHA_THRESHOLD, MAX_EXTENT_SIGMAS, Projection
+from mono4d.models.rasterizer_torch import ALPHA_THRESHOLD, MAX_EXTENT_SIGMAS, Projection
 
 NORMALIZE_EPS = 1e-12
 """Floor of a vector's norm when normalising it (``torch.nn.functional.normalize``'s default)."""
@@ -412,7 +412,7 @@ def project(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, vie
             antialiased: bool) -> Projection:
     """Project N Gaussians into C pinhole cameras, differentiably in means [N, 3], quats [N, 4]
     (wxyz, unnormalised), scales [N, 3] and opacities [N] (not in ``viewmats`` [C, 4, 4] or
-    ``Ks`` [C, 3, 3]): the torch backend's :func:`models.rasterizer_torch._project` for
+    ``Ks`` [C, 3, 3]): the torch backend's :func:`mono4d.models.rasterizer_torch._project` for
     ``camera_model="pinhole"``, with the covariances built from quats and scales.
 
     The visible list is sorted by depth (stable, in the output dtype) from the camera-major

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from data.errors import ModelUnavailableError, ParameterError
+from mono4d.data.errors import ModelUnavailableError, ParameterError
 
 logger = logging.getLogger(__name__)
 

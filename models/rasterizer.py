@@ -1,11 +1,11 @@
 """Gaussian rasterization with interchangeable backends: gsplat's CUDA kernels, a compiled
-multi-threaded tile-based CPU compositor (``models.rasterizer_numba``, numba) and the pure-PyTorch
-reference (``models.rasterizer_torch``) that runs on any torch device.
+multi-threaded tile-based CPU compositor (``mono4d.models.rasterizer_numba``, numba) and the pure-PyTorch
+reference (``mono4d.models.rasterizer_torch``) that runs on any torch device.
 
 All take and return what ``gsplat.rasterization`` does, so the training code (and gsplat's
 ``DefaultStrategy``) is the same for each. The numba backend runs the torch backend's pipeline with
 compiled stages (compositing always; pinhole projection and spherical harmonics unless cameras are
-optimised, see ``models.rasterizer_numba.kernels``), so their outputs and ``info`` agree to float
+optimised, see ``mono4d.models.rasterizer_numba.kernels``), so their outputs and ``info`` agree to float
 rounding. Conventions: OpenCV cameras (x right, y down,
 z forward), ``viewmats`` world-to-camera 4x4, ``Ks`` 3x3 pixel intrinsics with pixel centres at
 half-integers (as gsplat and COLMAP), quaternions wxyz, linear scales, opacities in [0, 1].
@@ -18,7 +18,7 @@ import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
-from data.errors import ModelUnavailableError, ParameterError
+from mono4d.data.errors import ModelUnavailableError, ParameterError
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -143,7 +143,7 @@ def rasterization(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tenso
         info["backend"] = "gsplat"
         return render_colors, render_alphas, info
 
-    from models import rasterizer_torch
+    from mono4d.models import rasterizer_torch
 
     options, tile_size = {}, 16
     for name, value in gsplat_kwargs.items():
@@ -161,7 +161,7 @@ def rasterization(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tenso
                                  f"the {chosen} rasterizer takes {', '.join(TORCH_BACKEND_OPTIONS)}")
     stages = {}
     if chosen == "numba":
-        from models import rasterizer_numba
+        from mono4d.models import rasterizer_numba
 
         stages = rasterizer_numba.kernels(viewmats, Ks, options.get("camera_model", "pinhole"),
                                           options.get("covars"), sh_degree, tile_size)

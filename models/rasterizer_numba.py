@@ -1,8 +1,8 @@
 """Compiled, multi-threaded, tile-based CPU compositor of projected Gaussians (numba), with an exact
 backward, and the choice of compiled stages of the numba rasterizer backend (:func:`kernels`).
 
-The backend runs :func:`models.rasterizer_torch.rasterize` with compiled stages: this compositor
-always, and :mod:`models.projection_numba`'s projection (pinhole cameras, covariances from quats
+The backend runs :func:`mono4d.models.rasterizer_torch.rasterize` with compiled stages: this compositor
+always, and :mod:`mono4d.models.projection_numba`'s projection (pinhole cameras, covariances from quats
 and scales) and spherical harmonics (degrees 0 to 3) when cameras are not optimised; otherwise
 those stages are the torch backend's. Its images, alphas and ``info`` are the torch backend's to
 float rounding. The compositing rules are the torch backend's (and gsplat's CUDA kernel's): per
@@ -37,9 +37,9 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from data.errors import ParameterError
-from models.projection_numba import MAX_SH_DEGREE, project, set_threads, shade
-from models.rasterizer_torch import ALPHA_THRESHOLD, MAX_ALPHA, MIN_TRANSMITTANCE
+from mono4d.data.errors import ParameterError
+from mono4d.models.projection_numba import MAX_SH_DEGREE, project, set_threads, shade
+from mono4d.models.rasterizer_torch import ALPHA_THRESHOLD, MAX_ALPHA, MIN_TRANSMITTANCE
 
 DEFAULT_TILE_SIZE = 16
 """Tile side in pixels (gsplat's default)."""
@@ -520,7 +520,7 @@ def composite(means2d: Tensor, conics: Tensor, opacities: Tensor, features: Tens
     ``means2d`` [V, 2] pixels, ``conics`` [V, 3], ``opacities`` [V], ``features`` [V, D] (CPU
     tensors), ``cameras`` [V] int64, ``boxes`` [V, 4] int64 inclusive pixel bounds x0, x1, y0, y1.
     Returns ``colors`` [C, H, W, D] (sum of weight * feature) and ``alphas`` [C, H, W, 1], the
-    torch backend compositor's outputs (:func:`models.rasterizer_torch.composite_bands`).
+    torch backend compositor's outputs (:func:`mono4d.models.rasterizer_torch.composite_bands`).
     """
     if tile_size < 1:
         raise ParameterError(f"tile_size must be positive, got {tile_size}", "use e.g. 16 (the default)")
@@ -530,7 +530,7 @@ def composite(means2d: Tensor, conics: Tensor, opacities: Tensor, features: Tens
 
 def kernels(viewmats: Tensor, Ks: Tensor, camera_model: str, covars: Tensor | None, sh_degree: int | None,
             tile_size: int = DEFAULT_TILE_SIZE) -> dict[str, Callable]:
-    """The compiled stages for :func:`models.rasterizer_torch.rasterize` (its ``compositor``,
+    """The compiled stages for :func:`mono4d.models.rasterizer_torch.rasterize` (its ``compositor``,
     ``projector`` and ``shader`` arguments) for one call: the compositor always; the projection
     for pinhole cameras from quats and scales; the spherical harmonics for degrees 0 to 3. Where
     ``viewmats`` (or, for the projection, ``Ks``) require gradients, the torch stages run instead,

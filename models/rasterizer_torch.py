@@ -32,7 +32,7 @@ from gsplat.cuda._torch_impl import (
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from data.errors import ParameterError
+from mono4d.data.errors import ParameterError
 
 ALPHA_THRESHOLD = 1.0 / 255.0
 """A Gaussian whose alpha at a pixel is below this is skipped there (gsplat's ALPHA_THRESHOLD)."""

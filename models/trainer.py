@@ -1,6 +1,6 @@
 """The training loop of the dynamic Gaussians (stage 2 of the optimiser), as plain functions on
 tensors: schedule, optimisers, one step's loss, densification hookup, evaluation, resumable
-state. The train stage (:mod:`stages.train`) reads its inputs into a :class:`TrainingData`,
+state. The train stage (:mod:`mono4d.stages.train`) reads its inputs into a :class:`TrainingData`,
 calls :func:`optimize` and writes the outputs; ``params`` is that stage's ``Params``.
 
 Layout as in Dynamic 3D Gaussians' train.py: the optimised tensors live in ``model.params`` (one
@@ -8,7 +8,7 @@ dict, one Adam per entry, gsplat's convention) and the non-optimised per-Gaussia
 ``variables`` dict (``is_dynamic``, ``label`` and gsplat's strategy statistics, all kept aligned
 through densification); densification is gsplat's ``DefaultStrategy`` object, separate from the
 loop. Each step renders one random training frame at its time ``t``
-(:func:`models.gaussians.render`) over a random or fixed background and minimises
+(:func:`mono4d.models.gaussians.render`) over a random or fixed background and minimises
 
 - ``(1 - ssim_weight) * L1 + ssim_weight * (1 - SSIM)`` against the frame;
 - ``ordinal_weight`` x the ordinal depth loss (MoDGS): random pixel pairs whose prior depths
@@ -21,7 +21,7 @@ loop. Each step renders one random training frame at its time ``t``
   positions (errors capped at :data:`REPROJECTION_CAP` of the larger image side);
 - ``rigidity_weight``, ``rotation_weight``, ``isometry_weight`` x Dynamic 3D Gaussians' priors on
   the dynamic Gaussians (k nearest neighbours in canonical space, refreshed after densification);
-- ``label_weight`` x the label-map loss (:func:`models.layers.label_loss`);
+- ``label_weight`` x the label-map loss (:func:`mono4d.models.layers.label_loss`);
 
 then steps Adam (positions decaying exponentially to 1 %, the deformation field to 10 %) and the
 strategy (duplicate / split / prune, capped at ``max_gaussians``), with our own opacity reset.
@@ -44,7 +44,7 @@ from tqdm import tqdm
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from stages.train import Params
+    from mono4d.stages.train import Params
 
 
 #: Reprojection errors are capped at this fraction of the image's larger side (outlier tracks).
@@ -154,8 +154,8 @@ def build_training_data(images: np.ndarray, K: np.ndarray, w2c: np.ndarray, time
     precompute the ordinal loss's per-frame depth statistics and move everything to ``device``."""
     import torch
 
-    from data.geometry import scale_intrinsics
-    from models.losses import depth_range
+    from mono4d.data.geometry import scale_intrinsics
+    from mono4d.models.losses import depth_range
 
     num_frames, height, width = images.shape[:3]
     new_width, new_height = max(8, round(width / params.downscale)), max(8, round(height / params.downscale))
@@ -236,9 +236,9 @@ def training_loss(model, variables: dict, data: TrainingData, frame: int, sh_deg
     """Render ``frame`` with SH degree ``sh_degree`` (and the frame's colour affine when the model
     has one) and compute the weighted loss. Returns ``(loss, parts, render output)``; ``parts``
     maps each active term's name to its unweighted float value (and ``psnr``). ``graph`` is the
-    dynamic Gaussians' :class:`~models.losses.NeighbourGraph` (None: priors off)."""
-    from models import losses
-    from models.gaussians import render
+    dynamic Gaussians' :class:`~mono4d.models.losses.NeighbourGraph` (None: priors off)."""
+    from mono4d.models import losses
+    from mono4d.models.gaussians import render
 
     time = float(data.times[frame])
     exposure = None if model.exposure is None else model.exposure[frame]
@@ -268,7 +268,7 @@ def training_loss(model, variables: dict, data: TrainingData, frame: int, sh_deg
         loss = loss + params.reprojection_weight * reprojection
         parts["reprojection"] = float(reprojection.detach())
     if params.label_weight > 0 and data.masks is not None:
-        from models import layers
+        from mono4d.models import layers
 
         classes = layers.label_classes(model)
         label_map = layers.render_label_map(out["gaussians"], layers.one_hot_labels(variables["label"], classes),
@@ -293,7 +293,7 @@ def track_reprojection(model, data: TrainingData, frame: int, rendered_depth, pa
     """The track reprojection loss from ``frame`` to another random training frame."""
     import torch
 
-    from models.losses import reprojection_loss
+    from mono4d.models.losses import reprojection_loss
 
     others = [f for f in data.train_frames if f != frame]
     target = others[int(torch.randint(len(others), (1,), generator=generator))]
@@ -344,7 +344,7 @@ def new_curves() -> dict:
 
 def save_resumable(path: Path, model, state: LoopState, init_digest: str, params: Params) -> None:
     """Write the full optimisation state to ``path`` (atomically)."""
-    from models.gaussians import save_model
+    from mono4d.models.gaussians import save_model
 
     strategy_state = {key: value for key, value in state.variables.items() if key not in ("is_dynamic", "label")}
     extra = {"step": state.step, "curves": state.curves, "init_digest": init_digest, "params": asdict(params),
@@ -360,7 +360,7 @@ def save_resumable(path: Path, model, state: LoopState, init_digest: str, params
 def try_resume(path: Path, init_digest: str, params: Params, device: str, notes: list[str]):
     """The model and ``extra`` of a resumable checkpoint at ``path`` when it exists and belongs to
     this init output; else None (with a note when a foreign checkpoint was found)."""
-    from models.gaussians import load_model
+    from mono4d.models.gaussians import load_model
 
     if not path.is_file():
         return None
@@ -381,7 +381,7 @@ def try_resume(path: Path, init_digest: str, params: Params, device: str, notes:
 
 def optimize(model, data: TrainingData, params: Params, device: str, resume_path: Path | None = None,
              init_digest: str = "", notes: list[str] | None = None) -> tuple[dict, dict, dict]:
-    """Run the optimisation loop on ``model`` (a :class:`models.gaussians.SceneModel`) in place.
+    """Run the optimisation loop on ``model`` (a :class:`mono4d.models.gaussians.SceneModel`) in place.
 
     Every ``Schedule.eval_every`` steps the evaluation frames (the training frames when there are
     none) are scored (:func:`evaluate`) into the curves. With ``resume_path``, the resumable state
@@ -392,8 +392,8 @@ def optimize(model, data: TrainingData, params: Params, device: str, resume_path
     """
     import torch
 
-    from models.layers import gaussian_labels
-    from models.losses import knn_graph
+    from mono4d.models.layers import gaussian_labels
+    from mono4d.models.losses import knn_graph
 
     notes = notes if notes is not None else []
     generator = torch.Generator().manual_seed(params.seed)
@@ -486,10 +486,10 @@ def optimize(model, data: TrainingData, params: Params, device: str, resume_path
 
 def fill_exposure(exposure, data: TrainingData) -> None:
     """Set the colour affine ``exposure (T, 2, 3)`` of the frames not trained on (held out,
-    unposed) to the training frames' interpolated in time (:func:`models.gaussians.exposure_at`)."""
+    unposed) to the training frames' interpolated in time (:func:`mono4d.models.gaussians.exposure_at`)."""
     import torch
 
-    from models.gaussians import exposure_at
+    from mono4d.models.gaussians import exposure_at
 
     trained = set(data.train_frames)
     with torch.no_grad():
@@ -514,10 +514,10 @@ def record(curves: dict, step: int, loss: float, parts: dict, num_gaussians: int
 def render_view(model, data: TrainingData, time: float, K, w2c, params: Params, background=None) -> dict:
     """Render one view without gradients: ``rgb (H, W, 3)`` uint8, ``rgb_float`` tensor,
     ``depth (H, W)`` float32, ``alpha (H, W)`` float32. A model with a colour affine uses the
-    training frames' affine interpolated at ``time`` (:func:`models.gaussians.exposure_at`)."""
+    training frames' affine interpolated at ``time`` (:func:`mono4d.models.gaussians.exposure_at`)."""
     import torch
 
-    from models.gaussians import exposure_at, render
+    from mono4d.models.gaussians import exposure_at, render
 
     with torch.no_grad():
         exposure = None if model.exposure is None else exposure_at(model.exposure, data.times, data.train_frames, time)
@@ -533,7 +533,7 @@ def frame_scores(view: dict, data: TrainingData, frame: int) -> dict[str, float]
     """Scores of a :func:`render_view` of ``frame`` against the frame: ``psnr`` (dB), ``ssim``,
     ``psnr_dynamic`` (pixels with mask > 0, when the frame has any) and ``depth_order`` (fraction
     of random pixel pairs whose rendered depth order matches the prior depth's, with a prior)."""
-    from models import losses
+    from mono4d.models import losses
 
     target = data.images[frame].float() / 255.0
     scores = {"psnr": round(float(losses.psnr(view["rgb_float"], target)), 4),

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from data.errors import Mono4dError, ParameterError
-from pipeline import dag
-from pipeline.config import load_config
-from pipeline.runner import RunSummary, build, check_stage_name, prepare_run, resolve_input, summarize_run
-from pipeline.tasks import task_class
-from pipeline.workspace import Workspace
+from mono4d.data.errors import Mono4dError, ParameterError
+from mono4d.pipeline import dag
+from mono4d.pipeline.config import load_config
+from mono4d.pipeline.runner import RunSummary, build, check_stage_name, prepare_run, resolve_input, summarize_run
+from mono4d.pipeline.tasks import task_class
+from mono4d.pipeline.workspace import Workspace
 
 
 @dataclass

@@ -19,9 +19,9 @@ import logging
 import sys
 from typing import Sequence
 
-from data.errors import Mono4dError, ParameterError
-from pipeline.config import PRESETS
-from pipeline.registry import STAGES
+from mono4d.data.errors import Mono4dError, ParameterError
+from mono4d.pipeline.config import PRESETS
+from mono4d.pipeline.registry import STAGES
 
 logger = logging.getLogger("mono4d")
 
@@ -69,7 +69,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``mono4d`` argument parser with one subcommand per entry of :data:`COMMANDS`."""
-    from data.synthetic import describe_presets
+    from mono4d.data.synthetic import describe_presets
 
     parser = argparse.ArgumentParser(prog="mono4d", description="Dynamic 3D Gaussian reconstruction of casual videos, "
                                      "as a DAG of cached, inspectable stages.")
@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    from pipeline.runner import run_pipeline
-    from pipeline.status import format_figures
+    from mono4d.pipeline.runner import run_pipeline
+    from mono4d.pipeline.status import format_figures
 
     summary = run_pipeline(args.work, args.input, until=args.until, preset=args.preset, overrides=args.overrides,
                            rerun=args.rerun, config_files=args.config_files, workers=args.workers,
@@ -172,7 +172,7 @@ def command_run(args: argparse.Namespace) -> int:
 
 def command_batch(args: argparse.Namespace) -> int:
     """Exit code 0 when every input is done, else the highest exit code of the failures."""
-    from pipeline.batch import format_results, run_batch
+    from mono4d.pipeline.batch import format_results, run_batch
 
     results = run_batch(args.inputs, args.work, until=args.until, preset=args.preset, overrides=args.overrides,
                         config_files=args.config_files, workers=args.workers, scheduler_host=args.scheduler_host,
@@ -182,7 +182,7 @@ def command_batch(args: argparse.Namespace) -> int:
 
 
 def command_status(args: argparse.Namespace) -> int:
-    from pipeline.status import format_status, workspace_states
+    from mono4d.pipeline.status import format_status, workspace_states
 
     print(format_status(workspace_states(args.work, args.preset, args.overrides, args.config_files)))
     return 0
@@ -191,7 +191,7 @@ def command_status(args: argparse.Namespace) -> int:
 def command_inspect(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.report import write_report
+    from mono4d.pipeline.report import write_report
 
     index = write_report(Path(args.work), Path(args.compare) if args.compare else None,
                          Path(args.out) if args.out else None)
@@ -202,7 +202,7 @@ def command_inspect(args: argparse.Namespace) -> int:
 def command_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.export import export_workspace
+    from mono4d.pipeline.export import export_workspace
 
     written = export_workspace(Path(args.work), args.formats, Path(args.out) if args.out else None,
                                frames=args.frames, backend=args.backend, layer=args.layer)
@@ -214,7 +214,7 @@ def command_export(args: argparse.Namespace) -> int:
 def command_edit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.edit import edit_workspace
+    from mono4d.pipeline.edit import edit_workspace
 
     out = edit_workspace(Path(args.work), args.remove, args.duplicate, args.offset, Path(args.out) if args.out else None)
     print(f"edited workspace: {out}")
@@ -224,14 +224,14 @@ def command_edit(args: argparse.Namespace) -> int:
 def command_view(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.viewer import run_viewer
+    from mono4d.pipeline.viewer import run_viewer
 
     run_viewer(Path(args.work), host=args.host, port=args.port, max_side=args.max_side, backend=args.backend)
     return 0
 
 
 def command_synth(args: argparse.Namespace) -> int:
-    from data import synthetic
+    from mono4d.data import synthetic
 
     overrides = {}
     for text in args.overrides:

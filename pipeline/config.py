@@ -3,7 +3,7 @@
 Precedence, lowest first:
 
 1. the ``Params`` dataclass defaults of each stage module (``stages/<name>.py``, declared in
-   :data:`pipeline.registry.STAGES`);
+   :data:`mono4d.pipeline.registry.STAGES`);
 2. the stage sections of ``luigi.cfg`` files: the repository's own, then ``./luigi.cfg`` in the
    working directory, then any ``--config FILE`` given on the command line;
 3. the chosen preset (``[preset.cpu]`` / ``[preset.gpu]`` sections, ``stage.param = value``);
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from data.errors import ParameterError
-from pipeline.registry import STAGES, cuda_available
+from mono4d.data.errors import ParameterError
+from mono4d.pipeline.registry import STAGES, cuda_available
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG_FILE = REPO_ROOT / "luigi.cfg"
@@ -127,11 +127,11 @@ def read_config_files(paths: Sequence[Path]) -> configparser.ConfigParser:
 
 def input_settings(source: str | Path | None) -> dict[str, str]:
     """``stage.param`` -> value that the run's input needs: for a D-NeRF folder,
-    :data:`data.dnerf.PIPELINE_SETTINGS` with ``cameras.known_path`` the folder; nothing for
+    :data:`mono4d.data.dnerf.PIPELINE_SETTINGS` with ``cameras.known_path`` the folder; nothing for
     videos and image folders (or no input)."""
     if source is None or not Path(source).is_dir():
         return {}
-    from data.dnerf import PIPELINE_SETTINGS, is_dnerf_folder
+    from mono4d.data.dnerf import PIPELINE_SETTINGS, is_dnerf_folder
 
     if not is_dnerf_folder(source):
         return {}

@@ -1,13 +1,13 @@
 """Who needs whom: the stage graph as plain functions of the configuration (no Luigi here).
 
-Each stage's edges are declared in :data:`pipeline.registry.STAGES` (``upstream(params)``);
+Each stage's edges are declared in :data:`mono4d.pipeline.registry.STAGES` (``upstream(params)``);
 some depend on parameters (e.g. the motion masks need flow, prompted SAM masks do not), so
 these functions take the effective configuration.
 """
 from __future__ import annotations
 
-from pipeline.config import Config
-from pipeline.registry import STAGES
+from mono4d.pipeline.config import Config
+from mono4d.pipeline.registry import STAGES
 
 
 def upstream(stage: str, config: Config) -> list[str]:

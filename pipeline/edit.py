@@ -1,6 +1,6 @@
 """``mono4d edit DIR --remove LAYER`` / ``--duplicate LAYER --offset x,y,z``: a new workspace whose
 trained scene is DIR's with scene layers removed or duplicated (Dynamic 3D Gaussians'
-compositional edits on the layers of :mod:`models.layers`: ``static``, ``object_<k>``, ``hand``,
+compositional edits on the layers of :mod:`mono4d.models.layers`: ``static``, ``object_<k>``, ``hand``,
 or a label name or id).
 
 The result is a new workspace folder OUT (default: next to DIR, named after the edits, e.g.
@@ -11,7 +11,7 @@ The result is a new workspace folder OUT (default: next to DIR, named after the 
   system cannot link; stage outputs are never modified in place, a rerun replaces the folder),
   and DIR's ``config.json`` is copied;
 - ``OUT/train`` holds the edited model and everything the train stage writes
-  (:func:`stages.train_outputs.write_all`: renders and per-layer renders of the held-out and
+  (:func:`mono4d.stages.train_outputs.write_all`: renders and per-layer renders of the held-out and
   training frames, scored against the input frames, videos, PLY files, trajectories), DIR's
   training curves, ``edit.json`` (``{"source": DIR, "edits": [...]}``) and ``log.txt``; its
   ``manifest.json`` is DIR's train manifest (so the stage counts as done while its inputs and
@@ -35,8 +35,8 @@ from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 
-from data.artifacts import MASKS_DIR
-from data.errors import InputError, ParameterError
+from mono4d.data.artifacts import MASKS_DIR
+from mono4d.data.errors import InputError, ParameterError
 
 logger = logging.getLogger(__name__)
 
@@ -85,18 +85,18 @@ def training_inputs(work: Path) -> dict[str, Path]:
 
 
 def train_params(meta: dict):
-    """The :class:`stages.train.Params` a model was trained with (fields this version does not
+    """The :class:`mono4d.stages.train.Params` a model was trained with (fields this version does not
     know are left out, missing ones take their defaults)."""
-    from stages.train import Params
+    from mono4d.stages.train import Params
 
     known = {field.name for field in fields(Params)}
     return Params(**{key: value for key, value in meta.get("train_params", {}).items() if key in known})
 
 
 def apply_edits(model, remove: list[str], duplicate: list[str], offsets: list[list[float]]):
-    """The edited model and one record per edit (see :mod:`models.layers`). ``offsets``: one per
+    """The edited model and one record per edit (see :mod:`mono4d.models.layers`). ``offsets``: one per
     duplicate, or one for all of them."""
-    from models.layers import duplicate_layer, remove_layer
+    from mono4d.models.layers import duplicate_layer, remove_layer
 
     if not remove and not duplicate:
         raise ParameterError("nothing to edit", "give --remove LAYER and/or --duplicate LAYER --offset x,y,z")
@@ -121,13 +121,13 @@ def edit_workspace(work: Path, remove: list[str] | None = None, duplicate: list[
     folder. ``remove`` / ``duplicate``: layer or label selectors; ``offsets``: ``"x,y,z"`` strings.
     Raises :class:`InputError` when ``work`` has no trained model and :class:`ParameterError` for
     unknown layers, bad offsets or an existing ``out``, before anything is written."""
-    from models.trainer import new_curves
-    from pipeline.export import stage_output
-    from pipeline.registry import STAGES
-    from pipeline.tasks import stage_log
-    from pipeline.workspace import MANIFEST, read_json, write_json_atomic
-    from stages import train, train_outputs
-    from stages.init import resolve_device
+    from mono4d.models.trainer import new_curves
+    from mono4d.pipeline.export import stage_output
+    from mono4d.pipeline.registry import STAGES
+    from mono4d.pipeline.tasks import stage_log
+    from mono4d.pipeline.workspace import MANIFEST, read_json, write_json_atomic
+    from mono4d.stages import train, train_outputs
+    from mono4d.stages.init import resolve_device
 
     work = Path(work)
     if not work.is_dir():

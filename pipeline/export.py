@@ -3,12 +3,12 @@
 Formats (each written to ``OUT/<format>/``, default ``OUT = DIR/export``):
 
 - ``ply``: ``ply/{i:06d}.ply``, the trained Gaussians deformed to frame i's time, as standard
-  3DGS PLY files (:mod:`data.ply`) that common splat viewers open. Needs the train stage.
+  3DGS PLY files (:mod:`mono4d.data.ply`) that common splat viewers open. Needs the train stage.
 - ``colmap``: the cameras stage's trajectory and sparse points as a COLMAP model, binary in
   ``colmap/sparse/0/`` and text in ``colmap/text/``, with ``colmap/images`` a relative symlink to
   the frames (the layout COLMAP-based trainers expect). Frames without a pose are left out.
 - ``nerfstudio``: ``nerfstudio/transforms.json`` (OpenGL camera-to-world, converted by
-  :func:`data.nerfstudio.write_nerfstudio_transforms`) with image paths relative to it and the
+  :func:`mono4d.data.nerfstudio.write_nerfstudio_transforms`) with image paths relative to it and the
   normalised time ``i / (T - 1)`` of every frame.
 - ``tracks``: copies of ``tracks.npz`` / ``pairs3d.npz`` and CSV tables ``tracks.csv``
   (``track_id,frame,x,y,visible``, pixels, rows where the track has an estimate) and
@@ -21,7 +21,7 @@ Formats (each written to ``OUT/<format>/``, default ``OUT = DIR/export``):
 
 ``frames`` (``"all"``, ``"0,5,10"``, ``"0:20:2"``, or a comma-separated mix) selects the frames of
 the per-frame formats (``ply``, ``depth``). ``layer`` (``static``, ``hand``, ``object_1``, a label
-name or id; :mod:`models.layers`) restricts the formats rendered from the trained model (``ply``,
+name or id; :mod:`mono4d.models.layers`) restricts the formats rendered from the trained model (``ply``,
 ``video``) to that layer's Gaussians; they are then written to ``OUT/<format>_<layer>/`` so the
 full scene's export stays. Every format is built in a temporary folder next to
 its destination and renamed into place, so a failed export never leaves a partial folder behind.
@@ -44,9 +44,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from data.artifacts import (CAMERAS_FILE, DEPTH_FILE, PAIRS3D_FILE, POINTS_FILE, TRACKS_FILE, read_aligned_depth,
-                            read_cameras, read_cameras_meta, read_depth, read_pairs3d, read_points, read_tracks)
-from data.errors import InputError, ParameterError
+from mono4d.data.artifacts import (CAMERAS_FILE, DEPTH_FILE, PAIRS3D_FILE, POINTS_FILE, TRACKS_FILE, read_aligned_depth,
+                                   read_cameras, read_cameras_meta, read_depth, read_pairs3d, read_points, read_tracks)
+from mono4d.data.errors import InputError, ParameterError
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def check_frame_selection(work: Path, formats: list[str], frames: str) -> None:
     """Validate ``frames`` against the workspace's frame count (frames stage) before anything is
     written, when a per-frame format is requested."""
     if {"ply", "depth"} & set(formats) and (Path(work) / "frames" / "frames.json").is_file():
-        from stages.frames import read_frames_meta
+        from mono4d.stages.frames import read_frames_meta
 
         parse_frame_selection(frames, int(read_frames_meta(Path(work) / "frames")["num_frames"]))
 
@@ -176,7 +176,7 @@ def posed_cameras(work: Path) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray]
 def model_device(backend: str) -> str:
     """Device to load the model on for a rasterizer backend: CPU for ``torch`` and ``numba``, else
     CUDA when available."""
-    from stages.init import resolve_device
+    from mono4d.stages.init import resolve_device
 
     return "cpu" if backend in ("torch", "numba") else resolve_device("auto")
 
@@ -190,12 +190,12 @@ def model_background(model) -> tuple[float, float, float]:
 
 def render_rgb(model, time: float, K: np.ndarray, w2c: np.ndarray, width: int, height: int,
                backend: str = "auto") -> np.ndarray:
-    """``(height, width, 3)`` uint8 RGB of the model (:class:`models.gaussians.SceneModel`) at
+    """``(height, width, 3)`` uint8 RGB of the model (:class:`mono4d.models.gaussians.SceneModel`) at
     normalised ``time`` through the camera ``K (3, 3)``, ``w2c (4, 4)`` (OpenCV, pixels), over
     :func:`model_background`."""
     import torch
 
-    from models.gaussians import render
+    from mono4d.models.gaussians import render
 
     device = model.params["means"].device
     with torch.no_grad():
@@ -217,7 +217,7 @@ def look_at_centre(model, K: np.ndarray, w2c: np.ndarray, width: int, height: in
     """``(3,)`` world point the camera ``K``, ``w2c`` looks at: on its optical axis at the median
     depth of the (canonical) Gaussian centres it sees, or at the model's ``scene_scale`` when it
     sees none."""
-    from data.geometry import camera_centers, project_points
+    from mono4d.data.geometry import camera_centers, project_points
 
     means = model.params["means"].detach().cpu().numpy()
     uv, depth = project_points(K, w2c, means)
@@ -261,8 +261,8 @@ def label(image: np.ndarray, text: str) -> np.ndarray:
 def load_model_layer(work: Path, device: str, layer: str | None):
     """The workspace's trained model on ``device``, restricted to ``layer`` unless it is None
     (:class:`ParameterError` naming the layers when it matches none)."""
-    from models.layers import layer_model
-    from stages.train import load_trained
+    from mono4d.models.layers import layer_model
+    from mono4d.stages.train import load_trained
 
     model = load_trained(stage_output(work, "train", "model.pt"), device)
     return model if layer is None else layer_model(model, layer)
@@ -273,8 +273,8 @@ def export_ply(work: Path, out: Path, frames: str, layer: str | None = None) -> 
     selected frame's time (see the module docstring)."""
     import torch
 
-    from data.ply import write_ply
-    from models.gaussians import gaussians_at
+    from mono4d.data.ply import write_ply
+    from mono4d.models.gaussians import gaussians_at
 
     model = load_model_layer(work, "cpu", layer)
     times = np.asarray(model.meta["times"], np.float64)
@@ -295,7 +295,7 @@ def export_ply(work: Path, out: Path, frames: str, layer: str | None = None) -> 
 def export_colmap(work: Path, out: Path, final: Path) -> list[Path]:
     """COLMAP model of the posed frames and sparse points (see the module docstring); ``final``
     is where ``out`` will be renamed to (the images symlink is relative to it)."""
-    from data.colmap import write_colmap_model
+    from mono4d.data.colmap import write_colmap_model
     cameras_dir, K, w2c, posed = posed_cameras(work)
     frames_dir = stage_output(work, "frames", "frames.json")
     content = read_cameras_meta(cameras_dir)
@@ -323,8 +323,8 @@ def export_colmap(work: Path, out: Path, final: Path) -> list[Path]:
 def export_nerfstudio(work: Path, out: Path, final: Path) -> list[Path]:
     """``transforms.json`` of the posed frames with image paths relative to ``final`` (where
     ``out`` will be renamed to) and normalised times."""
-    from data.nerfstudio import write_nerfstudio_transforms
-    from stages.frames import frame_paths
+    from mono4d.data.nerfstudio import write_nerfstudio_transforms
+    from mono4d.stages.frames import frame_paths
 
     cameras_dir, K, w2c, posed = posed_cameras(work)
     content = read_cameras_meta(cameras_dir)
@@ -372,7 +372,7 @@ def depth_to_png_values(depth: np.ndarray, scale: float) -> np.ndarray:
 def export_depth(work: Path, out: Path, frames: str) -> list[Path]:
     """``{i:06d}.png`` 16-bit depth of the selected frames and ``scale.json`` (see the module
     docstring)."""
-    from data.images import write_gray
+    from mono4d.data.images import write_gray
 
     folder, source = depth_source(work)
     if source == "align":
@@ -401,8 +401,8 @@ def export_depth(work: Path, out: Path, frames: str) -> list[Path]:
 def export_video(work: Path, out: Path, backend: str, layer: str | None = None) -> list[Path]:
     """``orbit.mp4`` and ``time_sweep.mp4`` rendered from the trained model (of ``layer`` only,
     unless None; see the module docstring)."""
-    from data.geometry import scale_intrinsics
-    from data.video import write_video
+    from mono4d.data.geometry import scale_intrinsics
+    from mono4d.data.video import write_video
 
     model = load_model_layer(work, model_device(backend), layer)
     _, K, w2c, posed = posed_cameras(work)
@@ -483,8 +483,8 @@ def export_workspace(work: Path, formats: list[str] | str, out_dir: Path | None 
         if not layer_formats:
             raise ParameterError(f"--layer selects the Gaussians of the {' and '.join(LAYER_FORMATS)} exports, "
                                  f"not of {', '.join(formats)}", "add ply or video to --format, or leave --layer out")
-        from models.layers import resolve_layer
-        from stages.train import load_trained
+        from mono4d.models.layers import resolve_layer
+        from mono4d.stages.train import load_trained
 
         layer_label, _ = resolve_layer(load_trained(stage_output(work, "train", "model.pt"), "cpu"), layer)
         folders.update({name: f"{name}_{layer_label}" for name in layer_formats})

@@ -5,9 +5,9 @@ params, out_dir) -> figures`` function (``stages/<name>.py``, which knows nothin
 stages it reads (``upstream(params)``: some edges depend on the parameters, see
 ../shared/DESIGN.md "What flows where"), which parameters only one backend reads, which
 parameters name files outside the workspace, and whether its chosen backend runs on CUDA.
-Everything else is derived from :data:`STAGES`: the Luigi task classes (:mod:`pipeline.tasks`),
-the configuration sections (:mod:`pipeline.config`), the DAG (:mod:`pipeline.dag`), the
-fingerprints (:mod:`pipeline.state`) and the stage order of the CLI, ``mono4d status`` and the
+Everything else is derived from :data:`STAGES`: the Luigi task classes (:mod:`mono4d.pipeline.tasks`),
+the configuration sections (:mod:`mono4d.pipeline.config`), the DAG (:mod:`mono4d.pipeline.dag`), the
+fingerprints (:mod:`mono4d.pipeline.state`) and the stage order of the CLI, ``mono4d status`` and the
 report.
 
 Adding a stage = its module in ``stages/``, one entry in :data:`STAGES`, and its section with
@@ -104,16 +104,16 @@ class Stage:
 
 #: Stage name -> declaration, in pipeline order (the last one is what `mono4d run` builds).
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
-    Stage("frames", "stages.frames", "Decode the input video or image folder into frames (stages/frames.py).",
+    Stage("frames", "mono4d.stages.frames", "Decode the input video or image folder into frames (stages/frames.py).",
           upstream=lambda p: [], reads_source=True),
-    Stage("flow", "stages.flow",
+    Stage("flow", "mono4d.stages.flow",
           "Forward/backward optical flow over consecutive and longer-range pairs (stages/flow.py).",
           upstream=lambda p: ["frames"], backend_param="backend",
           backends={"dis": ("dis_preset", "dis_finest_scale", "dis_refine_iterations", "dis_blur"),
                     "raft": ("raft_model", "raft_iterations", "batch_size", "device")},
           path_params=("raft_model",),
           uses_cuda=lambda p: p.backend == "raft" and device_is_cuda(p.device)),
-    Stage("masks", "stages.masks", "Dynamic-object / hand masks (stages/masks.py).",
+    Stage("masks", "mono4d.stages.masks", "Dynamic-object / hand masks (stages/masks.py).",
           upstream=lambda p: ["frames", "flow"] if p.needs_flow() else ["frames"], backend_param="backend",
           backends={"motion": ("threshold", "temporal_window", "homography_cue", "fit_samples", "max_pair_offset",
                                "work_max_side"),
@@ -122,7 +122,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
                     "sam2": ("prompts", "sam2_model", "device")},
           path_params=("prompts", "sam_checkpoint", "sam2_model", "mask_path"),
           uses_cuda=lambda p: p.backend in ("sam", "sam2") and device_is_cuda(p.device)),
-    Stage("cameras", "stages.cameras",
+    Stage("cameras", "mono4d.stages.cameras",
           "Intrinsics and world-to-camera poses: COLMAP, static or known cameras (stages/cameras.py).",
           upstream=lambda p: ["frames", "masks"] if p.mode == "colmap" and p.use_masks else ["frames"],
           backend_param="mode",
@@ -133,7 +133,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
                     "static": ("focal_px",),
                     "known": ("known_path", "known_camera")},
           path_params=("vocab_tree_path", "known_path")),
-    Stage("depth", "stages.depth", "Per-frame monocular or multi-view depth (stages/depth.py).",
+    Stage("depth", "mono4d.stages.depth", "Per-frame monocular or multi-view depth (stages/depth.py).",
           upstream=lambda p: ["frames", "cameras"] if p.needs_cameras() else ["frames"], backend_param="backend",
           backends={"transformers": ("model", "batch_size", "device", "fp16", "input_size", "output_kind"),
                     "file": ("file_path", "file_scale", "file_kind"),
@@ -142,14 +142,14 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
                             "sfm_fill_sigma", "sfm_fill_color", "sfm_min_support", "sfm_median")},
           path_params=("model", "file_path"),
           uses_cuda=lambda p: p.backend == "transformers" and device_is_cuda(p.device)),
-    Stage("align", "stages.align", "Depth scale/shift aligned to the SfM points, per frame (stages/align.py).",
+    Stage("align", "mono4d.stages.align", "Depth scale/shift aligned to the SfM points, per frame (stages/align.py).",
           upstream=lambda p: ["depth", "cameras", "masks"] if p.use_masks else ["depth", "cameras"]),
-    Stage("masks_refine", "stages.masks_refine", "Motion masks redone with the residual against the flow the cameras "
+    Stage("masks_refine", "mono4d.stages.masks_refine", "Motion masks redone with the residual against the flow the cameras "
           "and aligned depth predict (stages/masks_refine.py).",
           upstream=lambda p: ["frames", "flow", "masks", "cameras", "align"]),
-    Stage("tracks", "stages.tracks", "Long-term 2D tracks and 3D flow pairs (stages/tracks.py).",
+    Stage("tracks", "mono4d.stages.tracks", "Long-term 2D tracks and 3D flow pairs (stages/tracks.py).",
           upstream=lambda p: ["frames", "flow", "cameras", "align"]),
-    Stage("init", "stages.init", "Stage 1 of the optimizer: deformation fitted to the 3D flow pairs, canonical "
+    Stage("init", "mono4d.stages.init", "Stage 1 of the optimizer: deformation fitted to the 3D flow pairs, canonical "
           "Gaussians; or a silhouette hull of an RGBA dataset (stages/init.py).",
           upstream=lambda p: (["frames", "cameras"] if p.mode == "silhouette"
                               else ["frames", "cameras", "align", "masks_refine", "tracks"]),
@@ -160,7 +160,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           input_names={"masks_refine": "masks"},
           uses_cuda=lambda p: p.mode == "flow" and device_is_cuda(p.device)),
     # train.resume_from is not a path input: the stage writes that checkpoint itself.
-    Stage("train", "stages.train", "Stage 2: photometric + ordinal depth + priors optimisation, renders, exports "
+    Stage("train", "mono4d.stages.train", "Stage 2: photometric + ordinal depth + priors optimisation, renders, exports "
           "(stages/train.py).",
           upstream=lambda p: (["init", "frames", "cameras"] + (["align"] if p.use_depth else [])
                               + (["masks_refine"] if p.use_masks else [])

@@ -9,12 +9,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from data.errors import InputError, ModelUnavailableError, Mono4dError, ParameterError, StageFailure
-from pipeline import dag
-from pipeline.config import DEFAULT_CONFIG_FILE, Config, load_config
-from pipeline.registry import STAGES
-from pipeline.state import RunState
-from pipeline.workspace import WRITE_FAILURE_HINT, Workspace
+from mono4d.data.errors import InputError, ModelUnavailableError, Mono4dError, ParameterError, StageFailure
+from mono4d.pipeline import dag
+from mono4d.pipeline.config import DEFAULT_CONFIG_FILE, Config, load_config
+from mono4d.pipeline.registry import STAGES
+from mono4d.pipeline.state import RunState
+from mono4d.pipeline.workspace import WRITE_FAILURE_HINT, Workspace
 
 if TYPE_CHECKING:  # Luigi is imported only when something runs: a no-op rerun skips it (~0.15 s)
     import luigi
@@ -97,7 +97,7 @@ def run_pipeline(work: str | Path, input_path: str | Path | None = None, until: 
     with workspace.lock():
         run_config, stages, todo = prepare_run(workspace, source, config, target, forced)
         if todo:
-            from pipeline.tasks import task_class
+            from mono4d.pipeline.tasks import task_class
 
             build([task_class(target)(work=str(workspace.root))], workers, scheduler_host, scheduler_port,
                   config_files)

@@ -4,14 +4,15 @@ A stage's fingerprint covers four parts, each recorded in its manifest so stalen
 explained part by part:
 
 - ``params``: its effective parameters that its chosen backend reads (a stage's other backends'
-  parameters do not count; :meth:`pipeline.registry.Stage.active_params`);
+  parameters do not count; :meth:`mono4d.pipeline.registry.Stage.active_params`);
 - ``inputs``: content hashes of the files it reads from outside the workspace: the run's input
   video or image folder for a stage that reads it, and the existing files or folders named by
   its declared path parameters (``path_params``, e.g. a folder of user depth maps);
 - ``upstream``: the hashes of its upstream stages' manifests (a recomputed upstream changes them);
-- ``code``: the hash of every project source file (packages ``data``, ``models``, ``stages``,
-  ``pipeline``) the stage's module imports, transitively, function-level imports included; the
-  manifest also records the per-file hashes (``code_files``) so a difference names the file.
+- ``code``: the hash of every project source file (packages ``mono4d.data``, ``mono4d.models``,
+  ``mono4d.stages``, ``mono4d.pipeline``) the stage's module imports, transitively, function-level
+  imports included; the manifest also records the per-file hashes (``code_files``) so a
+  difference names the file.
 
 A stage is done when its manifest's fingerprint equals the current one *and* all its upstream
 stages are done; Luigi only walks down from the requested task until it finds a complete one,
@@ -24,13 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import dag
-from pipeline.config import REPO_ROOT, Config
-from pipeline.registry import STAGES
-from pipeline.workspace import FingerprintCache, Workspace, read_json, sha256_bytes, sha256_json, write_json_atomic
+from mono4d.pipeline import dag
+from mono4d.pipeline.config import REPO_ROOT, Config
+from mono4d.pipeline.registry import STAGES
+from mono4d.pipeline.workspace import (FingerprintCache, Workspace, read_json, sha256_bytes, sha256_json,
+                                       write_json_atomic)
 
-#: Top-level packages whose modules count in a stage's code hash -> the folder that holds each.
-SOURCE_ROOTS: dict[str, Path] = {name: REPO_ROOT for name in ("data", "models", "stages", "pipeline")}
+#: Packages whose modules count in a stage's code hash -> the folder that holds each package's
+#: folder: module ``mono4d.stages.train`` is ``stages/train.py`` there, recorded under that name.
+SOURCE_ROOTS: dict[str, Path] = {f"mono4d.{name}": REPO_ROOT for name in ("data", "models", "stages", "pipeline")}
 
 
 @dataclass
@@ -49,13 +52,15 @@ _sources_changed = False
 
 
 def module_file(module: str) -> tuple[Path, Path] | None:
-    """``(file, root)`` of a project module (``root`` holds its top-level package), or None for a
-    module outside the project packages or one that does not exist."""
+    """``(file, root)`` of a project module (``root``: its package's :data:`SOURCE_ROOTS` folder,
+    the longest package that matches), or None for a module outside the project packages or one
+    that does not exist."""
     parts = module.split(".")
-    root = SOURCE_ROOTS.get(parts[0])
-    if root is None:
+    depth = next((i for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in SOURCE_ROOTS), 0)
+    if not depth:
         return None
-    base = root.joinpath(*parts)
+    root = SOURCE_ROOTS[".".join(parts[:depth])]
+    base = root.joinpath(*parts[depth - 1:])
     for candidate in (base.parent / f"{parts[-1]}.py", base / "__init__.py"):
         if candidate.is_file():
             return candidate, root

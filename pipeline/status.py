@@ -4,10 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline import dag
-from pipeline.config import load_config
-from pipeline.state import RunState, StageState
-from pipeline.workspace import Workspace
+from mono4d.pipeline import dag
+from mono4d.pipeline.config import load_config
+from mono4d.pipeline.state import RunState, StageState
+from mono4d.pipeline.workspace import Workspace
 
 
 def workspace_states(work: str | Path, preset: str | None = None, overrides: Sequence[str] = (),

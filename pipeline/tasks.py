@@ -2,8 +2,8 @@
 
 Every task has one Luigi parameter, the workspace folder; the run configuration (input,
 parameters, forced stages) is read from ``DIR/config.json``, written by the CLI before the
-build. ``requires()`` follows :mod:`pipeline.dag`, ``complete()`` follows :mod:`pipeline.state`.
-One task class per stage of :data:`pipeline.registry.STAGES` is derived from its declaration
+build. ``requires()`` follows :mod:`mono4d.pipeline.dag`, ``complete()`` follows :mod:`mono4d.pipeline.state`.
+One task class per stage of :data:`mono4d.pipeline.registry.STAGES` is derived from its declaration
 (:func:`task_class`). A stage whose chosen backend runs on CUDA holds a ``gpu`` resource unit,
 so a luigid-scheduled machine never runs more CUDA tasks than ``[resources] gpu`` allows.
 """
@@ -20,9 +20,9 @@ from typing import Any, Iterator
 
 import luigi
 
-from pipeline.registry import STAGES, Stage
-from pipeline.state import RunState
-from pipeline.workspace import Workspace, library_versions
+from mono4d.pipeline.registry import STAGES, Stage
+from mono4d.pipeline.state import RunState
+from mono4d.pipeline.workspace import Workspace, library_versions
 
 logger = logging.getLogger("mono4d")
 

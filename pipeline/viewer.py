@@ -3,11 +3,11 @@
 The viewer serves viser's web client (http://HOST:PORT, loopback by default). The browser shows
 the trained model rendered from the browser's own camera: every time the camera moves, or the
 time slider changes, the server renders the model at that time with the rasterizer
-(:func:`pipeline.export.render_rgb`; the torch backend on CPU renders at low resolution,
+(:func:`mono4d.pipeline.export.render_rgb`; the torch backend on CPU renders at low resolution,
 ``max_side`` pixels on the longer side) and sends the picture as the scene's background. The GUI
 panel has the time slider, play, the render resolution, a button that jumps to the input camera
 of the frame nearest the current time, the input cameras drawn as frustums (click one to
-view from it at its time) and, for a model with more than one scene layer (:mod:`models.layers`:
+view from it at its time) and, for a model with more than one scene layer (:mod:`mono4d.models.layers`:
 ``static``, ``object_<k>``, ``hand``), a checkbox per layer that shows or hides its Gaussians.
 
 Cameras: viser reports the browser camera as ``T_world_camera`` in the OpenCV convention (x right,
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import ModelUnavailableError, ParameterError
+from mono4d.data.errors import ModelUnavailableError, ParameterError
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def viser_camera_to_opencv(position: np.ndarray, wxyz: np.ndarray, fov_y: float,
     pixels; rendered at most ``max_side`` pixels on the longer side."""
     import viser.transforms as transforms
 
-    from data.geometry import invert_rigid
+    from mono4d.data.geometry import invert_rigid
 
     width, height = render_size(image_width, image_height, max_side)
     focal = 0.5 * height / np.tan(0.5 * fov_y)
@@ -75,7 +75,7 @@ def opencv_to_viser_pose(w2c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``wxyz (4,)`` and ``position (3,)`` of ``T_world_camera`` for an OpenCV ``w2c (4, 4)``."""
     import viser.transforms as transforms
 
-    from data.geometry import invert_rigid
+    from mono4d.data.geometry import invert_rigid
 
     c2w = invert_rigid(w2c)
     return transforms.SO3.from_matrix(c2w[:3, :3]).wxyz, c2w[:3, 3]
@@ -85,7 +85,7 @@ class SceneViewer:
     """A running viewer of a workspace's trained model (see the module docstring).
 
     Attributes: ``url`` (where a browser opens it), ``port``, ``model`` (the
-    :class:`models.gaussians.SceneModel`), ``K``/``w2c`` (the input cameras, ``(T, 3, 3)`` /
+    :class:`mono4d.models.gaussians.SceneModel`), ``K``/``w2c`` (the input cameras, ``(T, 3, 3)`` /
     ``(T, 4, 4)``), ``posed`` (indices of the frames with a pose), ``centre`` (world point the
     middle input camera looks at), ``view_distance`` (its distance from that camera, world units),
     ``renders`` (how many pictures were sent to browsers), ``layers`` (layer name -> label ids),
@@ -99,9 +99,9 @@ class SceneViewer:
         except ImportError as error:
             raise ModelUnavailableError(f"the viewer needs the viser package, which cannot be imported ({error})",
                                         "pip install viser") from None
-        from models.layers import model_layers
-        from pipeline.export import look_at_centre, model_device, posed_cameras, scene_up, stage_output
-        from stages.train import load_trained
+        from mono4d.models.layers import model_layers
+        from mono4d.pipeline.export import look_at_centre, model_device, posed_cameras, scene_up, stage_output
+        from mono4d.stages.train import load_trained
 
         if not MIN_SIDE <= max_side <= MAX_SIDE:
             raise ParameterError(f"viewer resolution {max_side} is not in {MIN_SIDE}..{MAX_SIDE} pixels",
@@ -147,7 +147,7 @@ class SceneViewer:
 
     # --- geometry --------------------------------------------------------------------------
     def _camera_centre(self, frame: int) -> np.ndarray:
-        from data.geometry import camera_centers
+        from mono4d.data.geometry import camera_centers
 
         return camera_centers(self.w2c[frame])
 
@@ -169,7 +169,7 @@ class SceneViewer:
         """``(H, W, 3)`` uint8 RGB of the model at normalised ``time`` seen by a viser camera (see
         :func:`viser_camera_to_opencv`), at most ``max_side`` (default: the GUI's resolution)
         pixels on the longer side."""
-        from pipeline.export import model_background, render_rgb
+        from mono4d.pipeline.export import model_background, render_rgb
 
         side = int(self.resolution.value) if max_side is None else int(max_side)
         K, w2c, width, height = viser_camera_to_opencv(position, wxyz, fov_y, image_width, image_height, side)
@@ -259,7 +259,7 @@ class SceneViewer:
         self._apply_layers()
 
     def _apply_layers(self) -> None:
-        from models.layers import labels_mask, subset
+        from mono4d.models.layers import labels_mask, subset
 
         shown = [layer for layer, toggle in self.layer_toggles.items() if toggle.value]
         if len(shown) == len(self.layers):
@@ -340,7 +340,7 @@ def serve_viewer(work: Path, host: str = "127.0.0.1", port: int = 8080, max_side
                  backend: str = "auto") -> SceneViewer:
     """Start the viewer of the workspace ``work`` on ``host:port`` (``port`` 0: any free port; a
     busy port moves to the next free one, see ``viewer.port``) and return it running; call
-    ``stop()`` on it to end it. Raises :class:`data.errors.InputError` naming the stage to run
+    ``stop()`` on it to end it. Raises :class:`mono4d.data.errors.InputError` naming the stage to run
     when the train or cameras stage has not run."""
     return SceneViewer(Path(work), host, port, max_side, backend)
 

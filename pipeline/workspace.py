@@ -30,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from data.errors import Mono4dError, ParameterError, StageFailure
+from mono4d.data.errors import Mono4dError, ParameterError, StageFailure
 
 logger = logging.getLogger("mono4d")
 

@@ -22,7 +22,7 @@ Outputs in ``out_dir``: ``depth/000000.npy`` float32 z-depth (0 = invalid: no mo
 non-positive, or farther than ``max_depth_ratio`` x the 99th percentile of the SfM depths),
 ``vis/000000.png``, ``alignment.json`` (per-frame scale, shift, raw fit, residual, point counts,
 inlier fraction, filled/smoothed flags; depth and record written by
-:func:`data.artifacts.write_aligned_depth`) and ``scatter.png`` (aligned mono depth vs SfM depth at
+:func:`mono4d.data.artifacts.write_aligned_depth`) and ``scatter.png`` (aligned mono depth vs SfM depth at
 the points of all frames, log-log; inliers green, outliers red).
 """
 from __future__ import annotations
@@ -36,11 +36,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from data.artifacts import read_cameras, read_depth, read_masks, read_points, write_aligned_depth
-from data.errors import InputError, ParameterError, StageFailure
-from data.images import write_rgb
-from data.visualize import colorize_depth
-from stages.depth_backends import observed_point_depths, pixel_indices
+from mono4d.data.artifacts import read_cameras, read_depth, read_masks, read_points, write_aligned_depth
+from mono4d.data.errors import InputError, ParameterError, StageFailure
+from mono4d.data.images import write_rgb
+from mono4d.data.visualize import colorize_depth
+from mono4d.stages.depth_backends import observed_point_depths, pixel_indices
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ Three modes:
   matched to the frames by order; intrinsics are rescaled to the frames' size. Frames written
   from a D-NeRF folder (``known_path`` that folder) take the cameras of its train and test splits.
 
-Outputs: ``cameras.json`` and ``points.npz`` (see :func:`data.artifacts.write_cameras`,
-:func:`~data.artifacts.write_points`), ``sparse/`` (a COLMAP model of the result, in every mode)
+Outputs: ``cameras.json`` and ``points.npz`` (see :func:`mono4d.data.artifacts.write_cameras`,
+:func:`~mono4d.data.artifacts.write_points`), ``sparse/`` (a COLMAP model of the result, in every mode)
 and ``vis/trajectory.png``.
 """
 from __future__ import annotations
@@ -35,11 +35,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from data.artifacts import empty_points, read_masks, write_cameras, write_points
-from data.dataset_frames import DatasetFrames
-from data.errors import InputError, ParameterError, StageFailure
-from data.geometry import camera_centers, intrinsics_matrix, interpolate_w2c, scale_intrinsics
-from data.images import write_gray, write_rgb
+from mono4d.data.artifacts import empty_points, read_masks, write_cameras, write_points
+from mono4d.data.dataset_frames import DatasetFrames
+from mono4d.data.errors import InputError, ParameterError, StageFailure
+from mono4d.data.geometry import camera_centers, intrinsics_matrix, interpolate_w2c, scale_intrinsics
+from mono4d.data.images import write_gray, write_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ def run_colmap(frames_dir: Path, names: Sequence[str], width: int, height: int, 
     """
     import pycolmap
 
-    from data.colmap import reconstruction_cameras, reconstruction_points
+    from mono4d.data.colmap import reconstruction_cameras, reconstruction_points
 
     notes: list[str] = []
     num_frames = len(names)
@@ -416,8 +416,8 @@ def known_cameras(params: Params, meta: dict) -> tuple[np.ndarray, np.ndarray, d
     """Read dataset cameras for the frames. Returns ``(K, w2c, points, units, notes)``. Frames the
     frames stage wrote from this D-NeRF folder itself get the cameras of the same splits, in the
     same order."""
-    from data.datasets import read_dataset
-    from data.dnerf import read_dnerf_splits
+    from mono4d.data.datasets import read_dataset
+    from mono4d.data.dnerf import read_dnerf_splits
 
     path = Path(params.known_path)
     written = meta.get("dataset", {})
@@ -437,7 +437,7 @@ def known_cameras(params: Params, meta: dict) -> tuple[np.ndarray, np.ndarray, d
         notes.append(f"dataset intrinsics for {dataset.width}x{dataset.height} scaled to the frames' {width}x{height}")
     points = empty_points()
     if dataset.format == "colmap":
-        from data.colmap import read_colmap_points
+        from mono4d.data.colmap import read_colmap_points
 
         dataset_points = read_colmap_points(path)
         frame_of_dataset = {int(d): i for i, d in enumerate(indices)}
@@ -511,8 +511,8 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     ``num_unposed``, ``num_points``, ``focal_px`` (mean fx), ``time_s`` and, with COLMAP,
     ``reprojection_error_px``, ``mean_track_length``, ``matcher``; plus ``notes``.
     """
-    from data.colmap import write_colmap_model
-    from stages.frames import read_frames_meta
+    from mono4d.data.colmap import write_colmap_model
+    from mono4d.stages.frames import read_frames_meta
 
     params.validate()
     started = time.perf_counter()

@@ -15,13 +15,13 @@ Backends (``Params.backend``):
 - ``file`` — the user's own depth maps (``.npy``, 16-bit PNG, float TIFF; or one stacked
   ``(T, H, W)`` ``.npy``), matched to the frames in sorted order; value x ``file_scale``.
 - ``sfm`` — weights-free plane-sweep stereo from the cameras stage's registered cameras and
-  sparse points (see :mod:`stages.depth_backends` for the method and its limits on moving
+  sparse points (see :mod:`mono4d.stages.depth_backends` for the method and its limits on moving
   objects); z-depth in the cameras' units.
 
 Outputs in ``out_dir``: ``depth/000000.npy`` float32 ``(H, W)`` per frame and ``depth.json`` =
 {"kind": "relative_inverse" | "metric" | "sfm", "invalid": "0", "backend" (the one that ran),
 "auto_chosen", "model", "num_frames", "width", "height", "files"} (see
-:func:`data.artifacts.write_depth`), and ``vis/000000.png`` colourised (near = warm, invalid =
+:func:`mono4d.data.artifacts.write_depth`), and ``vis/000000.png`` colourised (near = warm, invalid =
 black; one colour range for the whole clip for z-depth kinds). Values <= 0 are
 invalid. For ``relative_inverse`` larger means nearer, up to an unknown scale and shift; the
 align stage turns every kind into z-depth in the cameras' units.
@@ -36,10 +36,10 @@ from typing import Mapping
 import numpy as np
 from tqdm import tqdm
 
-from data.artifacts import DEPTH_KINDS, read_cameras, read_points, write_depth
-from data.errors import InputError, ParameterError, StageFailure
-from data.images import write_rgb
-from data.visualize import colorize, colorize_depth
+from mono4d.data.artifacts import DEPTH_KINDS, read_cameras, read_points, write_depth
+from mono4d.data.errors import InputError, ParameterError, StageFailure
+from mono4d.data.images import write_rgb
+from mono4d.data.visualize import colorize, colorize_depth
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class Params:
 
     def __post_init__(self) -> None:
         if self.backend == AUTO:
-            from stages.depth_backends import transformers_model_availability
+            from mono4d.stages.depth_backends import transformers_model_availability
 
             available, where = transformers_model_availability(self.model)
             if available:
@@ -172,7 +172,7 @@ def _progress(description: str, unit: str):
 def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     """Estimate depth for every frame of ``inputs["frames"]`` (and ``inputs["cameras"]`` for the
     sfm backend) and write ``depth/``, ``vis/`` and ``depth.json`` into ``out_dir``."""
-    from stages.frames import load_frames, read_frames_meta
+    from mono4d.stages.frames import load_frames, read_frames_meta
 
     params.validate()
     meta = read_frames_meta(inputs["frames"])
@@ -181,7 +181,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     figures: dict = {}
     model_name = ""
     if params.backend == "transformers":
-        from stages.depth_backends import depth_kind_from_config, estimate_transformers_depth
+        from mono4d.stages.depth_backends import depth_kind_from_config, estimate_transformers_depth
 
         depth, config = estimate_transformers_depth(
             lambda indices: load_frames(inputs["frames"], indices), num_frames, size, params.model,
@@ -195,12 +195,12 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
                                  "set it: --set depth.output_kind=relative_inverse (disparity-like, larger = "
                                  "nearer) or --set depth.output_kind=metric")
     elif params.backend == "file":
-        from stages.depth_backends import read_depth_files
+        from mono4d.stages.depth_backends import read_depth_files
 
         depth = read_depth_files(Path(params.file_path).expanduser(), num_frames, size, params.file_scale)
         kind = params.file_kind
     else:
-        from stages.depth_backends import estimate_sfm_depth, transformers_model_availability
+        from mono4d.stages.depth_backends import estimate_sfm_depth, transformers_model_availability
 
         if params.auto_chosen:
             notes.append(f"depth.backend=auto used the weights-free sfm backend: depth model '{params.model}' is "

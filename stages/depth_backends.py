@@ -49,8 +49,8 @@ import cv2
 import numpy as np
 from numba import njit
 
-from data.errors import InputError, ModelUnavailableError, ParameterError
-from data.geometry import camera_centers, invert_rigid, scale_intrinsics
+from mono4d.data.errors import InputError, ModelUnavailableError, ParameterError
+from mono4d.data.geometry import camera_centers, invert_rigid, scale_intrinsics
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ Pairs: every consecutive pair ``(i, i+1)`` plus longer-range pairs at offsets 2,
 every pair ``i < j`` (short clips only).
 
 Backends: ``dis`` (OpenCV DIS, weights-free, CPU) and ``raft`` (torchvision RAFT, see
-:mod:`models.raft`).
+:mod:`mono4d.models.raft`).
 
 Consistency: pixel ``x`` of frame i with forward flow ``F`` is valid when ``x + F(x)`` lies inside
 frame j and ``|F(x) + B(x + F(x))| < fb_threshold + fb_relative * |F(x)|`` (``B`` the backward
@@ -17,7 +17,7 @@ Outputs: ``pairs.json`` {"pairs": [[i, j], ...], "backend", "width", "height", .
 ``pairs/{i:06d}_{j:06d}.npz`` (``forward``/``backward`` (H, W, 2) float16 pixels, stored
 uncompressed: deflate saves a fifth of their size for as much CPU time as DIS itself;
 ``valid_forward``/``valid_backward`` (H, W) bool, deflated; written and read by
-:func:`data.artifacts.write_flow_pair`/:func:`~data.artifacts.read_flow_pair`) and
+:func:`mono4d.data.artifacts.write_flow_pair`/:func:`~mono4d.data.artifacts.read_flow_pair`) and
 ``vis/{i:06d}_{j:06d}.png`` flow colour images of the consecutive pairs (invalid = black).
 Flow vectors are (dx, dy) in pixels; ``flow[r, c]`` moves the pixel at row r, column c.
 """
@@ -40,11 +40,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from data.artifacts import flow_pair_name, write_flow_meta, write_flow_pair
-from data.errors import InputError, ParameterError
-from data.images import read_rgb, write_rgb
-from data.visualize import flow_to_color
-from models import raft
+from mono4d.data.artifacts import flow_pair_name, write_flow_meta, write_flow_pair
+from mono4d.data.errors import InputError, ParameterError
+from mono4d.data.images import read_rgb, write_rgb
+from mono4d.data.visualize import flow_to_color
+from mono4d.models import raft
 
 logger = logging.getLogger(__name__)
 T_item = TypeVar("T_item")
@@ -398,7 +398,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     Returns ``{"backend", "num_frames", "num_pairs", "mean_valid_fraction", "ms_per_pair"}``
     (``ms_per_pair``: flow computation, both directions, without file writing) plus ``notes``.
     """
-    from stages import frames
+    from mono4d.stages import frames
 
     params.validate()
     if "frames" not in inputs:

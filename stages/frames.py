@@ -17,9 +17,9 @@ side is at most ``max_side``, and ``frames.json`` with ``source``, ``source_type
 ``width``, ``height``, ``num_frames``, ``source_indices``, ``timestamps`` (seconds in the source)
 and ``files`` (relative to the stage folder).
 
-A D-NeRF folder as the source (:func:`data.dnerf.is_dnerf_folder`) gives every image of its
-:data:`~data.dnerf.PIPELINE_SPLITS` in that order (the selection steps above do not apply),
-composited over :data:`~data.dnerf.BACKGROUND`, and also ``alpha/000000.png ...`` (the images'
+A D-NeRF folder as the source (:func:`mono4d.data.dnerf.is_dnerf_folder`) gives every image of its
+:data:`~mono4d.data.dnerf.PIPELINE_SPLITS` in that order (the selection steps above do not apply),
+composited over :data:`~mono4d.data.dnerf.BACKGROUND`, and also ``alpha/000000.png ...`` (the images'
 alpha, 8-bit, resized alike); its ``frames.json`` adds ``times`` (the dataset's normalised
 times), ``holdout_frames`` (the frames of the last split, the test split) and ``dataset``
 (``{"format": "dnerf", "splits": {split: count}}``); timestamps are ``i / folder_fps``.
@@ -35,10 +35,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from data import video
-from data.errors import InputError, ParameterError
-from data.images import read_gray, read_rgb, write_gray, write_rgb
-from stages.flow import DIS_MIN_SIDE, RAFT_MIN_SIDE
+from mono4d.data import video
+from mono4d.data.errors import InputError, ParameterError
+from mono4d.data.images import read_gray, read_rgb, write_gray, write_rgb
+from mono4d.stages.flow import DIS_MIN_SIDE, RAFT_MIN_SIDE
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def resize_to_max_side(image: np.ndarray, max_side: int) -> np.ndarray:
 def check_frame_size(width: int, height: int, source_size: tuple[int, int], params: Params, source: Path) -> None:
     """Raise :class:`InputError` when frames of ``width`` x ``height`` pixels (after the resize
     of ``params.max_side``; ``source_size`` (width, height) before it) are smaller than the flow
-    stage's backends accept: :data:`~stages.flow.DIS_MIN_SIDE` pixels on each side."""
+    stage's backends accept: :data:`~mono4d.stages.flow.DIS_MIN_SIDE` pixels on each side."""
     if min(width, height) >= DIS_MIN_SIDE:
         return
     resized = (width, height) != tuple(source_size)
@@ -198,7 +198,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     ``{"num_frames", "width", "height", "fps", "source_fps", "duration_s"}`` (``duration_s``:
     time from the first to the last written frame) plus ``"notes"`` when there are warnings.
     """
-    from data.dnerf import is_dnerf_folder
+    from mono4d.data.dnerf import is_dnerf_folder
 
     params.validate()
     source_path = Path(inputs["source"])
@@ -257,7 +257,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
 def write_dataset_frames(root: Path, params: Params, out_dir: Path) -> dict:
     """Write the frames of the D-NeRF folder ``root`` (see the module docstring) to ``out_dir``;
     returns :func:`run`'s figures plus ``num_holdout``."""
-    from data.dnerf import BACKGROUND, PIPELINE_SPLITS, composite, read_dnerf, read_rgba
+    from mono4d.data.dnerf import BACKGROUND, PIPELINE_SPLITS, composite, read_dnerf, read_rgba
 
     splits = {split: read_dnerf(root, split) for split in PIPELINE_SPLITS}
     paths = [path for dataset in splits.values() for path in dataset.image_paths]

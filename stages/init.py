@@ -3,7 +3,7 @@ pairs, then create canonical Gaussians from the aligned depth.
 
 1. Deformation (MoDGS-style). The 3D flow pairs of the tracks stage whose both ends lie on
    dynamic pixels (masks > 0) give world points ``x_i`` seen at frame i and ``x_j`` at frame j.
-   The invertible field of :mod:`models.deformation` is fitted so that
+   The invertible field of :mod:`mono4d.models.deformation` is fitted so that
    ``F(F^-1(x_i, t_i), t_j) ~= x_j`` (mean Euclidean distance), plus a neighbour-smoothness term
    (3D neighbours on one frame's dynamic surface move alike to a random time) and, for the
    rotation head only, a local-rigidity term (each point's rotation delta turns its neighbours'
@@ -15,7 +15,7 @@ pairs, then create canonical Gaussians from the aligned depth.
    size found by bisection; positions and colours averaged per voxel); scales are the mean
    distance to the 3 nearest Gaussians (isotropic), rotations identity, opacity ``init_opacity``,
    colours from the frames as the DC spherical-harmonics term. Each Gaussian gets a label
-   (:mod:`models.layers`): 0 for static ones, a dynamic one the majority mask label of the
+   (:mod:`mono4d.models.layers`): 0 for static ones, a dynamic one the majority mask label of the
    lifted points nearest to it; the label names come from the masks stage's ``labels.json``
    (and ``label_names``) and are kept in the checkpoint's ``meta["labels"]``.
 
@@ -24,9 +24,9 @@ train stage evaluates on the held-out frames and reads the list from this stage'
 Time is ``t = i / (T - 1)``.
 
 ``mode=silhouette`` instead initialises an object-centred dataset with alpha (a D-NeRF folder as
-the input) from its silhouettes alone (:mod:`stages.init_silhouette`).
+the input) from its silhouettes alone (:mod:`mono4d.stages.init_silhouette`).
 
-Outputs: ``init.pt`` (:func:`models.gaussians.save_model` layout: params, is_dynamic, field,
+Outputs: ``init.pt`` (:func:`mono4d.models.gaussians.save_model` layout: params, is_dynamic, field,
 ``meta`` with ``num_frames``, ``width``, ``height``, ``times``, ``train_frames``,
 ``holdout_frames``, ``scene_scale`` (median aligned depth, world units), ``units`` and the
 parameters), ``init.json`` (the key figures), ``pair_residuals.png`` (histograms of the pair
@@ -47,9 +47,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from data.errors import InputError, ParameterError, StageFailure, require_inputs
-from data.images import write_rgb
-from models.layers import nearest_labels, parse_label_names
+from mono4d.data.errors import InputError, ParameterError, StageFailure, require_inputs
+from mono4d.data.images import write_rgb
+from mono4d.models.layers import nearest_labels, parse_label_names
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Params:
 
     mode: "flow" (the deformation fitted to the 3D flow pairs, Gaussians lifted from the aligned
         depth: see the module docstring) or "silhouette" (a visual hull of the frames' alpha, for
-        a dataset of RGBA images with known cameras: :mod:`stages.init_silhouette`).
+        a dataset of RGBA images with known cameras: :mod:`mono4d.stages.init_silhouette`).
     holdout_every: every k-th frame (frames with ``i % k == k // 2``) is held out of init and
         training and evaluated by the train stage; 0 = use every frame.
     max_static: budget of static (background) Gaussians.
@@ -99,7 +99,7 @@ class Params:
         views whose foreground a point must fall on.
     label_names: "ID:NAME,..." names of mask label ids that replace those of the masks stage's
         labels.json (e.g. "2:hand": the file and motion backends cannot name a hand; a label
-        named hand goes to the hand layer, see :mod:`models.layers`); "" keeps labels.json's.
+        named hand goes to the hand layer, see :mod:`mono4d.models.layers`); "" keeps labels.json's.
     """
 
     mode: str = "flow"
@@ -203,7 +203,7 @@ def pixel_centres(height: int, width: int, stride: int) -> tuple[np.ndarray, np.
 def lift_pixels(rows: np.ndarray, cols: np.ndarray, depth: np.ndarray, K: np.ndarray, w2c: np.ndarray) -> np.ndarray:
     """World points ``(M, 3)`` float64 of pixels (rows, cols) with z-depth ``depth (M,)``; the
     pixel centre is at ``(col + 0.5, row + 0.5)``."""
-    from stages.tracks import unproject
+    from mono4d.stages.tracks import unproject
 
     xy = np.stack([cols + 0.5, rows + 0.5], axis=1)
     return unproject(xy, depth, K, w2c)
@@ -273,11 +273,11 @@ def classify_pairs(pairs: dict[str, np.ndarray], masks: np.ndarray, usable: np.n
 
 
 def make_field(params: Params, dynamic_points: np.ndarray):
-    """A zero (identity) :class:`~models.deformation.DeformationField` normalised to the bounding
+    """A zero (identity) :class:`~mono4d.models.deformation.DeformationField` normalised to the bounding
     box of ``dynamic_points (N, 3)`` (1st to 99th percentile)."""
     import torch
 
-    from models.deformation import DeformationConfig, DeformationField
+    from mono4d.models.deformation import DeformationConfig, DeformationField
 
     config = DeformationConfig(num_layers=params.deform_layers, hidden=params.deform_width,
                                position_frequencies=params.position_frequencies,
@@ -360,7 +360,7 @@ def _fit_deformation(field, src: np.ndarray, dst: np.ndarray, src_time: np.ndarr
     """:func:`fit_deformation` on the current torch threads."""
     import torch
 
-    from models.deformation import rotate_vectors
+    from mono4d.models.deformation import rotate_vectors
 
     generator = torch.Generator().manual_seed(params.seed)
     src_t, dst_t = (torch.as_tensor(a, dtype=torch.float32, device=device) for a in (src, dst))
@@ -428,7 +428,7 @@ def write_residual_histogram(path: Path, before: np.ndarray, after: np.ndarray) 
 def splat_points(points: np.ndarray, colors: np.ndarray, K: np.ndarray, w2c: np.ndarray, height: int,
                  width: int) -> np.ndarray:
     """``(H, W, 3)`` uint8: points projected into a camera, nearest first (a z-buffer), on black."""
-    from data.geometry import project_points
+    from mono4d.data.geometry import project_points
 
     image = np.zeros((height, width, 3), np.uint8)
     uv, depth = project_points(K, w2c, points)
@@ -444,22 +444,22 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     """Fit the deformation and create the canonical Gaussians (see the module docstring).
 
     ``inputs``: ``frames``, ``cameras``, ``align``, ``masks``, ``tracks`` (mode "silhouette":
-    ``frames`` and ``cameras``, see :func:`stages.init_silhouette.run`). Returns key figures:
+    ``frames`` and ``cameras``, see :func:`mono4d.stages.init_silhouette.run`). Returns key figures:
     ``num_static``, ``num_dynamic``, ``num_pairs_dynamic``, ``pair_residual_before`` and
     ``pair_residual_after`` (median, world units), ``pair_residual_ratio`` (after / before),
     ``num_train_frames``, ``num_holdout_frames``, ``fit_seconds``.
     """
     import torch
 
-    from data.artifacts import (LABELS_FILE, read_aligned_depth, read_cameras, read_cameras_meta, read_labels, read_masks,
-                                read_pairs3d)
-    from models.gaussians import SceneModel, create_params, save_model
-    from stages.frames import load_frames
-    from stages.tracks import depth_edges
+    from mono4d.data.artifacts import (LABELS_FILE, read_aligned_depth, read_cameras, read_cameras_meta, read_labels,
+                                       read_masks, read_pairs3d)
+    from mono4d.models.gaussians import SceneModel, create_params, save_model
+    from mono4d.stages.frames import load_frames
+    from mono4d.stages.tracks import depth_edges
 
     params.validate()
     if params.mode == "silhouette":
-        from stages import init_silhouette
+        from mono4d.stages import init_silhouette
 
         return init_silhouette.run(inputs, params, out_dir)
     require_inputs(inputs, ("frames", "cameras", "align", "masks", "tracks"), "init")
@@ -606,8 +606,8 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
 
 
 def load_init(init_dir: str | Path, device: str = "cpu"):
-    """The init stage's model (:class:`models.gaussians.SceneModel`) on ``device``."""
-    from models.gaussians import load_model
+    """The init stage's model (:class:`mono4d.models.gaussians.SceneModel`) on ``device``."""
+    from mono4d.models.gaussians import load_model
 
     path = Path(init_dir) / CHECKPOINT_FILE
     if not path.is_file():

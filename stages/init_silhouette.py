@@ -12,7 +12,7 @@ the cube (centre 0, radius ``hull_half_size * sqrt(3)``).
 Frames, times and held-out frames: those the frames stage wrote for the dataset (its test split
 is held out, its times are the dataset's); frames from elsewhere use ``holdout_every`` and
 ``t = i / (T - 1)``. The scene scale is the median distance of the training cameras from the
-origin. Outputs as the flow mode's (:mod:`stages.init`): ``init.pt``, ``init.json`` and
+origin. Outputs as the flow mode's (:mod:`mono4d.stages.init`): ``init.pt``, ``init.json`` and
 ``init_view.png``.
 """
 from __future__ import annotations
@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from data.errors import InputError, require_inputs
-from data.images import write_rgb
+from mono4d.data.errors import InputError, require_inputs
+from mono4d.data.images import write_rgb
 
 if TYPE_CHECKING:
-    from stages.init import Params
+    from mono4d.stages.init import Params
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def hull_points(alpha: np.ndarray, rgb: np.ndarray, K: np.ndarray, w2c: np.ndarr
     """World points ``(N, 3)`` float64 and colours ``(N, 3)`` in [0, 1] of the loose visual hull
     (see the module docstring) of the views ``alpha (V, H, W)`` uint8, ``rgb (V, H, W, 3)``
     uint8 with OpenCV cameras ``K (V, 3, 3)``, ``w2c (V, 4, 4)``; ``N <= params.max_dynamic``."""
-    from data.geometry import project_points
+    from mono4d.data.geometry import project_points
 
     half = params.hull_half_size
     points = rng.uniform(-half, half, (params.hull_candidates, 3))
@@ -74,13 +74,13 @@ def hull_points(alpha: np.ndarray, rgb: np.ndarray, K: np.ndarray, w2c: np.ndarr
 
 
 def silhouette_model(alpha: np.ndarray, rgb: np.ndarray, K: np.ndarray, w2c: np.ndarray, params: Params, meta: dict):
-    """The :class:`models.gaussians.SceneModel` of the visual hull of the views (arrays as in
+    """The :class:`mono4d.models.gaussians.SceneModel` of the visual hull of the views (arrays as in
     :func:`hull_points`) with an identity deformation field and ``meta``."""
     import torch
 
-    from models.deformation import DeformationConfig, DeformationField
-    from models.gaussians import SceneModel, create_params
-    from stages.init import nearest_neighbour_scales
+    from mono4d.models.deformation import DeformationConfig, DeformationField
+    from mono4d.models.gaussians import SceneModel, create_params
+    from mono4d.stages.init import nearest_neighbour_scales
 
     points, colors = hull_points(alpha, rgb, K, w2c, params, np.random.default_rng(params.seed))
     scales = nearest_neighbour_scales(points)
@@ -98,8 +98,8 @@ def silhouette_model(alpha: np.ndarray, rgb: np.ndarray, K: np.ndarray, w2c: np.
 
 def frames_split(frames_meta: dict, num_frames: int, holdout_every: int) -> tuple[np.ndarray, list[int]]:
     """``(times (T,), held-out frames)``: the frames stage's (a dataset's) when it wrote them,
-    else ``i / (T - 1)`` and every ``holdout_every``-th frame (:func:`stages.init.holdout_frames`)."""
-    from stages.init import frame_times, holdout_frames
+    else ``i / (T - 1)`` and every ``holdout_every``-th frame (:func:`mono4d.stages.init.holdout_frames`)."""
+    from mono4d.stages.init import frame_times, holdout_frames
 
     if "times" in frames_meta and "holdout_frames" in frames_meta:
         return np.asarray(frames_meta["times"], np.float64), [int(i) for i in frames_meta["holdout_frames"]]
@@ -112,11 +112,11 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     ``num_train_frames``, ``num_holdout_frames``, ``scene_scale``."""
     import torch
 
-    from data.artifacts import read_cameras, read_cameras_meta
-    from models.gaussians import save_model, sh0_to_rgb
-    from models.layers import parse_label_names
-    from stages.frames import load_alpha, load_frames, read_frames_meta
-    from stages.init import CHECKPOINT_FILE, SUMMARY_FILE, splat_points
+    from mono4d.data.artifacts import read_cameras, read_cameras_meta
+    from mono4d.models.gaussians import save_model, sh0_to_rgb
+    from mono4d.models.layers import parse_label_names
+    from mono4d.stages.frames import load_alpha, load_frames, read_frames_meta
+    from mono4d.stages.init import CHECKPOINT_FILE, SUMMARY_FILE, splat_points
 
     require_inputs(inputs, ("frames", "cameras"), "init (mode silhouette)")
     out_dir = Path(out_dir)

@@ -24,16 +24,16 @@ Backends (``Params.backend``):
   of the confident pixels for the unreliable ones (:func:`confident_vote`), and GrabCut in a
   band around each boundary (:func:`snap_boundary`) that pulls the halo of dragged flow on
   flat surroundings back onto the object's outline. Work happens at ``work_max_side``. No
-  cameras or depth are needed, so COLMAP can ignore what moves; :mod:`stages.masks_refine`
+  cameras or depth are needed, so COLMAP can ignore what moves; :mod:`mono4d.stages.masks_refine`
   redoes the masks with them. One label: 1 = "dynamic".
 - ``file`` (needs only frames for a folder of masks; needs flow for a single first-frame mask):
   user masks, one image per frame (in name order; or one per source frame, picked through the
   frames stage's ``source_indices``), resized with nearest neighbour, or ONE mask of the first
   frame propagated through the video along the flow.
-- ``sam`` / ``sam2`` (need frames; see :mod:`stages.masks_sam`): prompted segment-anything
+- ``sam`` / ``sam2`` (need frames; see :mod:`mono4d.stages.masks_sam`): prompted segment-anything
   with flow-guided re-prompting, or the SAM2 video model of transformers.
 
-Outputs (masks and labels in the layout of :func:`data.artifacts.write_masks`): ``masks/000000.png``
+Outputs (masks and labels in the layout of :func:`mono4d.data.artifacts.write_masks`): ``masks/000000.png``
 (uint8 label map per frame), ``labels.json`` =
 ``{"labels": {"0": "background", "1": ..., ...}, "backend": ...}``, ``vis/000000.png``
 (labels drawn over the frame) and, for ``motion``, ``vis/cues/score_000000.png`` and
@@ -52,14 +52,14 @@ import numpy as np
 from numba import njit
 from tqdm import tqdm
 
-from data.artifacts import write_masks
-from data.errors import InputError, ParameterError
-from data.images import write_gray, write_rgb
-from data.visualize import colorize, overlay_labels
-from stages import frames as frames_stage
-from stages.flow import MAX_WORKERS, prefetch, worker_count
-from stages.masks_common import (StageFlow, clean_binary, clean_labels, dilate_labels, disk, morph_radius, pixel_grid,
-                                  require_consecutive_pairs, warp_backward, worker_pool)
+from mono4d.data.artifacts import write_masks
+from mono4d.data.errors import InputError, ParameterError
+from mono4d.data.images import write_gray, write_rgb
+from mono4d.data.visualize import colorize, overlay_labels
+from mono4d.stages import frames as frames_stage
+from mono4d.stages.flow import MAX_WORKERS, prefetch, worker_count
+from mono4d.stages.masks_common import (StageFlow, clean_binary, clean_labels, dilate_labels, disk, morph_radius,
+                                        pixel_grid, require_consecutive_pairs, warp_backward, worker_pool)
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class Params:
         then resize the masks to the frames; 0 = full resolution (slower).
     prompts: sam/sam2: "FRAME:x,y[,LABEL];FRAME:neg:x,y[,LABEL];FRAME:box:x0,y0,x1,y1[,LABEL]"
         (pixels of the frames stage images; LABEL a name like "hand" or an id; default
-        "object") or the path of a JSON prompts file (see :mod:`stages.masks_sam`).
+        "object") or the path of a JSON prompts file (see :mod:`mono4d.stages.masks_sam`).
     sam_checkpoint: sam: path of the segment-anything checkpoint (.pth).
     sam_model_type: sam: "vit_b", "vit_l" or "vit_h" (must match the checkpoint).
     sam2_model: sam2: Hugging Face id or local folder of a transformers SAM2 video model.
@@ -812,7 +812,7 @@ def file_label_names(masks: np.ndarray) -> dict[int, str]:
 def write_outputs(out_dir: Path, masks: np.ndarray, frames: np.ndarray, names: dict[int, str], backend: str,
                   pool: ThreadPoolExecutor) -> None:
     """Write ``vis/`` (the labels over each frame, frames on ``pool``) and then the masks
-    artifact (``masks/`` and, last, ``labels.json``; see :func:`data.artifacts.write_masks`)."""
+    artifact (``masks/`` and, last, ``labels.json``; see :func:`mono4d.data.artifacts.write_masks`)."""
     (out_dir / VIS_DIR).mkdir(parents=True, exist_ok=True)
 
     def write_overlay(t: int) -> None:
@@ -874,7 +874,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
         masks = file_masks(Path(params.mask_path).expanduser(), meta, flow_dir, params)
         names = file_label_names(masks)
     else:
-        from stages import masks_sam
+        from mono4d.stages import masks_sam
 
         masks, names, sam_notes = masks_sam.run_prompted(frames, flow_dir, params)
         notes.extend(sam_notes)

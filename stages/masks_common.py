@@ -1,7 +1,7 @@
 """What every masks backend shares: flow access and warping, and label-map cleaning.
 
-A module of its own so :mod:`stages.masks` (which dispatches to the backends) and the backends
-in :mod:`stages.masks_sam` and :mod:`stages.masks_refine` import it without importing each other.
+A module of its own so :mod:`mono4d.stages.masks` (which dispatches to the backends) and the backends
+in :mod:`mono4d.stages.masks_sam` and :mod:`mono4d.stages.masks_refine` import it without importing each other.
 Label maps are ``(H, W) uint8`` (0 = static, k > 0 = label k); flow fields ``(H, W, 2)`` float32
 pixels (dx, dy), pixel (row r, column c) at image coordinates (c, r) here.
 """
@@ -16,9 +16,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from data.artifacts import list_flow_pairs, read_flow_pair
-from data.errors import InputError
-from stages.flow import opencv_threads
+from mono4d.data.artifacts import list_flow_pairs, read_flow_pair
+from mono4d.data.errors import InputError
+from mono4d.stages.flow import opencv_threads
 
 # Flow pairs kept in memory by StageFlow.
 _FLOW_CACHE_PAIRS = 3

@@ -9,7 +9,7 @@ project it. The residual ``|observed flow - camera-induced flow|`` (pixels) over
 stage's pairs up to ``max_pair_offset`` frames apart, divided by a robust estimate of the
 static residual noise of that pair (pixels the first pass called static, at least 0.3 px),
 is the score of the pixel (the largest over its pairs, averaged over ``temporal_window``
-flow-aligned frames). It is segmented like the first pass (:mod:`stages.masks`): regions above
+flow-aligned frames). It is segmented like the first pass (:mod:`mono4d.stages.masks`): regions above
 ``threshold`` holding temporally confirmed seeds where the flow is reliable (texture x
 forward-backward consistency), a colour-aware vote for unreliable pixels, edge snapping.
 
@@ -20,7 +20,7 @@ keep the first pass. Masks of the ``file``, ``sam`` and ``sam2`` backends (the u
 prompted objects) are passed through unchanged.
 
 Inputs: ``frames``, ``flow``, ``masks`` (first pass), ``cameras`` and ``align``. Outputs, in
-the masks stage's format (``data.artifacts.read_masks``/``read_labels`` read them): ``masks/``,
+the masks stage's format (``mono4d.data.artifacts.read_masks``/``read_labels`` read them): ``masks/``,
 ``vis/`` overlays, ``vis/cues/score_*.png``/``confidence_*.png`` and ``labels.json``
 (``backend`` = ``residual``).
 """
@@ -38,13 +38,13 @@ import numpy as np
 from numba import njit
 from tqdm import tqdm
 
-from data.artifacts import (LABELS_FILE, MASKS_DIR, read_aligned_depth, read_cameras, read_labels, read_masks,
-                            read_masks_meta)
-from data.errors import InputError, ParameterError, require_inputs
-from stages import frames as frames_stage
-from stages import masks as masks_stage
-from stages.flow import MAX_WORKERS, prefetch, worker_count
-from stages.masks_common import StageFlow, dilate_labels, morph_radius, require_consecutive_pairs, worker_pool
+from mono4d.data.artifacts import (LABELS_FILE, MASKS_DIR, read_aligned_depth, read_cameras, read_labels, read_masks,
+                                   read_masks_meta)
+from mono4d.data.errors import InputError, ParameterError, require_inputs
+from mono4d.stages import frames as frames_stage
+from mono4d.stages import masks as masks_stage
+from mono4d.stages.flow import MAX_WORKERS, prefetch, worker_count
+from mono4d.stages.masks_common import StageFlow, dilate_labels, morph_radius, require_consecutive_pairs, worker_pool
 
 logger = logging.getLogger(__name__)
 

@@ -35,9 +35,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from data.errors import InputError, ModelUnavailableError, ParameterError
-from stages import flow as flow_stage
-from stages import masks_common
+from mono4d.data.errors import InputError, ModelUnavailableError, ParameterError
+from mono4d.stages import flow as flow_stage
+from mono4d.stages import masks_common
 
 logger = logging.getLogger(__name__)
 
@@ -585,7 +585,7 @@ def sam2_video_masks(frames: np.ndarray, prompts: list[Prompt], model: str, devi
 
 def run_prompted(frames: np.ndarray, flow_dir: Path | None, params) -> tuple[np.ndarray, dict[int, str], list[str]]:
     """The ``sam``/``sam2`` backends on ``frames (T, H, W, 3)`` uint8 with ``params``
-    (:class:`stages.masks.Params`). The ``sam`` propagation uses the flow stage's consecutive
+    (:class:`mono4d.stages.masks.Params`). The ``sam`` propagation uses the flow stage's consecutive
     pairs when ``flow_dir`` has them, else OpenCV DIS. Returns ``(T, H, W) uint8`` masks (small
     regions dropped, holes filled), label names and notes."""
     prompts = load_prompts(params.prompts)

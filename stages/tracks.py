@@ -24,7 +24,7 @@ with ``make_video``), ``tracks.png`` (paths over +-20 frames of the tracks seen 
 and with align + cameras inputs ``pairs3d.npz`` (``src_xyz``, ``dst_xyz`` (M, 3) float32 world,
 ``src_frame``, ``dst_frame`` (M,) int32, ``src_xy``, ``dst_xy`` (M, 2) float32) and ``pairs3d.json``
 (``{"counts": {"i_j": [forward, backward]}, "total": M}``); all written and read by
-:mod:`data.artifacts` (``write_tracks``/``read_tracks``, ``write_pairs3d``/``read_pairs3d``).
+:mod:`mono4d.data.artifacts` (``write_tracks``/``read_tracks``, ``write_pairs3d``/``read_pairs3d``).
 """
 from __future__ import annotations
 
@@ -40,12 +40,12 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from data.artifacts import (PAIRS3D_ARRAYS, flow_pair_name, list_flow_pairs, read_aligned_depth, read_cameras,
-                            read_flow_meta, read_flow_pair, write_pairs3d, write_tracks)
-from data.errors import InputError, ParameterError, require_inputs
-from data.images import read_rgb, write_rgb
-from data.video import write_video
-from stages import flow as flow_stage
+from mono4d.data.artifacts import (PAIRS3D_ARRAYS, flow_pair_name, list_flow_pairs, read_aligned_depth, read_cameras,
+                                   read_flow_meta, read_flow_pair, write_pairs3d, write_tracks)
+from mono4d.data.errors import InputError, ParameterError, require_inputs
+from mono4d.data.images import read_rgb, write_rgb
+from mono4d.data.video import write_video
+from mono4d.stages import flow as flow_stage
 
 logger = logging.getLogger(__name__)
 
@@ -482,7 +482,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     Returns ``{"num_tracks", "mean_track_length", "tracked_fraction"}`` (mean fraction of frames
     in which a track is visible) and, with 3D inputs, ``{"num_pairs3d", "pairs3d_per_pair"}``.
     """
-    from stages import frames as frames_stage
+    from mono4d.stages import frames as frames_stage
 
     params.validate()
     require_inputs(inputs, ("frames", "flow"), "tracks")
@@ -508,7 +508,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
 def _run(inputs: Mapping[str, Path], params: Params, out_dir: Path, flow_dir: Path, num_frames: int, height: int,
          width: int, stored: set[tuple[int, int]], paths: list[Path], pool: ThreadPoolExecutor, depth: int) -> dict:
     """:func:`run` after its input checks, with flow pairs loaded up to ``depth`` ahead on ``pool``."""
-    from stages import frames as frames_stage
+    from mono4d.stages import frames as frames_stage
 
     cache: dict[int, np.ndarray] = {}
 

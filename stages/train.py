@@ -2,9 +2,9 @@
 Gaussians from the init stage, with densification, evaluation on held-out frames and exports.
 
 The loop itself (losses, Adam, gsplat's densification strategy, schedule, evaluation, resumable
-state) is :mod:`models.trainer`; this module holds the stage's :class:`Params`, reads the stage
-inputs into a :class:`~models.trainer.TrainingData` (:func:`load_training_data`), calls
-:func:`models.trainer.optimize` and writes the outputs (:mod:`stages.train_outputs`).
+state) is :mod:`mono4d.models.trainer`; this module holds the stage's :class:`Params`, reads the stage
+inputs into a :class:`~mono4d.models.trainer.TrainingData` (:func:`load_training_data`), calls
+:func:`mono4d.models.trainer.optimize` and writes the outputs (:mod:`mono4d.stages.train_outputs`).
 
 Inputs: the init stage's model (its checkpoint names the training and held-out frames and their
 times), the frames and cameras, and, unless turned off (``use_depth`` / ``use_masks``: inputs
@@ -24,7 +24,7 @@ densification statistics, step, curves, random state) is written there every
 same init output continues from it (the pipeline gives every run a fresh output folder, so the
 path must lie outside it). A checkpoint from another init output is ignored, with a note.
 
-Outputs (see :mod:`stages.train_outputs`): ``model.pt``, ``metrics.json``, ``curves.json`` and
+Outputs (see :mod:`mono4d.stages.train_outputs`): ``model.pt``, ``metrics.json``, ``curves.json`` and
 ``curves.png``, ``renders/`` (rgb, depth .npy and colourised, held-out comparisons),
 ``novel_view.mp4`` and ``time_sweep.mp4``, ``ply/`` (standard 3DGS PLY per frame),
 ``trajectories.npz`` (dense 3D tracks of the dynamic Gaussians). Loader: :func:`load_trained`.
@@ -40,10 +40,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from data.errors import InputError, ParameterError, require_inputs
+from mono4d.data.errors import InputError, ParameterError, require_inputs
 
 if TYPE_CHECKING:
-    from models.trainer import TrainingData
+    from mono4d.models.trainer import TrainingData
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Params:
     knn: neighbours per dynamic Gaussian in those priors.
     label_weight: weight of the label-map loss (0 = off): the one-hot mask labels of the
         Gaussians rendered as colours, half the L1 distance to the masks' one-hot labels (one
-        more rasterization per step; see :mod:`models.layers`).
+        more rasterization per step; see :mod:`mono4d.models.layers`).
     use_depth: read the align stage's depth (the depth-prior losses and the depth-order score);
         false for inputs without depth (a D-NeRF folder), which needs ordinal_weight and
         depth_l1_weight at 0.
@@ -253,14 +253,14 @@ def file_digest(path: Path) -> str:
 
 def load_training_data(inputs: Mapping[str, Path], params: Params, meta: dict, device: str,
                        notes: list[str]) -> TrainingData:
-    """The :class:`~models.trainer.TrainingData` of a model whose ``meta`` (frame count, size,
+    """The :class:`~mono4d.models.trainer.TrainingData` of a model whose ``meta`` (frame count, size,
     times, training and held-out frames, scene scale) the init stage wrote, from the stage
     outputs ``inputs`` (``frames``, ``cameras``, ``align`` with ``use_depth``, ``masks`` with
     ``use_masks``, and ``tracks`` when the reprojection loss is on); appends what it notices to
     ``notes``."""
-    from data.artifacts import read_aligned_depth, read_aligned_kind, read_cameras, read_masks
-    from models.trainer import build_training_data
-    from stages.frames import load_frames, read_frames_meta
+    from mono4d.data.artifacts import read_aligned_depth, read_aligned_kind, read_cameras, read_masks
+    from mono4d.models.trainer import build_training_data
+    from mono4d.stages.frames import load_frames, read_frames_meta
 
     images = load_frames(inputs["frames"])
     K, w2c, _ = read_cameras(inputs["cameras"])
@@ -282,7 +282,7 @@ def load_training_data(inputs: Mapping[str, Path], params: Params, meta: dict, d
                          f"{depth_kind!r}; train.prior_on_dynamic={params.prior_on_dynamic})")
     tracks = None
     if "tracks" in inputs and params.reprojection_weight > 0:
-        from data.artifacts import read_tracks
+        from mono4d.data.artifacts import read_tracks
 
         tracks = read_tracks(inputs["tracks"])
     train_frames = [int(i) for i in meta["train_frames"]]
@@ -309,9 +309,9 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     """
     import torch
 
-    from models.trainer import optimize
-    from stages import init as init_stage
-    from stages import train_outputs
+    from mono4d.models.trainer import optimize
+    from mono4d.stages import init as init_stage
+    from mono4d.stages import train_outputs
 
     params.validate()
     needed = ["init", "frames", "cameras"] + ["align"] * params.use_depth + ["masks"] * params.use_masks
@@ -345,8 +345,8 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
 
 
 def load_trained(train_dir: str | Path, device: str = "cpu"):
-    """The train stage's model (:class:`models.gaussians.SceneModel`) on ``device``."""
-    from models.gaussians import load_model
+    """The train stage's model (:class:`mono4d.models.gaussians.SceneModel`) on ``device``."""
+    from mono4d.models.gaussians import load_model
 
     path = Path(train_dir) / MODEL_FILE
     if not path.is_file():

@@ -1,4 +1,4 @@
-"""What the train stage (and ``mono4d edit``) writes per scene layer (:mod:`models.layers`:
+"""What the train stage (and ``mono4d edit``) writes per scene layer (:mod:`mono4d.models.layers`:
 ``static``, ``object_<k>``, ``hand``), each layer rendered alone.
 
 Files under the stage folder:
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data.images import write_gray, write_rgb
-from data.video import write_video
+from mono4d.data.images import write_gray, write_rgb
+from mono4d.data.video import write_video
 
 LAYERS_FILE = "layers.json"
 #: A pixel is covered by a layer where the layer's accumulated opacity exceeds this.
@@ -38,11 +38,11 @@ def mask_iou(covered: np.ndarray, truth: np.ndarray) -> float | None:
 
 def write_layer_renders(out_dir: Path, model, data, params) -> dict:
     """Render every layer of ``model`` alone on the held-out (or, without any, training) and
-    training frames of ``data`` (a :class:`models.trainer.TrainingData`) into ``renders/*/layers/``
+    training frames of ``data`` (a :class:`mono4d.models.trainer.TrainingData`) into ``renders/*/layers/``
     and write ``layers.json`` (see the module docstring). Returns key figures: ``num_layers``
     and ``mask_iou_<layer>`` per dynamic layer."""
-    from models import layers
-    from models.trainer import render_view
+    from mono4d.models import layers
+    from mono4d.models.trainer import render_view
 
     table = layers.model_layers(model)
     names = layers.label_names(model)
@@ -79,8 +79,8 @@ def write_layer_renders(out_dir: Path, model, data, params) -> dict:
 def write_video_without_hands(out_dir: Path, model, data, params, posed_frames: list[int]) -> bool:
     """``novel_view_without_hands.mp4`` (see the module docstring) when the model has a hand
     layer; returns whether it was written."""
-    from models import layers
-    from stages.train_outputs import novel_view_frames
+    from mono4d.models import layers
+    from mono4d.stages.train_outputs import novel_view_frames
 
     table = layers.model_layers(model)
     if layers.HAND not in table or len(table) == 1:

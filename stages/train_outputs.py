@@ -2,7 +2,7 @@
 
 Files under the stage folder:
 
-- ``model.pt``: the trained model (:func:`models.gaussians.save_model` layout).
+- ``model.pt``: the trained model (:func:`mono4d.models.gaussians.save_model` layout).
 - ``metrics.json``: ``{"eval": {"mean": {...}, "frames": {"4": {...}}}, "train": {...}}`` with
   per-frame ``psnr``, ``ssim`` (dB / [0, 1], at training resolution, evaluation background),
   ``psnr_dynamic`` (pixels with mask > 0; absent without dynamic pixels) and ``depth_order``
@@ -16,8 +16,8 @@ Files under the stage folder:
 - ``novel_view.mp4``: the input trajectory swaying sideways by ``novel_offset`` x scene scale, time
   following the frames; ``time_sweep.mp4``: the middle training camera fixed, time 0 -> 1.
 - per scene layer (static, objects, hands): ``renders/*/layers/<layer>/``, ``layers.json`` and,
-  with hands, ``novel_view_without_hands.mp4`` (:mod:`stages.train_layers`).
-- ``ply/{i:06d}.ply``: the Gaussians at frame i's time (:mod:`data.ply`), every ``ply_every`` frames.
+  with hands, ``novel_view_without_hands.mp4`` (:mod:`mono4d.stages.train_layers`).
+- ``ply/{i:06d}.ply``: the Gaussians at frame i's time (:mod:`mono4d.data.ply`), every ``ply_every`` frames.
 - ``trajectories.npz``: dense 3D tracks of the dynamic Gaussians: ``xyz (D, T, 3)`` float32 world
   positions at every frame's time, ``rgb (D, 3)`` uint8, ``opacity (D,)``, ``index (D,)`` rows of
   the model's Gaussians, ``times (T,)``.
@@ -32,18 +32,18 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from data.images import write_rgb
-from data.video import write_video
-from data.visualize import colorize_depth
+from mono4d.data.images import write_rgb
+from mono4d.data.video import write_video
+from mono4d.data.visualize import colorize_depth
 
 logger = logging.getLogger(__name__)
 
 def score_frames(model, data, frames: list[int], params, render_dir: Path | None = None,
                  compare: bool = False) -> dict:
-    """Render ``frames`` and score them against the frames (:func:`models.trainer.frame_scores`);
+    """Render ``frames`` and score them against the frames (:func:`mono4d.models.trainer.frame_scores`);
     with ``render_dir``, write the renders there (see the module docstring). Returns
     ``{"frames": {i: scores}, "mean": scores}``."""
-    from models.trainer import frame_scores, mean_scores, render_view
+    from mono4d.models.trainer import frame_scores, mean_scores, render_view
 
     per_frame: dict[int, dict] = {}
     if render_dir is not None:
@@ -103,7 +103,7 @@ def plot_curves(curves: dict, width: int = 720, height: int = 360) -> np.ndarray
 
 def write_metrics_and_curves(out_dir: Path, model, eval_scores: dict, train_scores: dict | None, curves: dict) -> None:
     """Write ``model.pt``, ``metrics.json``, ``curves.json`` and ``curves.png``."""
-    from models.gaussians import save_model
+    from mono4d.models.gaussians import save_model
 
     save_model(out_dir / "model.pt", model)
     metrics = {"eval": {"mean": eval_scores["mean"], "frames": {str(k): v for k, v in eval_scores["frames"].items()}}}
@@ -119,7 +119,7 @@ def novel_path(w2c: np.ndarray, offset: float) -> np.ndarray:
     """``(F, 4, 4)`` world-to-camera poses: each input pose moved along its own right (x) axis by
     ``offset * sin(2 pi k / F)`` and along its up axis by ``0.3 * offset * sin(4 pi k / F)``
     (world units), orientation kept."""
-    from data.geometry import invert_rigid
+    from mono4d.data.geometry import invert_rigid
 
     count = len(w2c)
     c2w = invert_rigid(w2c)
@@ -134,7 +134,7 @@ def novel_view_frames(model, data, params, posed_frames: list[int]) -> list[np.n
     of the ``posed_frames``' cameras), time following the frames."""
     import torch
 
-    from models.trainer import render_view
+    from mono4d.models.trainer import render_view
 
     w2c = data.w2c[posed_frames].cpu().numpy().astype(np.float64)
     path = novel_path(w2c, params.novel_offset * data.scene_scale)
@@ -149,7 +149,7 @@ def novel_view_frames(model, data, params, posed_frames: list[int]) -> list[np.n
 
 def write_videos(out_dir: Path, model, data, params, posed_frames: list[int]) -> None:
     """``novel_view.mp4`` and ``time_sweep.mp4`` (see the module docstring)."""
-    from models.trainer import render_view
+    from mono4d.models.trainer import render_view
 
     write_video(out_dir / "novel_view.mp4", novel_view_frames(model, data, params, posed_frames), fps=data.fps)
     middle = data.train_frames[len(data.train_frames) // 2]
@@ -164,8 +164,8 @@ def export_plys(out_dir: Path, model, times: np.ndarray, every: int) -> int:
     """Write ``ply/{i:06d}.ply`` for every ``every``-th frame; returns how many were written."""
     import torch
 
-    from data.ply import write_ply
-    from models.gaussians import gaussians_at
+    from mono4d.data.ply import write_ply
+    from mono4d.models.gaussians import gaussians_at
 
     folder = out_dir / "ply"
     folder.mkdir(parents=True, exist_ok=True)
@@ -185,7 +185,7 @@ def export_trajectories(path: Path, model, times: np.ndarray) -> int:
     """Write ``trajectories.npz`` (see the module docstring); returns the number of tracks."""
     import torch
 
-    from models.gaussians import sh0_to_rgb
+    from mono4d.models.gaussians import sh0_to_rgb
 
     dynamic = torch.nonzero(model.variables["is_dynamic"], as_tuple=True)[0]
     with torch.no_grad():
@@ -202,7 +202,7 @@ def export_trajectories(path: Path, model, times: np.ndarray) -> int:
 
 def write_all(out_dir: Path, model, data, params, curves: dict) -> dict:
     """Everything the train stage writes (see the module docstring); returns its key figures."""
-    from stages import train_layers
+    from mono4d.stages import train_layers
 
     eval_frames = data.eval_frames or data.train_frames
     eval_scores = score_frames(model, data, eval_frames, params, out_dir / "renders" / "heldout", compare=True)

@@ -22,7 +22,7 @@ def shared_path(relative: str) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_scene(tmp_path_factory):
     """The CI preset of the synthetic scene (seed 0), generated once per test session."""
-    from data import synthetic
+    from mono4d.data import synthetic
 
     return synthetic.generate(tmp_path_factory.mktemp("synthetic") / "scene", preset="ci", seed=0)
 
@@ -30,7 +30,7 @@ def synthetic_scene(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synthetic_frames_dir(synthetic_scene, tmp_path_factory) -> Path:
     """Output folder of the frames stage run on the synthetic scene's lossless images."""
-    from stages import frames
+    from mono4d.stages import frames
 
     out = tmp_path_factory.mktemp("frames")
     frames.run({"source": synthetic_scene.root / "images"}, frames.Params(), out)
@@ -40,7 +40,7 @@ def synthetic_frames_dir(synthetic_scene, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_flow_dir(synthetic_frames_dir, tmp_path_factory) -> Path:
     """Flow stage output (DIS, default consecutive and long-range pairs) over the synthetic frames."""
-    from stages import flow
+    from mono4d.stages import flow
 
     out = tmp_path_factory.mktemp("flow")
     flow.run({"frames": synthetic_frames_dir}, flow.Params(), out)

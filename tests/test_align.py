@@ -12,10 +12,10 @@ import cv2
 import numpy as np
 import pytest
 
-from data import artifacts
-from data.errors import ParameterError, StageFailure
-from data.geometry import invert_rigid
-from stages import align
+from mono4d.data import artifacts
+from mono4d.data.errors import ParameterError, StageFailure
+from mono4d.data.geometry import invert_rigid
+from mono4d.stages import align
 
 # ----------------------------------------------------------------------------------------------
 # Ground-truth stage folders
@@ -194,7 +194,7 @@ def test_metric_depth_is_fitted_in_depth_space(synthetic_scene, geometry, tmp_pa
 
 
 def test_depth_kind_of_a_foreign_or_broken_align_folder(tmp_path):
-    from data.errors import InputError
+    from mono4d.data.errors import InputError
 
     assert artifacts.read_aligned_kind(tmp_path) is None  # aligned depth written by other tools
     (tmp_path / "alignment.json").write_text("{not json")

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data import artifacts
-from data.errors import InputError
+from mono4d.data import artifacts
+from mono4d.data.errors import InputError
 
 T, H, W = 4, 6, 8
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,16 +283,16 @@ def test_tests_write_cameras_through_the_artifact_layer():
 
 def _import_graph(packages: tuple[str, ...]) -> dict[str, set[str]]:
     """Project module -> project modules it imports anywhere (function-level imports included)."""
-    from pipeline.state import imported_modules
+    from mono4d.pipeline.state import imported_modules
 
     modules = {}
     for package in packages:
         for path in (ROOT / package).rglob("*.py"):
             parts = path.relative_to(ROOT).with_suffix("").parts
-            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+            modules[".".join(("mono4d",) + (parts[:-1] if parts[-1] == "__init__" else parts))] = path
     return {name: {module for module in imported_modules(ast.parse(path.read_text()), name,
                                                          path.name == "__init__.py")
-                   if module in modules and module != name and "." in module}
+                   if module in modules and module != name and module.count(".") > 1}
             for name, path in modules.items()}
 
 
@@ -309,7 +309,7 @@ def _reaches(graph: dict[str, set[str]], start: str, goal: str) -> bool:
 
 def test_no_import_cycles_in_data_or_between_the_masks_modules():
     graph = _import_graph(("data", "stages", "pipeline", "models"))
-    in_cycles = sorted(name for name in graph if (name.startswith("data.") or name.startswith("stages.masks"))
+    in_cycles = sorted(name for name in graph if name.startswith(("mono4d.data.", "mono4d.stages.masks"))
                        and _reaches(graph, name, name))
     assert in_cycles == []
-    assert not any(module.split(".")[0] in ("stages", "pipeline") for module in graph["data.artifacts"])
+    assert not any(module.split(".")[1] in ("stages", "pipeline") for module in graph["mono4d.data.artifacts"])

@@ -11,10 +11,10 @@ from pathlib import Path
 import luigi
 import pytest
 
-from data.errors import ParameterError
-from pipeline.batch import run_batch, workspace_names
-from pipeline.tasks import StageTask
-from pipeline.workspace import Workspace
+from mono4d.data.errors import ParameterError
+from mono4d.pipeline.batch import run_batch, workspace_names
+from mono4d.pipeline.tasks import StageTask
+from mono4d.pipeline.workspace import Workspace
 from tests.test_pipeline import run_cli, start_luigid, stop_luigid
 
 

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data import artifacts
-from data.colmap import load_reconstruction, write_colmap_model
-from data.errors import InputError, ParameterError, StageFailure
-from data.geometry import (camera_centers, interpolate_w2c, invert_rigid, opengl_c2w_to_w2c, project_points,
-                           rotation_angle_deg, trajectory_errors, transform_w2c, umeyama_sim3, w2c_to_opengl_c2w)
-from data.images import write_gray, write_rgb
-from data.nerfstudio import write_nerfstudio_transforms
-from stages import cameras, frames
+from mono4d.data import artifacts
+from mono4d.data.colmap import load_reconstruction, write_colmap_model
+from mono4d.data.errors import InputError, ParameterError, StageFailure
+from mono4d.data.geometry import (camera_centers, interpolate_w2c, invert_rigid, opengl_c2w_to_w2c, project_points,
+                                  rotation_angle_deg, trajectory_errors, transform_w2c, umeyama_sim3, w2c_to_opengl_c2w)
+from mono4d.data.images import write_gray, write_rgb
+from mono4d.data.nerfstudio import write_nerfstudio_transforms
+from mono4d.stages import cameras, frames
 from tests.conftest import shared_path
 
 
@@ -209,7 +209,7 @@ def test_known_cameras_from_nerfstudio_and_colmap(synthetic_scene, synthetic_fra
 
 
 def test_known_cameras_for_a_subset_of_dnerf_images(tmp_path):
-    from data.dnerf import read_dnerf
+    from mono4d.data.dnerf import read_dnerf
 
     transforms = shared_path("dnerf/mutant/transforms_test.json")
     dataset = read_dnerf(transforms)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from data import synthetic
-from pipeline.cli import main
+from mono4d.data import synthetic
+from mono4d.pipeline.cli import main
 
 
 def test_synth_help_lists_every_scene_preset(capsys):

@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from data.colmap import read_colmap_model, read_colmap_points, write_colmap_model
-from data.datasets import detect_format, read_dataset
-from data.dnerf import is_dnerf_folder, read_dnerf, read_dnerf_splits
-from data.errors import InputError
-from data.geometry import OPENGL_TO_OPENCV, camera_centers, invert_rigid, project_points
-from data.nerfstudio import read_nerfstudio, write_nerfstudio_transforms
-from data.panoptic import panoptic_camera_ids, read_panoptic
+from mono4d.data.colmap import read_colmap_model, read_colmap_points, write_colmap_model
+from mono4d.data.datasets import detect_format, read_dataset
+from mono4d.data.dnerf import is_dnerf_folder, read_dnerf, read_dnerf_splits
+from mono4d.data.errors import InputError
+from mono4d.data.geometry import OPENGL_TO_OPENCV, camera_centers, invert_rigid, project_points
+from mono4d.data.nerfstudio import read_nerfstudio, write_nerfstudio_transforms
+from mono4d.data.panoptic import panoptic_camera_ids, read_panoptic
 from tests.conftest import shared_path
 
 

@@ -10,11 +10,11 @@ import cv2
 import numpy as np
 import pytest
 
-from data import artifacts
-from data.errors import InputError, ModelUnavailableError, ParameterError
-from data.images import read_rgb, write_gray
-from stages import depth as depth_stage
-from stages.depth_backends import depth_kind_from_config
+from mono4d.data import artifacts
+from mono4d.data.errors import InputError, ModelUnavailableError, ParameterError
+from mono4d.data.images import read_rgb, write_gray
+from mono4d.stages import depth as depth_stage
+from mono4d.stages.depth_backends import depth_kind_from_config
 from tests.test_align import abs_rel, sample_static_points, write_cameras_dir
 
 
@@ -238,7 +238,7 @@ def test_edge_aware_fill_stops_at_image_edges_and_leaves_walled_off_regions_unkn
     """Guide: a grey background with a red square. Measurements only on the background, left half
     at inverse depth 1, right half at 2, nothing in the square: the background is filled with
     the value of its own half (up to a narrow transition), the square stays unknown."""
-    from stages.depth_backends import edge_aware_fill
+    from mono4d.stages.depth_backends import edge_aware_fill
 
     guide = np.full((80, 120, 3), 0.5, np.float32)
     guide[25:55, 45:75] = (0.9, 0.1, 0.1)
@@ -262,7 +262,7 @@ def test_temporal_fusion_fills_holes_from_neighbours_and_rejects_disagreement(sy
     """Static-scene depths of five frames: the middle frame's hole is filled by its neighbours'
     depths reprojected through the cameras (two must agree); the one neighbour whose depth is 30 %
     off is never counted."""
-    from stages.depth_backends import fuse_temporal
+    from mono4d.stages.depth_backends import fuse_temporal
 
     frames = [9, 10, 11, 12, 13]
     truth = np.where(synthetic_scene.masks[frames] == 0, synthetic_scene.depth[frames], 0).astype(np.float32)
@@ -300,7 +300,7 @@ def test_auto_picks_transformers_for_a_local_model(tiny_model):
 def test_auto_picks_transformers_from_the_hugging_face_cache(tiny_model, tmp_path, monkeypatch):
     """A hub id whose config and weights sit in the local Hugging Face cache counts as available,
     without the network (HF_HUB_OFFLINE)."""
-    from stages.depth_backends import transformers_model_availability
+    from mono4d.stages.depth_backends import transformers_model_availability
 
     repo = tmp_path / "hub" / "models--some-org--tiny-depth"
     snapshot = repo / "snapshots" / ("0" * 40)
@@ -321,7 +321,7 @@ def test_auto_picks_transformers_from_the_hugging_face_cache(tiny_model, tmp_pat
 def test_auto_never_waits_long_for_an_unreachable_hub(monkeypatch):
     import time
 
-    from stages import depth_backends
+    from mono4d.stages import depth_backends
 
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     monkeypatch.setattr("huggingface_hub.get_hf_file_metadata", lambda *args, **kwargs: time.sleep(30))
@@ -334,9 +334,9 @@ def test_cpu_preset_resolves_auto_once_for_dag_and_fingerprint(monkeypatch):
     """Offline, the cpu preset's depth.backend=auto becomes sfm when the configuration is built:
     the DAG gives depth the cameras, config.json records sfm, and reading it back does not
     resolve again."""
-    from pipeline import dag
-    from pipeline.config import Config, load_config
-    from stages import depth_backends
+    from mono4d.pipeline import dag
+    from mono4d.pipeline.config import Config, load_config
+    from mono4d.stages import depth_backends
 
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     config = load_config("cpu")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.edit import training_inputs
-from data.artifacts import MASKS_DIR
+from mono4d.pipeline.edit import training_inputs
+from mono4d.data.artifacts import MASKS_DIR
 
 
 def make_workspace(root: Path, stages: tuple[str, ...]) -> Path:

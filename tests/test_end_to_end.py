@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.cli import main
-from pipeline.workspace import Workspace
+from mono4d.pipeline.cli import main
+from mono4d.pipeline.workspace import Workspace
 
 #: The slow tier (minutes: every stage, then two trainings); the README's test command runs it too.
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_torch_thread")]
@@ -40,7 +40,7 @@ BUDGET = ["train.downscale=2", "train.iterations=500", "train.max_gaussians=2000
 @pytest.fixture(scope="module")
 def runs(synthetic_scene, tmp_path_factory) -> dict[str, Path]:
     """Workspaces trained with the cpu preset's ordinal weight ("on") and with it at 0 ("off")."""
-    from pipeline.runner import run_pipeline
+    from mono4d.pipeline.runner import run_pipeline
 
     on = tmp_path_factory.mktemp("end_to_end") / "on"
     settings = [arg for setting in DETERMINISTIC + BUDGET for arg in ("--set", setting)]
@@ -56,7 +56,7 @@ def order_accuracy(work: Path, scene, dynamic: bool | None = None) -> float:
     """Mean over all frames (held-out and training renders) of the fraction of random pixel pairs
     whose rendered depths are ordered as the ground truth's (pairs at least 5 % of the depth range
     apart); ``dynamic`` restricts both pixels to moving (True) or static (False) ground truth."""
-    from models.losses import ordering_accuracy
+    from mono4d.models.losses import ordering_accuracy
 
     scores = []
     for path in sorted((work / "train" / "renders").glob("*/depth/*.npy")):

@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from data import artifacts
-from data.errors import InputError, ParameterError
+from mono4d.data import artifacts
+from mono4d.data.errors import InputError, ParameterError
 
 #: Pixel stride of the Gaussians lifted from the ground-truth depth of the key frames.
 LIFT_STRIDE = 4
@@ -23,7 +23,7 @@ KEY_FRAMES = (0, 6, 11)
 def lift(scene, frame: int, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """World points ``(M, 3)``, colours ``(M, 3)`` in [0, 1], footprint radii ``(M,)`` and dynamic
     flags of every ``stride``-th pixel of a frame, from its exact depth."""
-    from data.geometry import invert_rigid
+    from mono4d.data.geometry import invert_rigid
 
     rows, cols = np.mgrid[stride // 2:scene.height:stride, stride // 2:scene.width:stride]
     rows, cols = rows.ravel(), cols.ravel()
@@ -42,8 +42,8 @@ def write_train_output(scene, train_dir: Path, seed: int = 0) -> None:
     layers (so dynamic Gaussians really move)."""
     import torch
 
-    from models.deformation import DeformationConfig, DeformationField
-    from models.gaussians import SceneModel, create_params, save_model
+    from mono4d.models.deformation import DeformationConfig, DeformationField
+    from mono4d.models.gaussians import SceneModel, create_params, save_model
 
     torch.manual_seed(seed)
     parts = [lift(scene, frame, LIFT_STRIDE) for frame in KEY_FRAMES]
@@ -75,7 +75,7 @@ def write_train_output(scene, train_dir: Path, seed: int = 0) -> None:
 def write_cameras_output(scene, cameras_dir: Path, unposed: int | None = None) -> None:
     """``cameras.json`` with the exact cameras (frame ``unposed`` without a pose) and
     ``points.npz``: static surface points of frame 0 with their projections in every frame."""
-    from data.geometry import project_points
+    from mono4d.data.geometry import project_points
 
     cameras_dir.mkdir(parents=True)
     w2c = scene.w2c.astype(np.float64)
@@ -104,8 +104,8 @@ def build_workspace(root: Path) -> tuple[Path, object]:
     """A workspace ``root/work`` with frames (frames stage run on the tiny scene), cameras,
     align and tracks (ground truth in the stage formats) and train (a small model); returns it
     and the scene."""
-    from data import synthetic
-    from stages import frames
+    from mono4d.data import synthetic
+    from mono4d.stages import frames
 
     scene = synthetic.generate(root / "scene", preset="tiny", seed=0)
     work = root / "work"
@@ -138,7 +138,7 @@ def workspace(tmp_path_factory):
 
 
 def test_frame_selection():
-    from pipeline.export import parse_frame_selection
+    from mono4d.pipeline.export import parse_frame_selection
 
     assert parse_frame_selection("all", 5) == [0, 1, 2, 3, 4]
     assert parse_frame_selection("0,5,10", 24) == [0, 5, 10]
@@ -173,10 +173,10 @@ def read_ply_independently(path: Path) -> tuple[list[str], np.ndarray]:
 def test_ply_export(workspace, tmp_path):
     import torch
 
-    from data.ply import read_ply
-    from models.gaussians import gaussians_at
-    from pipeline.export import export_workspace
-    from stages.train import load_trained
+    from mono4d.data.ply import read_ply
+    from mono4d.models.gaussians import gaussians_at
+    from mono4d.pipeline.export import export_workspace
+    from mono4d.stages.train import load_trained
 
     work, scene = workspace
     written = export_workspace(work, ["ply"], tmp_path / "out", frames="0:12:5")
@@ -217,8 +217,8 @@ def test_ply_export(workspace, tmp_path):
 def test_colmap_export_round_trip(workspace, tmp_path):
     import pycolmap
 
-    from data.colmap import read_colmap_model, read_colmap_points
-    from pipeline.export import export_workspace
+    from mono4d.data.colmap import read_colmap_model, read_colmap_points
+    from mono4d.pipeline.export import export_workspace
 
     work, scene = workspace
     written = export_workspace(work, ["colmap"], tmp_path / "out")["colmap"]
@@ -247,9 +247,9 @@ def test_colmap_export_round_trip(workspace, tmp_path):
 
 
 def test_colmap_and_nerfstudio_skip_unposed_frames(workspace, tmp_path):
-    from data.colmap import read_colmap_model
-    from data.nerfstudio import read_nerfstudio
-    from pipeline.export import export_workspace
+    from mono4d.data.colmap import read_colmap_model
+    from mono4d.data.nerfstudio import read_nerfstudio
+    from mono4d.pipeline.export import export_workspace
 
     work, scene = workspace
     copy = tmp_path / "work"
@@ -265,8 +265,8 @@ def test_colmap_and_nerfstudio_skip_unposed_frames(workspace, tmp_path):
 
 
 def test_nerfstudio_export_round_trip(workspace, tmp_path):
-    from data.nerfstudio import read_nerfstudio
-    from pipeline.export import export_workspace
+    from mono4d.data.nerfstudio import read_nerfstudio
+    from mono4d.pipeline.export import export_workspace
 
     work, scene = workspace
     path = export_workspace(work, ["nerfstudio"], tmp_path / "elsewhere")["nerfstudio"][0]
@@ -281,7 +281,7 @@ def test_nerfstudio_export_round_trip(workspace, tmp_path):
 
 
 def test_tracks_export(workspace, tmp_path):
-    from pipeline.export import export_workspace
+    from mono4d.pipeline.export import export_workspace
 
     work, scene = workspace
     written = export_workspace(work, ["tracks"], tmp_path / "out")["tracks"]
@@ -304,8 +304,8 @@ def test_tracks_export(workspace, tmp_path):
 
 
 def test_depth_export_round_trip(workspace, tmp_path):
-    from data.images import read_gray
-    from pipeline.export import export_workspace
+    from mono4d.data.images import read_gray
+    from mono4d.pipeline.export import export_workspace
 
     work, _ = workspace
     written = export_workspace(work, ["depth"], tmp_path / "out", frames="0,3")["depth"]
@@ -324,8 +324,8 @@ def test_depth_export_round_trip(workspace, tmp_path):
 
 
 def test_depth_export_falls_back_to_depth_stage(workspace, tmp_path):
-    from data.images import read_gray
-    from pipeline.export import export_workspace
+    from mono4d.data.images import read_gray
+    from mono4d.pipeline.export import export_workspace
 
     _, scene = workspace
     work = tmp_path / "work"
@@ -341,9 +341,9 @@ def test_depth_export_falls_back_to_depth_stage(workspace, tmp_path):
 
 
 def test_video_export(workspace, tmp_path, monkeypatch):
-    from pipeline import export
-    from pipeline.export import ORBIT_TIMES, export_workspace, render_rgb
-    from stages.train import load_trained
+    from mono4d.pipeline import export
+    from mono4d.pipeline.export import ORBIT_TIMES, export_workspace, render_rgb
+    from mono4d.stages.train import load_trained
 
     work, scene = workspace
     monkeypatch.setattr(export, "ORBIT_FRAMES", 12)  # fewer renders; the path's shape does not change
@@ -376,7 +376,7 @@ def test_video_export(workspace, tmp_path, monkeypatch):
 
 
 def test_missing_prerequisites_name_the_stage(workspace, tmp_path):
-    from pipeline.export import export_workspace
+    from mono4d.pipeline.export import export_workspace
 
     work, _ = workspace
     partial = tmp_path / "work"
@@ -398,7 +398,7 @@ def test_missing_prerequisites_name_the_stage(workspace, tmp_path):
 
 
 def test_exports_replace_atomically(workspace, tmp_path, monkeypatch):
-    from pipeline import export
+    from mono4d.pipeline import export
 
     work, _ = workspace
     first = export.export_workspace(work, ["depth"], tmp_path / "out", frames="0:4")["depth"]

@@ -8,11 +8,11 @@ import re
 import numpy as np
 import pytest
 
-from data import artifacts
-from data.errors import InputError, ModelUnavailableError, ParameterError
-from data.images import read_rgb, write_rgb
-from models import raft
-from stages import flow, frames
+from mono4d.data import artifacts
+from mono4d.data.errors import InputError, ModelUnavailableError, ParameterError
+from mono4d.data.images import read_rgb, write_rgb
+from mono4d.models import raft
+from mono4d.stages import flow, frames
 from tests.conftest import SHARED_MODELS, shared_path
 
 
@@ -269,7 +269,7 @@ def test_raft_small_checkpoint_runs_through_the_stage(tmp_path, synthetic_frames
 def test_flow_on_real_video(tmp_path):
     """First 20 frames of teddy.mp4 (handheld, hands moving a teddy bear): files parse and most
     pixels pass the forward-backward check."""
-    from stages import frames
+    from mono4d.stages import frames
 
     video = shared_path("videos/teddy.mp4")
     frames_dir = tmp_path / "frames"

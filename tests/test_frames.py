@@ -9,10 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
-from data import video
-from data.errors import InputError, Mono4dError, ParameterError
-from data.images import write_rgb
-from stages import frames
+from mono4d.data import video
+from mono4d.data.errors import InputError, Mono4dError, ParameterError
+from mono4d.data.images import write_rgb
+from mono4d.stages import frames
 from tests.conftest import shared_path
 
 FPS = 20.0

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data import artifacts
-from data.errors import InputError, ParameterError
+from mono4d.data import artifacts
+from mono4d.data.errors import InputError, ParameterError
 
 #: Frame offsets of the ground-truth 3D flow pairs (both directions are written).
 PAIR_OFFSETS = (1, 2, 4, 8)
@@ -71,7 +71,7 @@ FAST_INIT = dict(max_static=3000, max_dynamic=1500, fit_iterations=300, fit_batc
 
 @pytest.fixture(scope="module")
 def init_output(ground_truth_inputs, tmp_path_factory):
-    from stages import init
+    from mono4d.stages import init
 
     out = tmp_path_factory.mktemp("init")
     figures = init.run(ground_truth_inputs, init.Params(**FAST_INIT), out)
@@ -81,8 +81,8 @@ def init_output(ground_truth_inputs, tmp_path_factory):
 def test_init_fits_pairs_and_builds_gaussians(init_output, synthetic_scene):
     import torch
 
-    from models.gaussians import gaussians_at
-    from stages import init
+    from mono4d.models.gaussians import gaussians_at
+    from mono4d.stages import init
 
     out, figures = init_output
     assert (out / "init.pt").is_file() and (out / "init_view.png").is_file() and (out / "pair_residuals.png").is_file()
@@ -118,7 +118,7 @@ def test_init_fits_pairs_and_builds_gaussians(init_output, synthetic_scene):
 
 
 def test_init_voxel_downsample_respects_budget():
-    from stages.init import voxel_downsample
+    from mono4d.stages.init import voxel_downsample
 
     rng = np.random.default_rng(0)
     points = rng.uniform(0, 1, (20000, 3))
@@ -129,7 +129,7 @@ def test_init_voxel_downsample_respects_budget():
 
 
 def test_init_rejects_bad_params_and_inputs(ground_truth_inputs, tmp_path):
-    from stages import init
+    from mono4d.stages import init
 
     with pytest.raises(ParameterError):
         init.Params(holdout_every=1).validate()

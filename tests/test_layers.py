@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
-from data.errors import InputError, ParameterError
+from mono4d.data.errors import InputError, ParameterError
 
 #: A small init and a short training at half resolution (96 x 72) with the label loss and
 #: densification on (capped, to stay fast).
@@ -34,8 +34,8 @@ def toy_model(labels: list[int], names: dict[int, str] | None = None):
     labels, an identity deformation and meta ``labels`` names."""
     import torch
 
-    from models.deformation import DeformationConfig, DeformationField
-    from models.gaussians import SceneModel, create_params
+    from mono4d.models.deformation import DeformationConfig, DeformationField
+    from mono4d.models.gaussians import SceneModel, create_params
 
     count = len(labels)
     means = torch.stack([torch.linspace(-1, 1, count), torch.zeros(count), torch.full((count,), 2.0)], dim=1)
@@ -52,7 +52,7 @@ def toy_model(labels: list[int], names: dict[int, str] | None = None):
 
 
 def test_layer_names_and_selectors():
-    from models.layers import is_hand_name, layer_name, model_layers, parse_label_names, resolve_layer
+    from mono4d.models.layers import is_hand_name, layer_name, model_layers, parse_label_names, resolve_layer
 
     assert is_hand_name("hand") and is_hand_name("Left_Hand") and is_hand_name("hands 2")
     assert not is_hand_name("handle") and not is_hand_name("cube")
@@ -101,8 +101,8 @@ def test_labels_follow_gsplat_duplicate_split_and_prune():
 def test_label_map_composites_one_hot_labels_and_its_loss():
     import torch
 
-    from models.gaussians import gaussians_at
-    from models.layers import class_index_map, label_classes, label_loss, one_hot_labels, render_label_map
+    from mono4d.models.gaussians import gaussians_at
+    from mono4d.models.layers import class_index_map, label_classes, label_loss, one_hot_labels, render_label_map
 
     model = toy_model([0, 1, 2])
     K = torch.tensor([[16.0, 0, 16], [0, 16.0, 16], [0, 0, 1]])
@@ -134,8 +134,8 @@ def test_label_map_composites_one_hot_labels_and_its_loss():
 def test_remove_and_duplicate_layers():
     import torch
 
-    from models.gaussians import gaussians_at
-    from models.layers import duplicate_layer, label_names, model_layers, remove_layer
+    from mono4d.models.gaussians import gaussians_at
+    from mono4d.models.layers import duplicate_layer, label_names, model_layers, remove_layer
 
     model = toy_model([0, 0, 1, 1, 2], {0: "background", 1: "cube", 2: "hand"})
     with torch.no_grad():  # a deformation that moves the dynamic Gaussians
@@ -161,7 +161,7 @@ def test_remove_and_duplicate_layers():
 
 
 def test_nearest_labels_take_the_local_majority():
-    from models.layers import nearest_labels
+    from mono4d.models.layers import nearest_labels
 
     rng = np.random.default_rng(0)
     source = np.concatenate([rng.normal(0.0, 0.1, (200, 3)), rng.normal(1.0, 0.1, (200, 3))])
@@ -180,9 +180,9 @@ def test_nearest_labels_take_the_local_majority():
 def layered(synthetic_scene, synthetic_frames_dir, tmp_path_factory):
     """A workspace folder (stage folders as symlinks) with init and train run on the layered scene;
     returns ``(work, train figures, init model)``."""
-    from data.images import write_gray
-    from stages import init, masks, train
-    from stages.init import load_init
+    from mono4d.data.images import write_gray
+    from mono4d.stages import init, masks, train
+    from mono4d.stages.init import load_init
     from tests.test_init import write_ground_truth_stages
 
     root = tmp_path_factory.mktemp("layers")
@@ -206,7 +206,7 @@ def layered(synthetic_scene, synthetic_frames_dir, tmp_path_factory):
 
 
 def layer_render(work: Path, layer: str, frame: int, what: str = "rgb") -> np.ndarray:
-    from data.images import read_gray, read_rgb
+    from mono4d.data.images import read_gray, read_rgb
 
     path = work / "train" / "renders" / "heldout" / "layers" / layer / what / f"{frame:06d}.png"
     return read_rgb(path) if what == "rgb" else read_gray(path)
@@ -216,8 +216,8 @@ def layer_render(work: Path, layer: str, frame: int, what: str = "rgb") -> np.nd
 def test_labels_survive_init_and_densification(layered):
     import torch
 
-    from models.layers import label_names, model_layers
-    from stages.train import load_trained
+    from mono4d.models.layers import label_names, model_layers
+    from mono4d.stages.train import load_trained
 
     work, figures, initial = layered
     model = load_trained(work / "train")
@@ -266,10 +266,10 @@ def test_novel_view_without_hands(layered):
 
 @pytest.mark.slow
 def test_export_one_layer_as_ply(layered, tmp_path):
-    from data.ply import read_ply
-    from pipeline.cli import main
-    from pipeline.export import export_workspace
-    from stages.train import load_trained
+    from mono4d.data.ply import read_ply
+    from mono4d.pipeline.cli import main
+    from mono4d.pipeline.export import export_workspace
+    from mono4d.stages.train import load_trained
 
     work, _, _ = layered
     model = load_trained(work / "train")
@@ -296,12 +296,12 @@ def test_edit_removes_and_duplicates_into_a_new_workspace(layered, tmp_path):
     Gaussians, moved by the offset."""
     import torch
 
-    from data.ply import read_ply
-    from models.gaussians import gaussians_at
-    from pipeline.cli import main
-    from pipeline.edit import edit_workspace
-    from pipeline.export import export_workspace
-    from stages.train import load_trained
+    from mono4d.data.ply import read_ply
+    from mono4d.models.gaussians import gaussians_at
+    from mono4d.pipeline.cli import main
+    from mono4d.pipeline.edit import edit_workspace
+    from mono4d.pipeline.export import export_workspace
+    from mono4d.stages.train import load_trained
 
     work, _, _ = layered
     source = load_trained(work / "train")
@@ -343,7 +343,7 @@ def test_edit_removes_and_duplicates_into_a_new_workspace(layered, tmp_path):
 @pytest.mark.slow
 def test_viewer_toggles_layers(layered):
     pytest.importorskip("viser")
-    from pipeline.viewer import opencv_to_viser_pose, serve_viewer
+    from mono4d.pipeline.viewer import opencv_to_viser_pose, serve_viewer
 
     work, _, _ = layered
     viewer = serve_viewer(work, host="127.0.0.1", port=0, max_side=96, backend="torch")
@@ -375,8 +375,8 @@ def test_viewer_toggles_layers(layered):
 
 @pytest.mark.slow
 def test_report_shows_the_layers_side_by_side(layered, tmp_path):
-    from pipeline.report import Run, StagePage, layers_views
-    from pipeline.workspace import Workspace
+    from mono4d.pipeline.report import Run, StagePage, layers_views
+    from mono4d.pipeline.workspace import Workspace
 
     work, _, _ = layered
     page = StagePage(Run("a", "run", Workspace(work), {}, {}), "train", tmp_path)

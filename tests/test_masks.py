@@ -12,11 +12,11 @@ import cv2
 import numpy as np
 import pytest
 
-from data import artifacts, synthetic
-from data.errors import InputError, ModelUnavailableError, ParameterError
-from stages import flow as flow_stage
-from stages import frames as frames_stage
-from stages import masks, masks_refine, masks_sam
+from mono4d.data import artifacts, synthetic
+from mono4d.data.errors import InputError, ModelUnavailableError, ParameterError
+from mono4d.stages import flow as flow_stage
+from mono4d.stages import frames as frames_stage
+from mono4d.stages import masks, masks_refine, masks_sam
 from tests.conftest import shared_path
 
 
@@ -613,8 +613,8 @@ def test_apple_first_frame_mask_and_static_scene(tmp_path):
 def test_report_masks_page_shows_the_cues_next_to_each_overlay(motion_run, tmp_path):
     import shutil
 
-    from pipeline.report import Run, StagePage, masks_views
-    from pipeline.workspace import Workspace
+    from mono4d.pipeline.report import Run, StagePage, masks_views
+    from mono4d.pipeline.workspace import Workspace
 
     out, _ = motion_run
     work = tmp_path / "work"
@@ -630,10 +630,10 @@ def test_report_masks_page_shows_the_cues_next_to_each_overlay(motion_run, tmp_p
 def test_refined_masks_sit_between_align_and_the_optimizer(tmp_path):
     """DAG order: masks -> cameras (SIFT masking) -> depth -> align -> masks_refine -> init/train,
     which read the refined masks as their ``inputs["masks"]``."""
-    from pipeline import dag
-    from pipeline.config import load_config
-    from pipeline.state import RunState
-    from pipeline.workspace import Workspace
+    from mono4d.pipeline import dag
+    from mono4d.pipeline.config import load_config
+    from mono4d.pipeline.state import RunState
+    from mono4d.pipeline.workspace import Workspace
 
     config = load_config("cpu")
     assert dag.upstream("masks_refine", config) == ["frames", "flow", "masks", "cameras", "align"]

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from data.errors import InputError
+from mono4d.data.errors import InputError
 
 
 def random_field(seed: int = 0, canonical_time: float = 0.5, std: float = 0.1):
     """A deformation field with random (non-zero) weights: a genuinely non-trivial map (motions of
     a few tenths of its radius for ``std`` 0.1)."""
-    from models.deformation import DeformationConfig, DeformationField
+    from mono4d.models.deformation import DeformationConfig, DeformationField
 
     torch.manual_seed(seed)
     field = DeformationField(DeformationConfig(canonical_time=canonical_time), torch.tensor([0.1, -0.2, 3.0]), 1.5)
@@ -47,7 +47,7 @@ def test_deformation_is_invertible_and_identity_at_canonical_time():
 
 
 def test_fresh_field_is_the_identity():
-    from models.deformation import DeformationField
+    from mono4d.models.deformation import DeformationField
 
     field = DeformationField()
     points = torch.randn(50, 3)
@@ -58,7 +58,7 @@ def test_fresh_field_is_the_identity():
 def test_quaternion_helpers_match_scipy():
     from scipy.spatial.transform import Rotation
 
-    from models.deformation import quaternion_multiply, rotate_vectors
+    from mono4d.models.deformation import quaternion_multiply, rotate_vectors
 
     rng = np.random.default_rng(0)
     a, b = Rotation.random(20, random_state=1), Rotation.random(20, random_state=2)
@@ -72,8 +72,8 @@ def test_quaternion_helpers_match_scipy():
 
 def plane_model(depth: float = 2.0, dynamic: bool = False):
     """A dense grid of small opaque Gaussians on the plane z = depth in front of an identity camera."""
-    from models.deformation import DeformationField
-    from models.gaussians import SceneModel, create_params
+    from mono4d.models.deformation import DeformationField
+    from mono4d.models.gaussians import SceneModel, create_params
 
     xs, ys = np.meshgrid(np.linspace(-1.2, 1.2, 40), np.linspace(-1.0, 1.0, 34))
     means = torch.tensor(np.stack([xs.ravel(), ys.ravel(), np.full(xs.size, depth)], 1), dtype=torch.float32)
@@ -85,7 +85,7 @@ def plane_model(depth: float = 2.0, dynamic: bool = False):
 
 
 def test_render_plane_colour_and_depth():
-    from models.gaussians import render
+    from mono4d.models.gaussians import render
 
     model = plane_model()
     K = torch.tensor([[60.0, 0, 32], [0, 60.0, 24], [0, 0, 1]])
@@ -101,7 +101,7 @@ def test_render_plane_colour_and_depth():
 
 
 def test_gaussians_at_moves_only_dynamic_gaussians():
-    from models.gaussians import gaussians_at
+    from mono4d.models.gaussians import gaussians_at
 
     model = plane_model(dynamic=False)
     model.field = random_field()
@@ -114,7 +114,7 @@ def test_gaussians_at_moves_only_dynamic_gaussians():
 
 
 def test_save_and_load_model_round_trip(tmp_path):
-    from models.gaussians import SceneModel, load_model, save_model
+    from mono4d.models.gaussians import SceneModel, load_model, save_model
 
     model = plane_model()
     model.field = random_field()
@@ -137,7 +137,7 @@ def test_default_strategy_keeps_is_dynamic_aligned():
     per-Gaussian is_dynamic flag through duplicate / split / prune."""
     from gsplat import DefaultStrategy
 
-    from models.gaussians import render
+    from mono4d.models.gaussians import render
 
     model = plane_model()
     model.variables["is_dynamic"][::3] = True
@@ -161,7 +161,7 @@ def test_default_strategy_keeps_is_dynamic_aligned():
 
 
 def test_ordinal_loss_and_pair_sampling():
-    from models.losses import ordering_accuracy, ordinal_depth_loss, sample_ordinal_pairs
+    from mono4d.models.losses import ordering_accuracy, ordinal_depth_loss, sample_ordinal_pairs
 
     prior = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.0])
     valid = torch.tensor([0, 1, 2, 3])
@@ -179,7 +179,7 @@ def test_ordinal_loss_and_pair_sampling():
 def test_physical_priors_vanish_for_rigid_motion():
     from scipy.spatial.transform import Rotation
 
-    from models.losses import knn_graph, physical_priors
+    from mono4d.models.losses import knn_graph, physical_priors
 
     rng = np.random.default_rng(0)
     canonical = torch.tensor(rng.normal(size=(300, 3)), dtype=torch.float32)
@@ -195,8 +195,8 @@ def test_physical_priors_vanish_for_rigid_motion():
 
 
 def test_reprojection_loss_is_zero_for_exact_geometry():
-    from models.deformation import DeformationField
-    from models.losses import project_points, reprojection_loss
+    from mono4d.models.deformation import DeformationField
+    from mono4d.models.losses import project_points, reprojection_loss
 
     K = torch.tensor([[50.0, 0, 40], [0, 50.0, 30], [0, 0, 1]])
     source, target = torch.eye(4), torch.eye(4)
@@ -214,7 +214,7 @@ def test_reprojection_loss_is_zero_for_exact_geometry():
 
 
 def test_psnr_and_ssim():
-    from models.losses import photometric_loss, psnr, ssim
+    from mono4d.models.losses import photometric_loss, psnr, ssim
 
     image = torch.rand(32, 40, 3)
     assert float(psnr(image, image)) > 100 and float(ssim(image, image)) == pytest.approx(1.0, abs=1e-4)
@@ -224,7 +224,7 @@ def test_psnr_and_ssim():
 
 
 def test_ply_round_trip_and_layout(tmp_path):
-    from data.ply import read_ply, write_ply
+    from mono4d.data.ply import read_ply, write_ply
 
     rng = np.random.default_rng(0)
     count = 57

@@ -14,12 +14,12 @@ import cv2
 import numpy as np
 import pytest
 
-from data.errors import ParameterError
-from pipeline import config as config_module
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.registry import STAGES
-from pipeline.workspace import Workspace
+from mono4d.data.errors import ParameterError
+from mono4d.pipeline import config as config_module
+from mono4d.pipeline.cli import main
+from mono4d.pipeline.config import load_config
+from mono4d.pipeline.registry import STAGES
+from mono4d.pipeline.workspace import Workspace
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def test_rerun_with_nothing_changed_recomputes_nothing(video, tmp_path):
     run_cli("run", video, "--work", work, "--until", "frames")
     before = (work / "frames" / "manifest.json").stat().st_mtime_ns
     first_frame = (work / "frames" / "images" / "000000.png").stat().st_mtime_ns
-    from pipeline.runner import run_pipeline
+    from mono4d.pipeline.runner import run_pipeline
 
     summary = run_pipeline(work, video, until="frames")
     assert summary.ran == []
@@ -97,7 +97,7 @@ def test_parameter_change_reruns_the_stage_and_status_says_why(video, tmp_path, 
 
 def test_forced_rerun(video, tmp_path):
     work = tmp_path / "ws"
-    from pipeline.runner import run_pipeline
+    from mono4d.pipeline.runner import run_pipeline
 
     first = run_pipeline(work, video, until="frames")
     again = run_pipeline(work, video, until="frames", rerun=["frames"])
@@ -190,7 +190,7 @@ def test_interrupted_stage_leaves_no_manifest_and_the_next_run_finishes(tmp_path
     """Kill `mono4d run` while the frames stage is writing; nothing is marked complete."""
     video = write_video(tmp_path / "long.mp4", num_frames=400, width=640, height=480, fps=30)
     work = tmp_path / "ws"
-    command = [sys.executable, "-m", "pipeline.cli", "run", str(video), "--work", str(work), "--until", "frames",
+    command = [sys.executable, "-m", "mono4d.pipeline.cli", "run", str(video), "--work", str(work), "--until", "frames",
                "--set", "frames.format=png"]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
@@ -210,12 +210,12 @@ def test_interrupted_stage_leaves_no_manifest_and_the_next_run_finishes(tmp_path
 
 
 def test_second_concurrent_run_is_refused(video, tmp_path):
-    from pipeline.workspace import Workspace
+    from mono4d.pipeline.workspace import Workspace
 
     work = tmp_path / "ws"
     with Workspace(work).lock():
         with pytest.raises(ParameterError, match="another mono4d run"):
-            from pipeline.runner import run_pipeline
+            from mono4d.pipeline.runner import run_pipeline
 
             run_pipeline(work, video, until="frames")
 
@@ -288,8 +288,8 @@ def test_synth_command_writes_a_scene(tmp_path, capsys):
 def full_run(tmp_path):
     """The DAG up to tracks on the tiny synthetic scene (weights-free backends); init and train
     have their own tests (they take minutes at a useful budget)."""
-    from data import synthetic
-    from pipeline.runner import run_pipeline
+    from mono4d.data import synthetic
+    from mono4d.pipeline.runner import run_pipeline
 
     scene = synthetic.generate(tmp_path / "scene", preset="tiny", seed=1)
     work = tmp_path / "ws"
@@ -302,7 +302,7 @@ def stage_mtimes(work: Path) -> dict[str, int]:
 
 
 def test_parameter_change_reruns_exactly_the_stage_and_its_downstream(full_run):
-    from pipeline.runner import run_pipeline
+    from mono4d.pipeline.runner import run_pipeline
 
     work, scene, summary = full_run
     stages = list(STAGES)
@@ -326,7 +326,7 @@ def test_parameter_change_reruns_exactly_the_stage_and_its_downstream(full_run):
 
 
 def test_forced_rerun_of_a_middle_stage_reruns_its_downstream(full_run, capsys):
-    from pipeline.runner import run_pipeline
+    from mono4d.pipeline.runner import run_pipeline
 
     work, _, _ = full_run
     capsys.readouterr()
@@ -340,7 +340,7 @@ def test_forced_rerun_of_a_middle_stage_reruns_its_downstream(full_run, capsys):
 
 
 def test_stage_edges_follow_the_configuration(tmp_path):
-    from pipeline import dag
+    from mono4d.pipeline import dag
 
     config = load_config("cpu")
     assert dag.upstream("masks", config) == ["frames", "flow"]
@@ -378,15 +378,15 @@ def test_only_the_active_backends_parameters_count():
 
 def test_code_hash_covers_every_imported_project_module():
     """Module-level and function-level imports, transitively; nothing outside the project."""
-    from pipeline.state import code_files
+    from mono4d.pipeline.state import code_files
 
-    train = code_files("stages.train")
+    train = code_files("mono4d.stages.train")
     for path in ("stages/train.py", "stages/train_outputs.py", "stages/init.py", "models/losses.py",
                  "models/rasterizer_torch.py", "models/gaussians.py", "data/geometry.py", "data/dnerf.py",
                  "data/errors.py", "stages/__init__.py"):
         assert path in train, path
     assert all(len(digest) == 64 for digest in train.values())
-    frames = code_files("stages.frames")
+    frames = code_files("mono4d.stages.frames")
     assert "data/video.py" in frames and "stages/frames.py" in frames
     assert "models/losses.py" not in frames and "stages/train.py" not in frames  # only what frames imports
     assert all(path.split("/")[0] in ("data", "models", "stages", "pipeline") for path in train)
@@ -394,7 +394,7 @@ def test_code_hash_covers_every_imported_project_module():
 
 def test_gpu_resource_follows_the_chosen_backend(tmp_path):
     """Only stages whose chosen backend runs on CUDA hold the gpu unit, whatever the preset."""
-    from pipeline.tasks import task_class
+    from mono4d.pipeline.tasks import task_class
 
     def resources(stage: str, overrides: list[str]) -> dict:
         work = tmp_path / f"ws{len(list(tmp_path.iterdir()))}"
@@ -413,8 +413,8 @@ def test_gpu_resource_follows_the_chosen_backend(tmp_path):
 
 
 def test_stage_states_are_evaluated_once_per_run_state(video, tmp_path, monkeypatch):
-    from pipeline import state as state_module
-    from pipeline.status import workspace_states
+    from mono4d.pipeline import state as state_module
+    from mono4d.pipeline.status import workspace_states
 
     run_cli("run", video, "--work", tmp_path / "ws", "--until", "frames")
     evaluated = []
@@ -438,7 +438,7 @@ class Params:
     label: str = ""
 
     def validate(self) -> None:
-        from data.errors import ParameterError
+        from mono4d.data.errors import ParameterError
 
         if self.factor < 1:
             raise ParameterError("toy.factor must be >= 1", "use 1")
@@ -458,7 +458,7 @@ def toy_stage(tmp_path, monkeypatch):
     """A stage added through the registry alone: its module (a package outside the repository,
     registered as a project source root so its code counts), one registry entry, and its
     luigi.cfg-style section."""
-    from pipeline import registry, state
+    from mono4d.pipeline import registry, state
 
     package = tmp_path / "src" / "toy_mono4d"
     package.mkdir(parents=True)
@@ -478,7 +478,7 @@ def toy_stage(tmp_path, monkeypatch):
 
 
 def test_a_stage_added_through_the_registry_runs_caches_and_explains(toy_stage, video, tmp_path, capsys):
-    from pipeline.runner import run_pipeline
+    from mono4d.pipeline.runner import run_pipeline
 
     package, section = toy_stage
     work = tmp_path / "ws"
@@ -512,7 +512,7 @@ def test_a_stage_added_through_the_registry_runs_caches_and_explains(toy_stage, 
 
 
 def test_manifest_without_per_file_code_hashes_is_stale_with_a_reason(toy_stage, video, tmp_path, capsys):
-    from pipeline.runner import run_pipeline
+    from mono4d.pipeline.runner import run_pipeline
 
     _, section = toy_stage
     work = tmp_path / "ws"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.errors import ModelUnavailableError, ParameterError
-from models.rasterizer import rasterization
+from mono4d.data.errors import ModelUnavailableError, ParameterError
+from mono4d.models.rasterizer import rasterization
 
 WIDTH, HEIGHT = 24, 16
 FOCAL = 20.0

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from data.errors import ParameterError
-from models import projection_numba, rasterizer_numba
-from models.rasterizer import rasterization
+from mono4d.data.errors import ParameterError
+from mono4d.models import projection_numba, rasterizer_numba
+from mono4d.models.rasterizer import rasterization
 from tests.test_rasterizer import HEIGHT, WIDTH, brute_force_render, intrinsics, look_from, random_scene
 
 PARAMETERS = ("means", "quats", "scales", "opacities", "colors")

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from data.datasets import detect_format, read_dataset
-from data.dycheck import (dycheck_camera_ids, evaluation_mask, masked_scores, masked_ssim, read_depth, read_dycheck,
-                          read_split)
-from data.dynerf import dynerf_camera_ids, read_dynerf, read_poses_bounds
-from data.errors import InputError
-from data.geometry import camera_centers, project_points
-from data.hypernerf import hypernerf_camera_ids, read_hypernerf, read_nerfies_camera
-from data.images import write_gray
-from data.video import write_video
+from mono4d.data.datasets import detect_format, read_dataset
+from mono4d.data.dycheck import (dycheck_camera_ids, evaluation_mask, masked_scores, masked_ssim, read_depth,
+                                 read_dycheck, read_split)
+from mono4d.data.dynerf import dynerf_camera_ids, read_dynerf, read_poses_bounds
+from mono4d.data.errors import InputError
+from mono4d.data.geometry import camera_centers, project_points
+from mono4d.data.hypernerf import hypernerf_camera_ids, read_hypernerf, read_nerfies_camera
+from mono4d.data.images import write_gray
+from mono4d.data.video import write_video
 
 TARGET = np.array([0.3, -0.2, 1.5])
 

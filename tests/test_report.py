@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import artifacts
-from data.errors import ParameterError, StageFailure
-from data.images import read_gray, read_rgb, write_gray, write_rgb
-from data.visualize import colorize, colorize_depth, flow_to_color, overlay_labels
-from data.video import write_video
-from pipeline.registry import STAGES
-from pipeline.report import collect_series, line_chart, write_report
-from pipeline.runner import run_pipeline
-from pipeline.workspace import Workspace
+from mono4d.data import artifacts
+from mono4d.data.errors import ParameterError, StageFailure
+from mono4d.data.images import read_gray, read_rgb, write_gray, write_rgb
+from mono4d.data.visualize import colorize, colorize_depth, flow_to_color, overlay_labels
+from mono4d.data.video import write_video
+from mono4d.pipeline.registry import STAGES
+from mono4d.pipeline.report import collect_series, line_chart, write_report
+from mono4d.pipeline.runner import run_pipeline
+from mono4d.pipeline.workspace import Workspace
 
 HANDMADE_STAGES = ("depth", "align", "flow", "masks", "cameras", "tracks", "train")
 
@@ -147,7 +147,7 @@ def build_workspace(work: Path, scene, overrides: tuple[str, ...] = (), **handma
 
 @pytest.fixture(scope="module")
 def tiny_scene(tmp_path_factory):
-    from data import synthetic
+    from mono4d.data import synthetic
 
     return synthetic.generate(tmp_path_factory.mktemp("report_scene") / "scene", preset="tiny", seed=0)
 

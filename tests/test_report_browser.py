@@ -25,8 +25,8 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
-from data.images import read_rgb
-from pipeline.report import write_report
+from mono4d.data.images import read_rgb
+from mono4d.pipeline.report import write_report
 from tests.test_report import build_workspace
 
 CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -107,7 +107,7 @@ def browser(tmp_path_factory) -> Iterator[WebDriver]:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> Path:
-    from data import synthetic
+    from mono4d.data import synthetic
 
     scene = synthetic.generate(tmp_path_factory.mktemp("browser_scene") / "scene", preset="tiny", seed=0)
     return write_report(build_workspace(tmp_path_factory.mktemp("browser_run") / "run", scene))

@@ -8,9 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from data import synthetic
-from data.errors import InputError, ParameterError
-from data.geometry import camera_centers, project_points
+from mono4d.data import synthetic
+from mono4d.data.errors import InputError, ParameterError
+from mono4d.data.geometry import camera_centers, project_points
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ import cv2
 import numpy as np
 import pytest
 
-from data import artifacts
-from data.errors import InputError, ParameterError
-from data.geometry import project_points
-from data.images import read_rgb
-from stages import flow, tracks
+from mono4d.data import artifacts
+from mono4d.data.errors import InputError, ParameterError
+from mono4d.data.geometry import project_points
+from mono4d.data.images import read_rgb
+from mono4d.stages import flow, tracks
 
 WINDOW = 16  # frames on either side of the query frame over which 2D tracks are scored
 
@@ -293,8 +293,8 @@ def _write_ground_truth_align_and_cameras(scene, root: Path) -> tuple[Path, Path
 
 
 def test_stage_writes_3d_pairs_with_align_and_cameras(synthetic_frames_dir, synthetic_flow_dir, synthetic_scene, tmp_path):
-    pytest.importorskip("stages.align")
-    pytest.importorskip("stages.cameras")
+    pytest.importorskip("mono4d.stages.align")
+    pytest.importorskip("mono4d.stages.cameras")
     scene = synthetic_scene
     align_dir, cameras_dir = _write_ground_truth_align_and_cameras(scene, tmp_path)
     out = tmp_path / "tracks"

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from data.video import open_source, write_video
+from mono4d.data.video import open_source, write_video
 
 
 def moving_frames(count: int, height: int, width: int) -> np.ndarray:

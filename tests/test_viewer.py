@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from data.errors import InputError, ParameterError
+from mono4d.data.errors import InputError, ParameterError
 
 pytest.importorskip("viser")
 
@@ -30,7 +30,7 @@ def workspace(tmp_path_factory):
 
 @pytest.fixture
 def viewer(workspace):
-    from pipeline.viewer import serve_viewer
+    from mono4d.pipeline.viewer import serve_viewer
 
     running = serve_viewer(workspace[0], host="127.0.0.1", port=0, max_side=96, backend="torch")
     yield running
@@ -39,7 +39,7 @@ def viewer(workspace):
 
 def render_from(viewer, frame: int, w2c: np.ndarray, width: int, height: int, time: float) -> np.ndarray:
     """The viewer's render through camera ``w2c`` with input frame ``frame``'s field of view."""
-    from pipeline.viewer import opencv_to_viser_pose
+    from mono4d.pipeline.viewer import opencv_to_viser_pose
 
     wxyz, position = opencv_to_viser_pose(w2c)
     return viewer.render_view(position, wxyz, viewer.fov_y(frame), width, height, time)
@@ -67,7 +67,7 @@ class BrowserStandIn:
     def send_camera(self, w2c: np.ndarray, fov_y: float, width: int, height: int) -> None:
         from viser import _messages
 
-        from pipeline.viewer import opencv_to_viser_pose
+        from mono4d.pipeline.viewer import opencv_to_viser_pose
 
         wxyz, position = opencv_to_viser_pose(w2c)
         self.send(_messages.ViewerCameraMessage(
@@ -119,7 +119,7 @@ class BrowserStandIn:
 
 
 def test_camera_conversion_round_trip(workspace):
-    from pipeline.viewer import opencv_to_viser_pose, render_size, viser_camera_to_opencv
+    from mono4d.pipeline.viewer import opencv_to_viser_pose, render_size, viser_camera_to_opencv
 
     _, scene = workspace
     fov_y = 2.0 * np.arctan(0.5 * scene.height / scene.K[1, 1])
@@ -137,7 +137,7 @@ def test_camera_conversion_round_trip(workspace):
 
 
 def test_render_view_matches_the_rasterizer(viewer, workspace):
-    from pipeline.export import render_rgb
+    from mono4d.pipeline.export import render_rgb
 
     _, scene = workspace
     frame = 5
@@ -190,7 +190,7 @@ def test_viewer_serves_the_page_and_renders_for_a_browser_camera(viewer, workspa
 
 
 def test_run_viewer_returns_after_its_duration(workspace):
-    from pipeline.viewer import run_viewer
+    from mono4d.pipeline.viewer import run_viewer
 
     started = time.monotonic()
     run_viewer(workspace[0], port=0, max_side=64, backend="torch", duration_s=0.5)
@@ -200,7 +200,7 @@ def test_run_viewer_returns_after_its_duration(workspace):
 def test_viewer_reports_missing_stages_and_bad_options(workspace, tmp_path):
     import shutil
 
-    from pipeline.viewer import serve_viewer
+    from mono4d.pipeline.viewer import serve_viewer
 
     work, _ = workspace
     shutil.copytree(work / "cameras", tmp_path / "cameras")
@@ -216,8 +216,8 @@ def test_viewer_reports_missing_stages_and_bad_options(workspace, tmp_path):
 def test_viewer_in_headless_chromium(workspace, browser, tmp_path):
     """viser's own web client (headless Chromium) connects, shows the render as the background,
     and shows the new render after the time changes."""
-    from data.images import read_rgb
-    from pipeline.viewer import serve_viewer
+    from mono4d.data.images import read_rgb
+    from mono4d.pipeline.viewer import serve_viewer
 
     viewer = serve_viewer(workspace[0], port=0, max_side=128, backend="torch")
 

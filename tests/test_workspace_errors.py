@@ -20,8 +20,8 @@ from pathlib import Path
 import cv2
 import pytest
 
-from pipeline.cli import main
-from pipeline.workspace import Workspace
+from mono4d.pipeline.cli import main
+from mono4d.pipeline.workspace import Workspace
 from tests.test_pipeline import write_video
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC

@@ -38,12 +38,12 @@ parameters and versions with differences highlighted, pictures next to each othe
 """
 from __future__ import annotations
 
-from pipeline.report.media import video_figure, video_stream_info
-from pipeline.report.model import Run, StagePage, View, load_run
-from pipeline.report.outputs import collect_series, curves_views, layers_views, render_views
-from pipeline.report.pages import MARKER_FILE, VIEW_BUILDERS, build_views, write_report
-from pipeline.report.plots import line_chart
-from pipeline.report.views import cameras_views, depth_views, flow_views, masks_views, orbit_scene, tracks_views
+from mono4d.pipeline.report.media import video_figure, video_stream_info
+from mono4d.pipeline.report.model import Run, StagePage, View, load_run
+from mono4d.pipeline.report.outputs import collect_series, curves_views, layers_views, render_views
+from mono4d.pipeline.report.pages import MARKER_FILE, VIEW_BUILDERS, build_views, write_report
+from mono4d.pipeline.report.plots import line_chart
+from mono4d.pipeline.report.views import cameras_views, depth_views, flow_views, masks_views, orbit_scene, tracks_views
 
 __all__ = ["MARKER_FILE", "VIEW_BUILDERS", "Run", "StagePage", "View", "build_views", "cameras_views",
            "collect_series", "curves_views", "depth_views", "flow_views", "layers_views", "line_chart", "load_run",

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Sequence
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
-TEMPLATE_PACKAGE = "pipeline.report"
+TEMPLATE_PACKAGE = "mono4d.pipeline.report"
 
 
 @lru_cache(maxsize=1)

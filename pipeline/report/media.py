@@ -17,12 +17,12 @@ import cv2
 import numpy as np
 from markupsafe import Markup
 
-from data.images import read_rgb, write_rgb
-from data.errors import InputError
-from data.video import iter_frames, open_source, write_video
-from data.visualize import color_bar, flow_to_color
-from pipeline.report.markup import ui
-from pipeline.report.model import StagePage
+from mono4d.data.images import read_rgb, write_rgb
+from mono4d.data.errors import InputError
+from mono4d.data.video import iter_frames, open_source, write_video
+from mono4d.data.visualize import color_bar, flow_to_color
+from mono4d.pipeline.report.markup import ui
+from mono4d.pipeline.report.model import StagePage
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def colour_legend(page: StagePage, name: str, top: str, bottom: str, note: str) 
 
 
 def chart_figure(page: StagePage, svg: str, title: str) -> Markup:
-    """Write a chart (an SVG document from :mod:`pipeline.report.plots`) as an asset and show it."""
+    """Write a chart (an SVG document from :mod:`mono4d.pipeline.report.plots`) as an asset and show it."""
     page.charts += 1
     path = page.asset(f"chart_{page.charts:02d}_{re.sub(r'[^A-Za-z0-9_-]', '_', title)[:60]}.svg")
     path.write_text(svg, encoding="utf-8")

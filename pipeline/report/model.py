@@ -12,11 +12,11 @@ from typing import Any, Sequence
 import numpy as np
 from markupsafe import Markup
 
-from pipeline.registry import STAGES
-from pipeline.report.markup import ui
-from pipeline.state import StageState
-from pipeline.status import workspace_states
-from pipeline.workspace import MANIFEST, Workspace, read_json
+from mono4d.pipeline.registry import STAGES
+from mono4d.pipeline.report.markup import ui
+from mono4d.pipeline.state import StageState
+from mono4d.pipeline.status import workspace_states
+from mono4d.pipeline.workspace import MANIFEST, Workspace, read_json
 
 logger = logging.getLogger(__name__)
 

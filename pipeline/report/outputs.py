@@ -12,14 +12,14 @@ import cv2
 import numpy as np
 from markupsafe import Markup
 
-from data.images import read_gray, read_rgb, write_rgb
-from data.visualize import LABEL_COLORS, colorize
-from pipeline.report.markup import facts_table, grid, join, strip, ui
-from pipeline.report.media import asset_name, chart_figure, colour_legend, video_figure
-from pipeline.report.model import StagePage, View, pick
-from pipeline.report.plots import line_chart
-from pipeline.report.views import SAMPLES
-from pipeline.workspace import MANIFEST, read_json
+from mono4d.data.images import read_gray, read_rgb, write_rgb
+from mono4d.data.visualize import LABEL_COLORS, colorize
+from mono4d.pipeline.report.markup import facts_table, grid, join, strip, ui
+from mono4d.pipeline.report.media import asset_name, chart_figure, colour_legend, video_figure
+from mono4d.pipeline.report.model import StagePage, View, pick
+from mono4d.pipeline.report.plots import line_chart
+from mono4d.pipeline.report.views import SAMPLES
+from mono4d.pipeline.workspace import MANIFEST, read_json
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".svg")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
@@ -141,7 +141,7 @@ def render_views(page: StagePage) -> list[View]:
 
 def layers_views(page: StagePage) -> list[View]:
     """The scene layers of a train output side by side (``renders/<split>/layers/<layer>/rgb``
-    next to the full render ``renders/<split>/rgb``, :mod:`stages.train_layers`), for a few
+    next to the full render ``renders/<split>/rgb``, :mod:`mono4d.stages.train_layers`), for a few
     frames, with each layer's labels, Gaussian count and mask IoU from ``layers.json``."""
     table = (read_json(page.directory / "layers.json") or {}).get("layers", {})
     views = []

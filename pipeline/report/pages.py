@@ -12,15 +12,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 from markupsafe import Markup
 
-from data.errors import Mono4dError, ParameterError
-from pipeline.report.markup import format_value, render, ui
-from pipeline.report.model import Run, StagePage, View, load_run, relative_url, stage_rank, state_of
-from pipeline.report.outputs import (curves_views, layers_views, other_files_views, render_views,
-                                     video_views)
-from pipeline.report.views import (alignment_views, cameras_views, depth_views, flow_views, frames_views,
-                                   masks_views, tracks_views)
-from pipeline.status import format_figures
-from pipeline.workspace import read_json, write_json_atomic
+from mono4d.data.errors import Mono4dError, ParameterError
+from mono4d.pipeline.report.markup import format_value, render, ui
+from mono4d.pipeline.report.model import Run, StagePage, View, load_run, relative_url, stage_rank, state_of
+from mono4d.pipeline.report.outputs import (curves_views, layers_views, other_files_views, render_views, video_views)
+from mono4d.pipeline.report.views import (alignment_views, cameras_views, depth_views, flow_views, frames_views,
+                                          masks_views, tracks_views)
+from mono4d.pipeline.status import format_figures
+from mono4d.pipeline.workspace import read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +258,7 @@ def write_report(work: Path, compare: Path | None = None, out_dir: Path | None =
     stages = sorted({stage for run in runs for stage in run.states}, key=stage_rank)
     prepare_out_dir(report_dir)
     (report_dir / "assets").mkdir()
-    static = resources.files("pipeline.report") / "static"
+    static = resources.files("mono4d.pipeline.report") / "static"
     for name in STATIC_FILES:
         (report_dir / "assets" / name).write_bytes((static / name).read_bytes())
     pages = []

@@ -12,16 +12,17 @@ import cv2
 import numpy as np
 from markupsafe import Markup
 
-from data.artifacts import (ALIGNMENT_FILE, CAMERAS_FILE, DEPTH_FILE, FLOW_PAIRS_FILE, LABELS_FILE, MASKS_DIR,
-                            PAIRS3D_COUNTS_FILE, POINTS_FILE, TRACKS_FILE, flow_pair_name, list_flow_pairs,
-                            read_cameras_meta, read_flow_meta, read_flow_pair, read_labels, read_points, read_tracks)
-from data.images import read_gray, read_rgb, write_gray, write_rgb
-from data.visualize import LABEL_COLORS, flow_to_color, overlay_labels
-from pipeline.report.markup import facts_table, grid, join, strip, ui
-from pipeline.report.media import chart_figure, colour_legend, flow_wheel, video_figure, write_thumbnail
-from pipeline.report.model import Run, StagePage, View, pick, spaced
-from pipeline.report.plots import line_chart
-from pipeline.workspace import read_json
+from mono4d.data.artifacts import (ALIGNMENT_FILE, CAMERAS_FILE, DEPTH_FILE, FLOW_PAIRS_FILE, LABELS_FILE, MASKS_DIR,
+                                   PAIRS3D_COUNTS_FILE, POINTS_FILE, TRACKS_FILE, flow_pair_name, list_flow_pairs,
+                                   read_cameras_meta, read_flow_meta, read_flow_pair, read_labels, read_points,
+                                   read_tracks)
+from mono4d.data.images import read_gray, read_rgb, write_gray, write_rgb
+from mono4d.data.visualize import LABEL_COLORS, flow_to_color, overlay_labels
+from mono4d.pipeline.report.markup import facts_table, grid, join, strip, ui
+from mono4d.pipeline.report.media import chart_figure, colour_legend, flow_wheel, video_figure, write_thumbnail
+from mono4d.pipeline.report.model import Run, StagePage, View, pick, spaced
+from mono4d.pipeline.report.plots import line_chart
+from mono4d.pipeline.workspace import read_json
 
 #: Frames (or pairs) shown per view, and thumbnails in the frame strip.
 SAMPLES = 4
@@ -35,7 +36,7 @@ def frame_files(run: Run) -> list[Path]:
     frames_dir = run.stage_dir("frames")
     if not (frames_dir / "frames.json").is_file():
         return []
-    from stages.frames import frame_paths
+    from mono4d.stages.frames import frame_paths
 
     return frame_paths(frames_dir)
 
@@ -49,7 +50,7 @@ def frame_cell(page: StagePage, frames: list[Path], index: int) -> Markup:
 def frames_views(page: StagePage) -> list[View]:
     if not (page.directory / "frames.json").is_file():
         return []
-    from stages.frames import read_frames_meta
+    from mono4d.stages.frames import read_frames_meta
 
     meta = read_frames_meta(page.directory)
     timestamps = meta.get("timestamps", [])

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from models.rasterizer import gsplat_cuda_status, rasterization
+from mono4d.models.rasterizer import gsplat_cuda_status, rasterization
 
 pytestmark = [
     pytest.mark.gpu,
