@@ -89,7 +89,7 @@ def render_bench(work: Path, num_frames: int, size: tuple[int, int], supersample
 def scaling(work: Path, counts: list[int], size: tuple[int, int], supersample: int, overrides: list[str]) -> dict:
     """Time the stages on the first T frames of one rendered bench scene for each T in ``counts``."""
     scene_dir = render_bench(work, max(counts), size, supersample)
-    fps = float(json.loads((scene_dir / "scene.json").read_text())["fps"])
+    fps = float(json.loads((scene_dir / "scene.json").read_text())["config"]["fps"])
     results = {}
     for count in counts:
         print(f"T = {count}", flush=True)
