@@ -129,11 +129,9 @@ def input_settings(source: str | Path | None) -> dict[str, str]:
     """``stage.param`` -> value that the run's input needs: for a D-NeRF folder,
     :data:`mono4d.data.dnerf.PIPELINE_SETTINGS` with ``cameras.known_path`` the folder; nothing for
     videos and image folders (or no input)."""
-    if source is None or not Path(source).is_dir():
-        return {}
     from mono4d.data.dnerf import PIPELINE_SETTINGS, is_dnerf_folder
 
-    if not is_dnerf_folder(source):
+    if source is None or not is_dnerf_folder(source):
         return {}
     return {**PIPELINE_SETTINGS, "cameras.known_path": str(Path(source).resolve())}
 
