@@ -7,6 +7,7 @@ id is picked and its frames over time form the video.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +64,58 @@ def read_panoptic(meta_path: str | Path, camera: int = -1) -> DatasetFrames:
                          "check that the ims/ folder next to the meta file is complete")
     return DatasetFrames(image_paths=image_paths, K=K_array, w2c=w2c_array, times=linear_times(len(K)),
                          width=width, height=height, units="dataset", format="panoptic")
+
+
+@dataclass(frozen=True)
+class PanopticViews:
+    """Every camera of a Panoptic meta file over its first timesteps (multi-view input).
+
+    ``image_paths[t][c]``: image of timestep ``t`` and camera slot ``c``; ``seg_paths[t][c]``: its
+    foreground mask under ``seg/`` (``.png``), or None where the dataset has none (the held-out
+    cameras); ``K (T, C, 3, 3)`` float64 pixel intrinsics for ``width`` x ``height`` images;
+    ``w2c (T, C, 4, 4)`` float64 OpenCV world-to-camera; ``camera_ids (C,)`` the ``cam_id`` values
+    (the same at every timestep); ``times (T,)`` ``t / (T_file - 1)`` of the file's timestep count.
+    """
+
+    image_paths: list[list[Path]]
+    seg_paths: list[list[Path | None]]
+    K: np.ndarray
+    w2c: np.ndarray
+    camera_ids: list[int]
+    times: np.ndarray
+    width: int
+    height: int
+
+
+def read_panoptic_views(meta_path: str | Path, timesteps: int = 0) -> PanopticViews:
+    """All cameras of ``meta_path`` for its first ``timesteps`` timesteps (0 = all). Raises
+    :class:`InputError` when a timestep's cameras differ from the first one's or images are missing."""
+    meta_path = Path(meta_path)
+    content = read_json(meta_path)
+    camera_ids = panoptic_camera_ids(meta_path)
+    try:
+        width, height = int(content["w"]), int(content["h"])
+        total = len(content["cam_id"])
+        count = total if timesteps <= 0 else min(timesteps, total)
+        for t in range(count):
+            if [int(camera_id) for camera_id in content["cam_id"][t]] != camera_ids:
+                raise InputError(f"timestep {t} of {meta_path} has cameras {content['cam_id'][t]}, not {camera_ids}",
+                                 "use a meta file whose timesteps share one camera list")
+        K = np.array(content["k"][:count], dtype=np.float64)
+        w2c = np.array(content["w2c"][:count], dtype=np.float64)
+        names = [[str(name) for name in content["fn"][t]] for t in range(count)]
+    except (KeyError, IndexError, TypeError, ValueError) as error:
+        raise InputError(f"malformed Panoptic meta file {meta_path}: {error}",
+                         "expected keys w, h, k[t][c], w2c[t][c], fn[t][c], cam_id[t][c]") from error
+    shape = (count, len(camera_ids))
+    if K.shape != (*shape, 3, 3) or w2c.shape != (*shape, 4, 4):
+        raise InputError(f"{meta_path} has intrinsics/extrinsics of the wrong shape", "expected 3x3 k and 4x4 w2c")
+    images = [[meta_path.parent / "ims" / name for name in row] for row in names]
+    missing = [str(path) for row in images for path in row if not path.is_file()]
+    if missing:
+        raise InputError(f"{len(missing)} images of {meta_path} are missing, e.g. {missing[0]}",
+                         "check that the ims/ folder next to the meta file is complete")
+    segs = [[seg if (seg := (meta_path.parent / "seg" / name).with_suffix(".png")).is_file() else None
+             for name in row] for row in names]
+    return PanopticViews(image_paths=images, seg_paths=segs, K=K, w2c=w2c, camera_ids=camera_ids,
+                         times=linear_times(total)[:count], width=width, height=height)
