@@ -25,6 +25,14 @@ def panoptic_camera_ids(meta_path: str | Path) -> list[int]:
         raise InputError(f"{meta_path} has no usable cam_id table", "point to a train_meta.json / test_meta.json") from error
 
 
+def require_images(meta_path: Path, image_paths: list[Path]) -> None:
+    """Raise :class:`InputError` naming the count and one example when any image file is missing."""
+    missing = [str(path) for path in image_paths if not path.is_file()]
+    if missing:
+        raise InputError(f"{len(missing)} images of {meta_path} are missing, e.g. {missing[0]}",
+                         "check that the ims/ folder next to the meta file is complete")
+
+
 def read_panoptic(meta_path: str | Path, camera: int = -1) -> DatasetFrames:
     """The video of one camera of a Panoptic meta file, one frame per timestep.
 
@@ -58,10 +66,7 @@ def read_panoptic(meta_path: str | Path, camera: int = -1) -> DatasetFrames:
                          "expected keys w, h, k[t][c], w2c[t][c], fn[t][c], cam_id[t][c]") from error
     if K_array.shape != (len(K), 3, 3) or w2c_array.shape != (len(K), 4, 4):
         raise InputError(f"{meta_path} has intrinsics/extrinsics of the wrong shape", "expected 3x3 k and 4x4 w2c")
-    missing = [str(path) for path in image_paths if not path.is_file()]
-    if missing:
-        raise InputError(f"{len(missing)} images of camera {camera} are missing, e.g. {missing[0]}",
-                         "check that the ims/ folder next to the meta file is complete")
+    require_images(meta_path, image_paths)
     return DatasetFrames(image_paths=image_paths, K=K_array, w2c=w2c_array, times=linear_times(len(K)),
                          width=width, height=height, units="dataset", format="panoptic")
 
@@ -111,10 +116,7 @@ def read_panoptic_views(meta_path: str | Path, timesteps: int = 0) -> PanopticVi
     if K.shape != (*shape, 3, 3) or w2c.shape != (*shape, 4, 4):
         raise InputError(f"{meta_path} has intrinsics/extrinsics of the wrong shape", "expected 3x3 k and 4x4 w2c")
     images = [[meta_path.parent / "ims" / name for name in row] for row in names]
-    missing = [str(path) for row in images for path in row if not path.is_file()]
-    if missing:
-        raise InputError(f"{len(missing)} images of {meta_path} are missing, e.g. {missing[0]}",
-                         "check that the ims/ folder next to the meta file is complete")
+    require_images(meta_path, [path for row in images for path in row])
     segs = [[seg if (seg := (meta_path.parent / "seg" / name).with_suffix(".png")).is_file() else None
              for name in row] for row in names]
     return PanopticViews(image_paths=images, seg_paths=segs, K=K, w2c=w2c, camera_ids=camera_ids,
