@@ -43,6 +43,8 @@ from mono4d.models.rasterizer_torch import ALPHA_THRESHOLD, MAX_ALPHA, MIN_TRANS
 
 DEFAULT_TILE_SIZE = 16
 """Tile side in pixels (gsplat's default)."""
+SPLAT_FIELDS = 17
+"""Values stored per entry before its features (:func:`_entries`)."""
 SPLAT_GRADIENTS = 6
 """Gradient slots per pair before the features: mean x, mean y, conic a, b, c, opacity."""
 DEFINITE_MARGIN = 1e-9
@@ -117,15 +119,15 @@ def _bin_tiles(boxes: np.ndarray, cameras: np.ndarray, n_cameras: int, tiles_x: 
 
 @njit(parallel=True, cache=True)
 def _entries(position: np.ndarray, means2d: np.ndarray, conics: np.ndarray, opacities: np.ndarray,
-             features: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The visible entries' ``means2d`` [V, 2], ``conics`` [V, 3], ``opacities`` [V], ``features``
-    [V, D] and ``boxes`` [V, 4] in storage order (``position``, :func:`_bin_tiles`), as ``splats`` [V, 8]
-    float64 (mx, my, a, b, c, o, log(255 o), 1 where the conic is safely positive definite, so that
-    sigma cannot round below 0, else 0), the features (their dtype) and the boxes."""
-    n_entries = position.shape[0]
-    splats = np.empty((n_entries, 8))
-    stored_features = np.empty((n_entries, features.shape[1]), dtype=features.dtype)
-    stored_boxes = np.empty((n_entries, 4), dtype=np.int64)
+             features: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """The visible entries' ``means2d`` [V, 2], ``conics`` [V, 3], ``opacities`` [V], ``boxes``
+    [V, 4] and ``features`` [V, D] in storage order (``position``, :func:`_bin_tiles`), one float64
+    row [V, SPLAT_FIELDS + D] per entry so that a tile reads each of its entries from one place:
+    mx, my, a, b, c, o, log(255 o), 1 where the conic is safely positive definite (so that sigma
+    cannot round below 0) else 0, the recurrence factors exp(-a), exp(-b), exp(-c), exp(a), exp(b)
+    (:func:`_falloff`), the box x0, x1, y0, y1, then the features."""
+    n_entries, n_features = position.shape[0], features.shape[1]
+    splats = np.empty((n_entries, SPLAT_FIELDS + n_features))
     for v in prange(n_entries):
         u = position[v]
         a, b, c = float(conics[v, 0]), float(conics[v, 1]), float(conics[v, 2])
@@ -134,11 +136,15 @@ def _entries(position: np.ndarray, means2d: np.ndarray, conics: np.ndarray, opac
         splats[u, 5] = opacities[v]
         splats[u, 6] = np.log(splats[u, 5] / ALPHA_THRESHOLD)
         splats[u, 7] = 1.0 if a > 0.0 and b * b < a * c * (1.0 - DEFINITE_MARGIN) else 0.0
-        for d in range(features.shape[1]):
-            stored_features[u, d] = features[v, d]
+        # From the stored float64 values: float() keeps a float32 input's precision.
+        a, b, c = splats[u, 2], splats[u, 3], splats[u, 4]
+        splats[u, 8], splats[u, 9], splats[u, 10] = np.exp(-a), np.exp(-b), np.exp(-c)
+        splats[u, 11], splats[u, 12] = np.exp(a), np.exp(b)
         for i in range(4):
-            stored_boxes[u, i] = boxes[v, i]
-    return splats, stored_features, stored_boxes
+            splats[u, 13 + i] = boxes[v, i]
+        for d in range(n_features):
+            splats[u, SPLAT_FIELDS + d] = features[v, d]
+    return splats
 
 
 @njit(inline="always")
@@ -153,12 +159,11 @@ def _tile_bounds(tile: int, tiles_x: int, tiles_y: int, tile_size: int, width: i
 
 
 @njit(inline="always")
-def _row_span(splats: np.ndarray, boxes: np.ndarray, v: int, py: int, x_first: int,
-              x_last: int) -> tuple[int, int]:
+def _row_span(splats: np.ndarray, v: int, py: int, x_first: int, x_last: int) -> tuple[int, int]:
     """Inclusive pixel columns of row ``py`` within ``[x_first, x_last]`` and entry ``v``'s box
     where its alpha can reach 1/255 (``sigma <= log(255 o)``, solved exactly and widened by 1e-6 px
     for rounding; the threshold itself is applied per pixel). Empty when first > last."""
-    first, last = max(boxes[v, 0], x_first), min(boxes[v, 1], x_last)
+    first, last = max(int(splats[v, 13]), x_first), min(int(splats[v, 14]), x_last)
     a, b, c = splats[v, 2], splats[v, 3], splats[v, 4]
     dy = splats[v, 1] - (py + 0.5)
     discriminant = dy * dy * (b * b - a * c) + 2.0 * a * splats[v, 6]
@@ -209,12 +214,6 @@ def _falloff(a: float, b: float, c: float, dx: float, dy: float) -> tuple[float,
 
 
 @njit(inline="always")
-def _steps(a: float, b: float, c: float) -> tuple[float, float, float, float, float]:
-    """The recurrence factors of :func:`_falloff`: exp(-a), exp(-b), exp(-c), exp(a), exp(b)."""
-    return np.exp(-a), np.exp(-b), np.exp(-c), np.exp(a), np.exp(b)
-
-
-@njit(inline="always")
 def _row_falloff(gauss: float, right: float, down: float, column: int, first: int, a: float, b: float,
                  c: float, dx: float, dy: float,
                  steps: tuple[float, float, float, float, float]) -> tuple[float, float, float]:
@@ -238,7 +237,7 @@ def _row_falloff(gauss: float, right: float, down: float, column: int, first: in
 
 
 @njit(inline="always")
-def _next_row(splats: np.ndarray, boxes: np.ndarray, v: int, py: int, x_first: int, x_last: int,
+def _next_row(splats: np.ndarray, v: int, py: int, x_first: int, x_last: int,
               cursor: tuple[int, float, float, float],
               steps: tuple[float, float, float, float, float]) -> tuple[int, int, tuple[int, float, float, float]]:
     """Entry ``v``'s span (first, last) on row ``py`` (:func:`_row_span`) and the cursor (column,
@@ -247,7 +246,7 @@ def _next_row(splats: np.ndarray, boxes: np.ndarray, v: int, py: int, x_first: i
     column, gauss, right, down = cursor
     if column >= 0:
         gauss, right, down = gauss * down, right * steps[1], down * steps[2]
-    first, last = _row_span(splats, boxes, v, py, x_first, x_last)
+    first, last = _row_span(splats, v, py, x_first, x_last)
     if first <= last:
         mx, my, a, b, c = splats[v, 0], splats[v, 1], splats[v, 2], splats[v, 3], splats[v, 4]
         gauss, right, down = _row_falloff(gauss, right, down, column, first, a, b, c, mx - (first + 0.5),
@@ -257,14 +256,14 @@ def _next_row(splats: np.ndarray, boxes: np.ndarray, v: int, py: int, x_first: i
 
 
 @njit(cache=True)
-def _forward_tile(tile: int, splats: np.ndarray, features: np.ndarray, boxes: np.ndarray,
-                  tile_offsets: np.ndarray, tile_entries: np.ndarray, tiles_x: int, tiles_y: int, tile_size: int,
-                  colors: np.ndarray, alphas: np.ndarray, counts: np.ndarray, transmittance: np.ndarray,
-                  color: np.ndarray, weights: np.ndarray, count: np.ndarray, entry_features: np.ndarray) -> None:
+def _forward_tile(tile: int, splats: np.ndarray, tile_offsets: np.ndarray, tile_entries: np.ndarray, tiles_x: int,
+                  tiles_y: int, tile_size: int, colors: np.ndarray, alphas: np.ndarray, counts: np.ndarray,
+                  transmittance: np.ndarray, color: np.ndarray, weights: np.ndarray, count: np.ndarray,
+                  entry_features: np.ndarray) -> None:
     """Composite tile ``tile`` front to back into ``colors``, ``alphas`` and ``counts`` (see
     :func:`_forward`), using the tile-sized buffers ``transmittance``, ``color``, ``weights`` and
     ``count`` (a pixel that has stopped has ``count`` negated minus one), and ``entry_features`` [D]."""
-    n_features = features.shape[1]
+    n_features = splats.shape[1] - SPLAT_FIELDS
     height, width = alphas.shape[1], alphas.shape[2]
     start, stop = tile_offsets[tile], tile_offsets[tile + 1]
     camera, x_first, x_last, y_first, y_last = _tile_bounds(tile, tiles_x, tiles_y, tile_size, width, height)
@@ -279,11 +278,11 @@ def _forward_tile(tile: int, splats: np.ndarray, features: np.ndarray, boxes: np
         mx, my, a, b, c, opacity = splats[v, 0], splats[v, 1], splats[v, 2], splats[v, 3], splats[v, 4], splats[v, 5]
         definite = splats[v, 7] > 0.0
         for d in range(n_features):
-            entry_features[d] = features[v, d]
-        steps = _steps(a, b, c)
+            entry_features[d] = splats[v, SPLAT_FIELDS + d]
+        steps = (splats[v, 8], splats[v, 9], splats[v, 10], splats[v, 11], splats[v, 12])
         cursor = (-1, 0.0, 0.0, 0.0)
-        for py in range(max(boxes[v, 2], y_first), min(boxes[v, 3], y_last) + 1):
-            first, last, cursor = _next_row(splats, boxes, v, py, x_first, x_last, cursor, steps)
+        for py in range(max(int(splats[v, 15]), y_first), min(int(splats[v, 16]), y_last) + 1):
+            first, last, cursor = _next_row(splats, v, py, x_first, x_last, cursor, steps)
             if first <= last:
                 ty, dy = py - y_first, my - (py + 0.5)
                 pixel_gauss, ratio = cursor[1], cursor[2]
@@ -322,12 +321,12 @@ def _forward_tile(tile: int, splats: np.ndarray, features: np.ndarray, boxes: np
 
 
 @njit(parallel=True, cache=True)
-def _forward(splats: np.ndarray, features: np.ndarray, boxes: np.ndarray, tile_offsets: np.ndarray,
+def _forward(splats: np.ndarray, tile_offsets: np.ndarray,
              tile_entries: np.ndarray, worker_offsets: np.ndarray, worker_tiles: np.ndarray, n_cameras: int,
              width: int, height: int, tiles_x: int, tiles_y: int,
              tile_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Composite every tile front to back, each worker its tiles (:func:`_schedule`) in parallel.
-    ``splats`` [V, 8], ``features`` [V, D] and ``boxes`` [V, 4] in storage order (:func:`_entries`).
+    ``splats`` [V, SPLAT_FIELDS + D] in storage order (:func:`_entries`).
 
     Within a tile, entries are taken in depth order and each updates only the pixels of its row
     spans, skipping pixels that have stopped; the tile ends when all its pixels have stopped. Along
@@ -338,7 +337,7 @@ def _forward(splats: np.ndarray, features: np.ndarray, boxes: np.ndarray, tile_o
     of weights), and ``counts`` [C, H, W] how many entries of the pixel's tile list come up to and
     including its last blended one.
     """
-    n_features = features.shape[1]
+    n_features = splats.shape[1] - SPLAT_FIELDS
     colors = np.zeros((n_cameras, height, width, n_features))
     alphas = np.zeros((n_cameras, height, width))
     counts = np.zeros((n_cameras, height, width), dtype=np.int64)
@@ -349,22 +348,21 @@ def _forward(splats: np.ndarray, features: np.ndarray, boxes: np.ndarray, tile_o
         count = np.empty((tile_size, tile_size), dtype=np.int64)
         entry_features = np.empty(n_features)
         for i in range(worker_offsets[worker], worker_offsets[worker + 1]):
-            _forward_tile(worker_tiles[i], splats, features, boxes, tile_offsets, tile_entries, tiles_x, tiles_y,
+            _forward_tile(worker_tiles[i], splats, tile_offsets, tile_entries, tiles_x, tiles_y,
                           tile_size, colors, alphas, counts, transmittance, color, weights, count, entry_features)
     return colors, alphas, counts
 
 
 @njit(cache=True)
-def _backward_tile(tile: int, splats: np.ndarray, features: np.ndarray, boxes: np.ndarray,
-                   tile_offsets: np.ndarray, tile_entries: np.ndarray, colors: np.ndarray, alphas: np.ndarray,
-                   counts: np.ndarray, grad_colors: np.ndarray, grad_alphas: np.ndarray, tiles_x: int, tiles_y: int,
-                   tile_size: int, pair_grads: np.ndarray, transmittance: np.ndarray, rest: np.ndarray,
-                   pixel_grads: np.ndarray, count: np.ndarray, entry_features: np.ndarray,
-                   feature_grads: np.ndarray) -> None:
+def _backward_tile(tile: int, splats: np.ndarray, tile_offsets: np.ndarray, tile_entries: np.ndarray,
+                   colors: np.ndarray, alphas: np.ndarray, counts: np.ndarray, grad_colors: np.ndarray,
+                   grad_alphas: np.ndarray, tiles_x: int, tiles_y: int, tile_size: int, pair_grads: np.ndarray,
+                   transmittance: np.ndarray, rest: np.ndarray, pixel_grads: np.ndarray, count: np.ndarray,
+                   entry_features: np.ndarray, feature_grads: np.ndarray) -> None:
     """Gradients of tile ``tile``'s pairs into ``pair_grads`` (see :func:`_backward`), using the
     tile-sized buffers ``transmittance``, ``rest``, ``pixel_grads`` (the pixels' colour and alpha
     gradients) and ``count``, and ``entry_features`` and ``feature_grads`` [D]."""
-    n_features = features.shape[1]
+    n_features = splats.shape[1] - SPLAT_FIELDS
     height, width = alphas.shape[1], alphas.shape[2]
     start, stop = tile_offsets[tile], tile_offsets[tile + 1]
     camera, x_first, x_last, y_first, y_last = _tile_bounds(tile, tiles_x, tiles_y, tile_size, width, height)
@@ -386,14 +384,14 @@ def _backward_tile(tile: int, splats: np.ndarray, features: np.ndarray, boxes: n
         v = tile_entries[k]
         mx, my, a, b, c, opacity = splats[v, 0], splats[v, 1], splats[v, 2], splats[v, 3], splats[v, 4], splats[v, 5]
         definite = splats[v, 7] > 0.0
-        steps = _steps(a, b, c)
+        steps = (splats[v, 8], splats[v, 9], splats[v, 10], splats[v, 11], splats[v, 12])
         cursor = (-1, 0.0, 0.0, 0.0)
         grad_mx = grad_my = grad_a = grad_b = grad_c = grad_o = 0.0
         for d in range(n_features):
-            entry_features[d] = features[v, d]
+            entry_features[d] = splats[v, SPLAT_FIELDS + d]
             feature_grads[d] = 0.0
-        for py in range(max(boxes[v, 2], y_first), min(boxes[v, 3], y_last) + 1):
-            first, last, cursor = _next_row(splats, boxes, v, py, x_first, x_last, cursor, steps)
+        for py in range(max(int(splats[v, 15]), y_first), min(int(splats[v, 16]), y_last) + 1):
+            first, last, cursor = _next_row(splats, v, py, x_first, x_last, cursor, steps)
             if first <= last:
                 ty, dy = py - y_first, my - (py + 0.5)
                 pixel_gauss, ratio = cursor[1], cursor[2]
@@ -435,14 +433,14 @@ def _backward_tile(tile: int, splats: np.ndarray, features: np.ndarray, boxes: n
 
 
 @njit(parallel=True, cache=True)
-def _backward(splats: np.ndarray, features: np.ndarray, boxes: np.ndarray, order: np.ndarray,
+def _backward(splats: np.ndarray, order: np.ndarray,
               tile_offsets: np.ndarray, tile_entries: np.ndarray, entry_offsets: np.ndarray,
               entry_pairs: np.ndarray, worker_offsets: np.ndarray, worker_tiles: np.ndarray, colors: np.ndarray,
               alphas: np.ndarray, counts: np.ndarray, grad_colors: np.ndarray, grad_alphas: np.ndarray,
-              tiles_x: int, tiles_y: int, tile_size: int) -> np.ndarray:
+              tiles_x: int, tiles_y: int, tile_size: int, grads: np.ndarray) -> None:
     """Exact gradients of ``_forward``'s colors and alphas: ``grad_colors`` [C, H, W, D] and
-    ``grad_alphas`` [C, H, W] in; [V, 6 + D] out (entries in depth order, as given to
-    :func:`_bin_tiles`) in the features' dtype (mean x, mean y, conic a, b, c, opacity, features).
+    ``grad_alphas`` [C, H, W] in; ``grads`` [V, 6 + D] out (entries in depth order, as given to
+    :func:`_bin_tiles`; mean x, mean y, conic a, b, c, opacity, features), any float dtype.
 
     Each tile's list is walked front to back again, every pixel taking only the entries up to its
     last blended one, so that transmittance is the forward's product, not recovered by division.
@@ -452,7 +450,7 @@ def _backward(splats: np.ndarray, features: np.ndarray, boxes: np.ndarray, order
     opacity or sigma. Gradients go to one slot per (tile, entry) pair, so that threads never write
     to the same place; a parallel reduction per entry sums them in tile order.
     """
-    n_features = features.shape[1]
+    n_features = splats.shape[1] - SPLAT_FIELDS
     n_slots = SPLAT_GRADIENTS + n_features
     pair_grads = np.empty((tile_entries.shape[0], n_slots))
     for worker in prange(worker_offsets.shape[0] - 1):
@@ -463,19 +461,16 @@ def _backward(splats: np.ndarray, features: np.ndarray, boxes: np.ndarray, order
         entry_features = np.empty(n_features)
         feature_grads = np.empty(n_features)
         for i in range(worker_offsets[worker], worker_offsets[worker + 1]):
-            _backward_tile(worker_tiles[i], splats, features, boxes, tile_offsets, tile_entries, colors, alphas,
+            _backward_tile(worker_tiles[i], splats, tile_offsets, tile_entries, colors, alphas,
                            counts, grad_colors, grad_alphas, tiles_x, tiles_y, tile_size, pair_grads, transmittance,
                            rest, pixel_grads, count, entry_features, feature_grads)
-    n_entries = splats.shape[0]
-    grads = np.empty((n_entries, n_slots), dtype=features.dtype)
-    for u in prange(n_entries):
+    for u in prange(splats.shape[0]):
         v = order[u]
         for slot in range(n_slots):
             total = 0.0
             for pair in range(entry_offsets[u], entry_offsets[u + 1]):
                 total += pair_grads[entry_pairs[pair], slot]
             grads[v, slot] = total
-    return grads
 
 
 class _Composite(torch.autograd.Function):
@@ -491,11 +486,11 @@ class _Composite(torch.autograd.Function):
         set_threads()
         order, position, *bins = _bin_tiles(boxes64, cameras.to(torch.int64).contiguous().numpy(), n_cameras,
                                             tiles_x, tiles_y, tile_size)
-        splats, stored_features, stored_boxes = _entries(position, *arrays, boxes64)
+        splats = _entries(position, *arrays, boxes64)
         workers = _schedule(bins[0], numba.get_num_threads())
-        colors, alphas, counts = _forward(splats, stored_features, stored_boxes, bins[0], bins[1], *workers,
-                                          n_cameras, width, height, tiles_x, tiles_y, tile_size)
-        ctx.kernel_inputs = (splats, stored_features, stored_boxes, order, bins, workers, colors, alphas, counts)
+        colors, alphas, counts = _forward(splats, bins[0], bins[1], *workers, n_cameras, width, height, tiles_x,
+                                          tiles_y, tile_size)
+        ctx.kernel_inputs = (splats, order, bins, workers, colors, alphas, counts)
         ctx.sizes = (tiles_x, tiles_y, tile_size)
         # Copies: the backward reads the float64 sums, which the caller must not see change.
         return (torch.from_numpy(colors).to(means2d.dtype, copy=True),
@@ -503,11 +498,11 @@ class _Composite(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_colors: Tensor, grad_alphas: Tensor) -> tuple[Tensor | None, ...]:
-        splats, stored_features, stored_boxes, order, bins, workers, colors, alphas, counts = ctx.kernel_inputs
+        splats, order, bins, workers, colors, alphas, counts = ctx.kernel_inputs
         set_threads()
-        grads = _backward(splats, stored_features, stored_boxes, order, *bins, *workers, colors, alphas, counts,
-                          grad_colors.contiguous().numpy(), grad_alphas[..., 0].contiguous().numpy(), *ctx.sizes)
-        grads = torch.from_numpy(grads)
+        grads = torch.empty(splats.shape[0], splats.shape[1] - SPLAT_FIELDS + SPLAT_GRADIENTS, dtype=grad_colors.dtype)
+        _backward(splats, order, *bins, *workers, colors, alphas, counts, grad_colors.contiguous().numpy(),
+                  grad_alphas[..., 0].contiguous().numpy(), *ctx.sizes, grads.numpy())
         return (grads[:, 0:2], grads[:, 2:5], grads[:, 5], grads[:, SPLAT_GRADIENTS:],
                 None, None, None, None, None, None)
 
