@@ -21,6 +21,7 @@ CPU time) and the whole step, and prints them as JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -128,14 +129,12 @@ def breakdown(n: int, width: int, height: int, repeats: int) -> list[dict]:
     projection_grads = [torch.randn(value.shape, generator=generator) for value in projected]
     coefficients = (0.3 * torch.randn(n, 16, 3, generator=generator)).requires_grad_(True)
     centres = torch.linalg.inv(scene["viewmats"])[:, :3, 3]
-    visible = [value[cams, gaussians].detach().requires_grad_(True)
-               for value in (projection.means2d, projection.conics, projection.opacities)]
-    features = torch.cat([scene["colors"][gaussians], projection.depths[cams, gaussians][:, None]], 1)
-    features.requires_grad_(True)
-    boxes = projection.boxes
+    composited = dataclasses.replace(projection, **{name: getattr(projection, name).detach().requires_grad_(True)
+                                                    for name in ("means2d", "depths", "conics", "opacities")})
+    features = scene["colors"][gaussians].requires_grad_(True)
     tile_size = rasterizer_numba.DEFAULT_TILE_SIZE
     tiles_x, tiles_y = -(-width // tile_size), -(-height // tile_size)
-    boxes64, cams64 = boxes.contiguous().numpy(), cams.contiguous().numpy()
+    boxes64, cams64 = projection.boxes.contiguous().numpy(), cams.contiguous().numpy()
     pixel_grads = [torch.randn(1, height, width, 4, generator=generator), torch.randn(1, height, width, 1,
                                                                                        generator=generator)]
 
@@ -156,7 +155,7 @@ def breakdown(n: int, width: int, height: int, repeats: int) -> list[dict]:
         rasterizer_numba._bin_tiles(boxes64, cams64, 1, tiles_x, tiles_y, tile_size)
 
     def composite_forward() -> tuple:
-        return rasterizer_numba.composite(*visible, features, cams, boxes, 1, width, height)
+        return rasterizer_numba.composite(composited, features, True, 1, width, height)
 
     def composite_step() -> None:
         torch.autograd.backward(list(composite_forward()), pixel_grads)

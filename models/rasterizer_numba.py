@@ -13,14 +13,16 @@ and a pixel stops before the Gaussian that would bring its transmittance to 1e-4
 
 How, as gsplat does it on the GPU: each visible entry (camera, Gaussian), already sorted by depth,
 is binned into the image tiles (``tile_size`` square) its bounding box overlaps; a counting sort by
-tile keeps depth order inside each tile's list. The entries' data are stored grouped by their
-first tile, so that a tile reads them from a few runs of memory instead of all over it (memory
-latency, not arithmetic, was most of the time). Tiles are rendered in parallel (``prange``) with
+tile keeps depth order inside each tile's list. The entries' data (read from the projection's dense
+[C, N, ...] arrays through the visible list, so that torch gathers nothing) are stored one row per
+entry, grouped by their first tile, so that a tile reads them from a few runs of memory instead of
+all over it (memory latency, not arithmetic, was most of the time). Tiles are rendered in parallel (``prange``) with
 early termination; each entry evaluates ``exp(-sigma)`` only on its exact alpha >= 1/255 row
 spans, by multiplicative recurrences along and between rows; each pixel keeps its list length.
 The backward walks each pixel's list front to back again (transmittance as the forward's product,
 no division to recover it) and accumulates gradients per (tile, entry) pair so that threads never
-write to the same place; a parallel reduction per entry sums them. Arithmetic is float64
+write to the same place; a parallel reduction per entry sums them and writes them straight to the
+dense [C, N, ...] gradients of the projection (no ``index_put_`` in torch). Arithmetic is float64
 throughout; results are returned in the input dtype.
 
 The kernels are compiled on first use and cached on disk (``cache=True``, in ``__pycache__``), so
@@ -39,7 +41,7 @@ from torch import Tensor
 
 from mono4d.data.errors import ParameterError
 from mono4d.models.projection_numba import MAX_SH_DEGREE, project, set_threads, shade
-from mono4d.models.rasterizer_torch import ALPHA_THRESHOLD, MAX_ALPHA, MIN_TRANSMITTANCE
+from mono4d.models.rasterizer_torch import ALPHA_THRESHOLD, MAX_ALPHA, MIN_TRANSMITTANCE, Projection
 
 DEFAULT_TILE_SIZE = 16
 """Tile side in pixels (gsplat's default)."""
@@ -118,22 +120,26 @@ def _bin_tiles(boxes: np.ndarray, cameras: np.ndarray, n_cameras: int, tiles_x: 
 
 
 @njit(parallel=True, cache=True)
-def _entries(position: np.ndarray, means2d: np.ndarray, conics: np.ndarray, opacities: np.ndarray,
-             features: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """The visible entries' ``means2d`` [V, 2], ``conics`` [V, 3], ``opacities`` [V], ``boxes``
-    [V, 4] and ``features`` [V, D] in storage order (``position``, :func:`_bin_tiles`), one float64
-    row [V, SPLAT_FIELDS + D] per entry so that a tile reads each of its entries from one place:
-    mx, my, a, b, c, o, log(255 o), 1 where the conic is safely positive definite (so that sigma
-    cannot round below 0) else 0, the recurrence factors exp(-a), exp(-b), exp(-c), exp(a), exp(b)
-    (:func:`_falloff`), the box x0, x1, y0, y1, then the features."""
+def _entries(position: np.ndarray, cameras: np.ndarray, gaussians: np.ndarray, means2d: np.ndarray,
+             conics: np.ndarray, opacities: np.ndarray, depths: np.ndarray, with_depth: bool, features: np.ndarray,
+             boxes: np.ndarray) -> np.ndarray:
+    """The V visible entries (camera ``cameras[v]``, Gaussian ``gaussians[v]``) in storage order
+    (``position``, :func:`_bin_tiles`), read from the projection's ``means2d`` [C, N, 2], ``conics``
+    [C, N, 3], ``opacities`` [C, N] and ``depths`` [C, N], with their ``features`` [V, D] and
+    ``boxes`` [V, 4]: one float64 row [V, SPLAT_FIELDS + D (+ 1 when ``with_depth``)] per entry, so
+    that a tile reads each of its entries from one place: mx, my, a, b, c, o, log(255 o), 1 where
+    the conic is safely positive definite (so that sigma cannot round below 0) else 0, the
+    recurrence factors exp(-a), exp(-b), exp(-c), exp(a), exp(b) (:func:`_falloff`), the box x0,
+    x1, y0, y1, then the features and the depth."""
     n_entries, n_features = position.shape[0], features.shape[1]
-    splats = np.empty((n_entries, SPLAT_FIELDS + n_features))
+    splats = np.empty((n_entries, SPLAT_FIELDS + n_features + with_depth))
     for v in prange(n_entries):
-        u = position[v]
-        a, b, c = float(conics[v, 0]), float(conics[v, 1]), float(conics[v, 2])
-        splats[u, 0], splats[u, 1] = means2d[v, 0], means2d[v, 1]
+        u, camera, gaussian = position[v], cameras[v], gaussians[v]
+        a, b = float(conics[camera, gaussian, 0]), float(conics[camera, gaussian, 1])
+        c = float(conics[camera, gaussian, 2])
+        splats[u, 0], splats[u, 1] = means2d[camera, gaussian, 0], means2d[camera, gaussian, 1]
         splats[u, 2], splats[u, 3], splats[u, 4] = a, b, c
-        splats[u, 5] = opacities[v]
+        splats[u, 5] = opacities[camera, gaussian]
         splats[u, 6] = np.log(splats[u, 5] / ALPHA_THRESHOLD)
         splats[u, 7] = 1.0 if a > 0.0 and b * b < a * c * (1.0 - DEFINITE_MARGIN) else 0.0
         # From the stored float64 values: float() keeps a float32 input's precision.
@@ -144,6 +150,8 @@ def _entries(position: np.ndarray, means2d: np.ndarray, conics: np.ndarray, opac
             splats[u, 13 + i] = boxes[v, i]
         for d in range(n_features):
             splats[u, SPLAT_FIELDS + d] = features[v, d]
+        if with_depth:
+            splats[u, SPLAT_FIELDS + n_features] = depths[camera, gaussian]
     return splats
 
 
@@ -432,15 +440,28 @@ def _backward_tile(tile: int, splats: np.ndarray, tile_offsets: np.ndarray, tile
     pair_grads[start + walked:stop] = 0.0
 
 
+@njit(inline="always")
+def _pair_sum(pair_grads: np.ndarray, entry_pairs: np.ndarray, first: int, stop: int, slot: int) -> float:
+    """Sum of gradient slot ``slot`` over the pairs ``entry_pairs[first:stop]`` of one entry, in tile order."""
+    total = 0.0
+    for pair in range(first, stop):
+        total += pair_grads[entry_pairs[pair], slot]
+    return total
+
+
 @njit(parallel=True, cache=True)
-def _backward(splats: np.ndarray, order: np.ndarray,
+def _backward(splats: np.ndarray, order: np.ndarray, cameras: np.ndarray, gaussians: np.ndarray,
               tile_offsets: np.ndarray, tile_entries: np.ndarray, entry_offsets: np.ndarray,
               entry_pairs: np.ndarray, worker_offsets: np.ndarray, worker_tiles: np.ndarray, colors: np.ndarray,
               alphas: np.ndarray, counts: np.ndarray, grad_colors: np.ndarray, grad_alphas: np.ndarray,
-              tiles_x: int, tiles_y: int, tile_size: int, grads: np.ndarray) -> None:
-    """Exact gradients of ``_forward``'s colors and alphas: ``grad_colors`` [C, H, W, D] and
-    ``grad_alphas`` [C, H, W] in; ``grads`` [V, 6 + D] out (entries in depth order, as given to
-    :func:`_bin_tiles`; mean x, mean y, conic a, b, c, opacity, features), any float dtype.
+              tiles_x: int, tiles_y: int, tile_size: int, grad_means2d: np.ndarray, grad_conics: np.ndarray,
+              grad_opacities: np.ndarray, grad_depths: np.ndarray, grad_features: np.ndarray) -> None:
+    """Exact gradients of ``_forward``'s colors and alphas (``grad_colors`` [C, H, W, D] and
+    ``grad_alphas`` [C, H, W]) written, for the entries (camera ``cameras[v]``, Gaussian
+    ``gaussians[v]``, in depth order as given to :func:`_bin_tiles`), into the projection's
+    ``grad_means2d`` [C, N, 2], ``grad_conics`` [C, N, 3], ``grad_opacities`` [C, N] and (where the
+    depth is the last feature, ``splats`` having one more feature than ``grad_features``)
+    ``grad_depths`` [C, N], and into ``grad_features`` [V, D]; other places are left as they are.
 
     Each tile's list is walked front to back again, every pixel taking only the entries up to its
     last blended one, so that transmittance is the forward's product, not recovered by division.
@@ -448,7 +469,8 @@ def _backward(splats: np.ndarray, order: np.ndarray,
     (the pixel's total, ``colors . g + alphas g_alpha``, less the entries so far), ``dL/dalpha_i =
     T_i (f_i . g + g_alpha) - rest / (1 - alpha_i)``. Clamped alphas (0.999) pass no gradient to
     opacity or sigma. Gradients go to one slot per (tile, entry) pair, so that threads never write
-    to the same place; a parallel reduction per entry sums them in tile order.
+    to the same place; a parallel reduction per entry sums them in tile order and writes them to
+    the entry's own places (no two entries share a camera and Gaussian).
     """
     n_features = splats.shape[1] - SPLAT_FIELDS
     n_slots = SPLAT_GRADIENTS + n_features
@@ -464,63 +486,75 @@ def _backward(splats: np.ndarray, order: np.ndarray,
             _backward_tile(worker_tiles[i], splats, tile_offsets, tile_entries, colors, alphas,
                            counts, grad_colors, grad_alphas, tiles_x, tiles_y, tile_size, pair_grads, transmittance,
                            rest, pixel_grads, count, entry_features, feature_grads)
+    n_colors = grad_features.shape[1]
     for u in prange(splats.shape[0]):
-        v = order[u]
-        for slot in range(n_slots):
-            total = 0.0
-            for pair in range(entry_offsets[u], entry_offsets[u + 1]):
-                total += pair_grads[entry_pairs[pair], slot]
-            grads[v, slot] = total
+        v, first, stop = order[u], entry_offsets[u], entry_offsets[u + 1]
+        camera, gaussian = cameras[v], gaussians[v]
+        for i in range(2):
+            grad_means2d[camera, gaussian, i] = _pair_sum(pair_grads, entry_pairs, first, stop, i)
+        for i in range(3):
+            grad_conics[camera, gaussian, i] = _pair_sum(pair_grads, entry_pairs, first, stop, 2 + i)
+        grad_opacities[camera, gaussian] = _pair_sum(pair_grads, entry_pairs, first, stop, 5)
+        for d in range(n_colors):
+            grad_features[v, d] = _pair_sum(pair_grads, entry_pairs, first, stop, SPLAT_GRADIENTS + d)
+        if n_features > n_colors:
+            grad_depths[camera, gaussian] = _pair_sum(pair_grads, entry_pairs, first, stop, n_slots - 1)
 
 
 class _Composite(torch.autograd.Function):
     """Autograd wrapper of the numba kernels (see :func:`composite`)."""
 
     @staticmethod
-    def forward(ctx, means2d: Tensor, conics: Tensor, opacities: Tensor, features: Tensor, cameras: Tensor,
-                boxes: Tensor, n_cameras: int, width: int, height: int,
-                tile_size: int) -> tuple[Tensor, Tensor]:
-        arrays = tuple(value.detach().contiguous().numpy() for value in (means2d, conics, opacities, features))
+    def forward(ctx, means2d: Tensor, conics: Tensor, opacities: Tensor, depths: Tensor, features: Tensor,
+                cameras: Tensor, gaussians: Tensor, boxes: Tensor, with_depth: bool, n_cameras: int, width: int,
+                height: int, tile_size: int) -> tuple[Tensor, Tensor]:
+        dense = tuple(value.detach().contiguous() for value in (means2d, conics, opacities, depths))
+        indices = (cameras.to(torch.int64).contiguous().numpy(), gaussians.to(torch.int64).contiguous().numpy())
         boxes64 = boxes.to(torch.int64).contiguous().numpy()
         tiles_x, tiles_y = -(-width // tile_size), -(-height // tile_size)
         set_threads()
-        order, position, *bins = _bin_tiles(boxes64, cameras.to(torch.int64).contiguous().numpy(), n_cameras,
-                                            tiles_x, tiles_y, tile_size)
-        splats = _entries(position, *arrays, boxes64)
+        order, position, *bins = _bin_tiles(boxes64, indices[0], n_cameras, tiles_x, tiles_y, tile_size)
+        splats = _entries(position, *indices, *(value.numpy() for value in dense), with_depth,
+                          features.detach().contiguous().numpy(), boxes64)
         workers = _schedule(bins[0], numba.get_num_threads())
         colors, alphas, counts = _forward(splats, bins[0], bins[1], *workers, n_cameras, width, height, tiles_x,
                                           tiles_y, tile_size)
-        ctx.kernel_inputs = (splats, order, bins, workers, colors, alphas, counts)
+        ctx.kernel_inputs = (splats, order, indices, bins, workers, colors, alphas, counts)
         ctx.sizes = (tiles_x, tiles_y, tile_size)
+        ctx.like = (dense, features)
         # Copies: the backward reads the float64 sums, which the caller must not see change.
         return (torch.from_numpy(colors).to(means2d.dtype, copy=True),
                 torch.from_numpy(alphas)[..., None].to(means2d.dtype, copy=True))
 
     @staticmethod
     def backward(ctx, grad_colors: Tensor, grad_alphas: Tensor) -> tuple[Tensor | None, ...]:
-        splats, order, bins, workers, colors, alphas, counts = ctx.kernel_inputs
+        splats, order, indices, bins, workers, colors, alphas, counts = ctx.kernel_inputs
+        dense, features = ctx.like
+        grads = [torch.zeros_like(value) for value in dense] + [torch.empty_like(features)]
         set_threads()
-        grads = torch.empty(splats.shape[0], splats.shape[1] - SPLAT_FIELDS + SPLAT_GRADIENTS, dtype=grad_colors.dtype)
-        _backward(splats, order, *bins, *workers, colors, alphas, counts, grad_colors.contiguous().numpy(),
-                  grad_alphas[..., 0].contiguous().numpy(), *ctx.sizes, grads.numpy())
-        return (grads[:, 0:2], grads[:, 2:5], grads[:, 5], grads[:, SPLAT_GRADIENTS:],
-                None, None, None, None, None, None)
+        _backward(splats, order, *indices, *bins, *workers, colors, alphas, counts, grad_colors.contiguous().numpy(),
+                  grad_alphas[..., 0].contiguous().numpy(), *ctx.sizes, *(grad.numpy() for grad in grads))
+        if splats.shape[1] == SPLAT_FIELDS + features.shape[1]:  # no depth feature
+            grads[3] = None
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
-def composite(means2d: Tensor, conics: Tensor, opacities: Tensor, features: Tensor, cameras: Tensor,
-              boxes: Tensor, n_cameras: int, width: int, height: int,
+def composite(projection: Projection, features: Tensor, with_depth: bool, n_cameras: int, width: int, height: int,
               tile_size: int = DEFAULT_TILE_SIZE) -> tuple[Tensor, Tensor]:
-    """Alpha-composite visible entries (sorted front to back) into C images, differentiably.
-
-    ``means2d`` [V, 2] pixels, ``conics`` [V, 3], ``opacities`` [V], ``features`` [V, D] (CPU
-    tensors), ``cameras`` [V] int64, ``boxes`` [V, 4] int64 inclusive pixel bounds x0, x1, y0, y1.
-    Returns ``colors`` [C, H, W, D] (sum of weight * feature) and ``alphas`` [C, H, W, 1], the
-    torch backend compositor's outputs (:func:`mono4d.models.rasterizer_torch.composite_bands`).
+    """Alpha-composite the visible entries of ``projection`` (sorted front to back) with their
+    ``features`` [V, D] (CPU tensors), and their camera depth as one more last channel when
+    ``with_depth``, into C images, differentiably in the projection's dense ``means2d``,
+    ``conics``, ``opacities`` and ``depths`` [C, N, ...] and in ``features``: the kernels read the
+    entries' values through the visible list and write their gradients back to its places, so
+    there is no gather (nor its backward) in torch.
+    Returns ``colors`` [C, H, W, D (+ 1)] (sum of weight * feature) and ``alphas`` [C, H, W, 1],
+    the torch backend compositor's outputs (:func:`mono4d.models.rasterizer_torch.composite_projection`).
     """
     if tile_size < 1:
         raise ParameterError(f"tile_size must be positive, got {tile_size}", "use e.g. 16 (the default)")
-    return _Composite.apply(means2d, conics, opacities, features, cameras, boxes, n_cameras, width, height,
-                            tile_size)
+    return _Composite.apply(projection.means2d, projection.conics, projection.opacities, projection.depths, features,
+                            projection.visible_cameras, projection.visible_gaussians, projection.boxes, with_depth,
+                            n_cameras, width, height, tile_size)
 
 
 def kernels(viewmats: Tensor, Ks: Tensor, camera_model: str, covars: Tensor | None, sh_degree: int | None,

@@ -236,8 +236,22 @@ def composite_bands(means2d: Tensor, conics: Tensor, opacities: Tensor, features
     return torch.cat(rendered, 1), torch.cat(alphas, 1)
 
 
-Compositor = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, int, int], tuple[Tensor, Tensor]]
-"""A compositor with :func:`composite_bands`'s arguments (without ``max_pairs``) and outputs."""
+def composite_projection(projection: Projection, features: Tensor, with_depth: bool, n_cameras: int, width: int,
+                         height: int, max_pairs: int = DEFAULT_MAX_PAIRS) -> tuple[Tensor, Tensor]:
+    """Alpha-composite the visible entries of ``projection`` with their ``features`` [V, D], and
+    their camera depth as one more last channel when ``with_depth``, into C images: the entries'
+    values gathered from the dense [C, N, ...] projection, then :func:`composite_bands`.
+    Returns ``colors`` [C, H, W, D (+ 1)] and ``alphas`` [C, H, W, 1]."""
+    cams, gaussians = projection.visible_cameras, projection.visible_gaussians
+    if with_depth:
+        features = torch.cat([features, projection.depths[cams, gaussians][:, None]], -1)
+    return composite_bands(projection.means2d[cams, gaussians], projection.conics[cams, gaussians],
+                           projection.opacities[cams, gaussians], features, cams, projection.boxes, n_cameras,
+                           width, height, max_pairs)
+
+
+Compositor = Callable[[Projection, Tensor, bool, int, int, int], tuple[Tensor, Tensor]]
+"""A compositor with :func:`composite_projection`'s arguments (without ``max_pairs``) and outputs."""
 Projector = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, int, float, float, float, float, bool],
                      Projection]
 """A projection of (means, quats, scales, opacities, viewmats, Ks, width, height, near_plane, far_plane,
@@ -281,8 +295,8 @@ def rasterize(means: Tensor, quats: Tensor | None, scales: Tensor | None, opacit
             replaces quats and scales).
         max_pairs: bound on (pixel, Gaussian) bounding-box pairs composited at once (memory bound;
             about 200 bytes per pair with autograd).
-        compositor: replaces :func:`composite_bands` (the numba backend passes its compiled one;
-            ``max_pairs`` is then unused).
+        compositor: replaces :func:`composite_projection` (the numba backend passes its compiled
+            one; ``max_pairs`` is then unused).
         projector: replaces the covariance from quats and scales and :func:`_project` (the numba
             backend passes its compiled pinhole projection when it applies; ``camera_model`` and
             ``covars`` are then unused).
@@ -308,21 +322,16 @@ def rasterize(means: Tensor, quats: Tensor | None, scales: Tensor | None, opacit
                               eps2d, radius_clip, antialiased, camera_model)
     cams, gaussians = projection.visible_cameras, projection.visible_gaussians
 
-    features = []
-    if render_mode in ("RGB", "RGB+D", "RGB+ED"):
-        if sh_degree is None:
-            features.append(colors[gaussians] if colors.dim() == 2 else colors[cams, gaussians])
-        else:
-            camera_centres = torch.linalg.inv(viewmats)[:, :3, 3]  # [C, 3]
-            features.append((shader or shade)(sh_degree, means, colors, camera_centres, cams, gaussians))
-    if render_mode != "RGB":
-        features.append(projection.depths[cams, gaussians][:, None])
-    features = torch.cat(features, -1)
-
-    visible = (projection.means2d[cams, gaussians], projection.conics[cams, gaussians],
-               projection.opacities[cams, gaussians], features, cams, projection.boxes, n_cameras, width, height)
+    if render_mode not in ("RGB", "RGB+D", "RGB+ED"):
+        features = means.new_zeros(len(gaussians), 0)
+    elif sh_degree is None:
+        features = colors[gaussians] if colors.dim() == 2 else colors[cams, gaussians]
+    else:
+        camera_centres = torch.linalg.inv(viewmats)[:, :3, 3]  # [C, 3]
+        features = (shader or shade)(sh_degree, means, colors, camera_centres, cams, gaussians)
+    visible = (projection, features, render_mode != "RGB", n_cameras, width, height)
     if compositor is None:
-        render_colors, render_alphas = composite_bands(*visible, max_pairs=max_pairs)
+        render_colors, render_alphas = composite_projection(*visible, max_pairs=max_pairs)
     else:
         render_colors, render_alphas = compositor(*visible)
 
