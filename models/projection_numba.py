@@ -494,31 +494,55 @@ def _sh_bases_backward(degree: int, x: float, y: float, z: float,
     return gx, gy, gz
 
 
+SH_CHUNK = 1024
+"""Entries per parallel chunk of the spherical-harmonics kernels (each chunk reuses its basis buffers)."""
+
+
+@njit(cache=True)
+def _row_order(rows: np.ndarray, n_rows: int) -> np.ndarray:
+    """The entries [V] in ascending order of ``rows`` [V] (values below ``n_rows``; a counting sort),
+    so that the spherical-harmonics kernels read and write the coefficients' rows in memory order
+    rather than in depth order, all over them."""
+    offsets = np.zeros(n_rows + 1, dtype=np.int64)
+    for v in range(rows.shape[0]):
+        offsets[rows[v] + 1] += 1
+    for row in range(n_rows):
+        offsets[row + 1] += offsets[row]
+    order = np.empty(rows.shape[0], dtype=np.int64)
+    for v in range(rows.shape[0]):
+        order[offsets[rows[v]]] = v
+        offsets[rows[v]] += 1
+    return order
+
+
 @njit(parallel=True, cache=True)
 def _shade_forward(degree: int, means: np.ndarray, coefficients: np.ndarray, centres: np.ndarray,
-                   cameras: np.ndarray, gaussians: np.ndarray, rows: np.ndarray) -> np.ndarray:
+                   cameras: np.ndarray, gaussians: np.ndarray, rows: np.ndarray, by_row: np.ndarray) -> np.ndarray:
     """Colours [V, 3] ``max(sum_k basis_k(dir) coefficients[rows[v], k] + 0.5, 0)`` of the V entries
-    (camera ``cameras[v]``, Gaussian ``gaussians[v]``); ``coefficients`` [R, K, 3] (and the output)
-    in the dtype of ``means`` [N, 3], float64 ``centres`` [C, 3]; arithmetic in float64."""
+    (camera ``cameras[v]``, Gaussian ``gaussians[v]``), taken in the order ``by_row``
+    (:func:`_row_order`); ``coefficients`` [R, K, 3] (and the output) in the dtype of ``means``
+    [N, 3], float64 ``centres`` [C, 3]; arithmetic in float64."""
     n_entries, n_bases = cameras.shape[0], (degree + 1) ** 2
     colors = np.empty((n_entries, 3), dtype=means.dtype)
-    bases = np.empty((n_entries, 16))
-    for v in prange(n_entries):
-        _, x, y, z = _direction(means, centres, gaussians[v], cameras[v])
-        _sh_bases(degree, x, y, z, bases[v])
-        row = rows[v]
-        for channel in range(3):
-            total = 0.5
-            for k in range(n_bases):
-                total += bases[v, k] * coefficients[row, k, channel]
-            colors[v, channel] = max(total, 0.0)
+    for chunk in prange((n_entries + SH_CHUNK - 1) // SH_CHUNK):
+        bases = np.empty(16)
+        for i in range(chunk * SH_CHUNK, min(n_entries, (chunk + 1) * SH_CHUNK)):
+            v = by_row[i]
+            _, x, y, z = _direction(means, centres, gaussians[v], cameras[v])
+            _sh_bases(degree, x, y, z, bases)
+            row = rows[v]
+            for channel in range(3):
+                total = 0.5
+                for k in range(n_bases):
+                    total += bases[k] * coefficients[row, k, channel]
+                colors[v, channel] = max(total, 0.0)
     return colors
 
 
 @njit(parallel=True, cache=True)
 def _shade_backward(degree: int, means: np.ndarray, coefficients: np.ndarray, centres: np.ndarray,
-                    cameras: np.ndarray, gaussians: np.ndarray, rows: np.ndarray, slots: np.ndarray,
-                    n_slots: int, grad_colors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                    cameras: np.ndarray, gaussians: np.ndarray, rows: np.ndarray, by_row: np.ndarray,
+                    slots: np.ndarray, n_slots: int, grad_colors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Gradients of :func:`_shade_forward` for ``grad_colors`` [V, 3]: per camera and Gaussian for
     the means ([C, N, 3], summed over cameras by the caller) and per slot and row for the
     coefficients ([n_slots, R, K, 3]; ``slots[v]`` makes (slot, row) unique per entry), in the
@@ -526,27 +550,29 @@ def _shade_backward(degree: int, means: np.ndarray, coefficients: np.ndarray, ce
     n_entries, n_bases = cameras.shape[0], (degree + 1) ** 2
     grad_means = np.zeros((centres.shape[0], means.shape[0], 3), dtype=means.dtype)
     grad_coefficients = np.zeros((n_slots,) + coefficients.shape, dtype=means.dtype)
-    bases = np.empty((n_entries, 16))
-    grad_bases = np.zeros((n_entries, 16))
-    for v in prange(n_entries):
-        n, c, row = gaussians[v], cameras[v], rows[v]
-        norm, x, y, z = _direction(means, centres, n, c)
-        _sh_bases(degree, x, y, z, bases[v])
-        for channel in range(3):
-            total = 0.5
-            for k in range(n_bases):
-                total += bases[v, k] * coefficients[row, k, channel]
-            grad = grad_colors[v, channel] if total >= 0.0 else 0.0
-            for k in range(n_bases):
-                grad_coefficients[slots[v], row, k, channel] = grad * bases[v, k]
-                grad_bases[v, k] += grad * coefficients[row, k, channel]
-        gx, gy, gz = _sh_bases_backward(degree, x, y, z, grad_bases[v])
-        if norm > NORMALIZE_EPS:
-            dot = x * gx + y * gy + z * gz
-            gx, gy, gz = (gx - x * dot) / norm, (gy - y * dot) / norm, (gz - z * dot) / norm
-        else:
-            gx, gy, gz = gx / NORMALIZE_EPS, gy / NORMALIZE_EPS, gz / NORMALIZE_EPS
-        grad_means[c, n, 0], grad_means[c, n, 1], grad_means[c, n, 2] = gx, gy, gz
+    for chunk in prange((n_entries + SH_CHUNK - 1) // SH_CHUNK):
+        bases, grad_bases = np.empty(16), np.empty(16)
+        for i in range(chunk * SH_CHUNK, min(n_entries, (chunk + 1) * SH_CHUNK)):
+            v = by_row[i]
+            n, c, row = gaussians[v], cameras[v], rows[v]
+            norm, x, y, z = _direction(means, centres, n, c)
+            _sh_bases(degree, x, y, z, bases)
+            grad_bases[:] = 0.0
+            for channel in range(3):
+                total = 0.5
+                for k in range(n_bases):
+                    total += bases[k] * coefficients[row, k, channel]
+                grad = grad_colors[v, channel] if total >= 0.0 else 0.0
+                for k in range(n_bases):
+                    grad_coefficients[slots[v], row, k, channel] = grad * bases[k]
+                    grad_bases[k] += grad * coefficients[row, k, channel]
+            gx, gy, gz = _sh_bases_backward(degree, x, y, z, grad_bases)
+            if norm > NORMALIZE_EPS:
+                dot = x * gx + y * gy + z * gz
+                gx, gy, gz = (gx - x * dot) / norm, (gy - y * dot) / norm, (gz - z * dot) / norm
+            else:
+                gx, gy, gz = gx / NORMALIZE_EPS, gy / NORMALIZE_EPS, gz / NORMALIZE_EPS
+            grad_means[c, n, 0], grad_means[c, n, 1], grad_means[c, n, 2] = gx, gy, gz
     return grad_means, grad_coefficients
 
 
@@ -562,8 +588,9 @@ class _Shade(torch.autograd.Function):
         rows = cameras * n_gaussians + gaussians if per_camera else gaussians
         # Shared coefficients seen from several cameras get one gradient slot per camera.
         shared = not per_camera and centres.shape[0] > 1
+        rows = rows.contiguous().numpy()
         inputs = (degree, _native(means, means.dtype), _native(flat, means.dtype), _native(centres, torch.float64),
-                  cameras.contiguous().numpy(), gaussians.contiguous().numpy(), rows.contiguous().numpy())
+                  cameras.contiguous().numpy(), gaussians.contiguous().numpy(), rows, _row_order(rows, flat.shape[0]))
         set_threads()
         colors = _shade_forward(*inputs)
         ctx.inputs, ctx.dtype, ctx.shape = inputs, means.dtype, coefficients.shape
@@ -576,9 +603,12 @@ class _Shade(torch.autograd.Function):
         set_threads()
         grad_means, grad_coefficients = _shade_backward(*ctx.inputs, ctx.slots, ctx.n_slots,
                                                         _native(grad_colors, ctx.dtype))
-        grad_means = torch.from_numpy(grad_means).sum(0)
-        grad_coefficients = torch.from_numpy(grad_coefficients).sum(0).reshape(ctx.shape)
-        return grad_means, grad_coefficients, None, None, None, None
+        return _sum_first(grad_means), _sum_first(grad_coefficients).reshape(ctx.shape), None, None, None, None
+
+
+def _sum_first(values: np.ndarray) -> Tensor:
+    """``values`` [S, ...] summed over its first axis, as a tensor (a view when S is 1)."""
+    return torch.from_numpy(values[0]) if values.shape[0] == 1 else torch.from_numpy(values).sum(0)
 
 
 def shade(sh_degree: int, means: Tensor, coefficients: Tensor, camera_centres: Tensor, cameras: Tensor,
