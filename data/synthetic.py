@@ -5,7 +5,8 @@ this scene. It is analytic: a closed textured room with static boxes, a rigid cu
 and tumbles, and a blob (ellipsoid) that squashes, stretches and turns. Each frame is rendered
 by ray casting in NumPy (anti-aliased by supersampling), so depth, masks, camera poses, optical
 flow and point tracks are known exactly, and :class:`SyntheticScene` can recompute flow and
-point motion between any two frames.
+point motion between any two frames and render any frame without its moving objects (the static
+background behind them, :meth:`SyntheticScene.static_background`).
 
 The ``walker`` preset renders another layout, the hard case for motion masks: the room's back
 wall is plain (one flat colour, no texture, as a white wall at home), and a figure built of
@@ -513,9 +514,10 @@ class _SceneModel:
         inside = (xy >= low) & (xy <= high)
         return np.flatnonzero(inside[:, 0] & inside[:, 1])
 
-    def cast(self, frame: int, xy: np.ndarray) -> tuple[_Hits, np.ndarray]:
+    def cast(self, frame: int, xy: np.ndarray, static_only: bool = False) -> tuple[_Hits, np.ndarray]:
         """Nearest surfaces along the rays through pixel points ``xy (N, 2)`` of ``frame`` at
-        that frame's time, and the rays' world directions ``(N, 3)``."""
+        that frame's time, and the rays' world directions ``(N, 3)``; with ``static_only`` the
+        moving objects (label > 0) are left out, so the rays hit the static scene behind them."""
         origin, dirs = self.rays(frame, xy)
         best = np.full(len(dirs), np.inf)
         primitive = np.full(len(dirs), -1, dtype=np.int64)
@@ -524,6 +526,8 @@ class _SceneModel:
             matrix, centre = prim.pose(self.times[frame])
             inverse = np.linalg.inv(matrix)
             inverses.append((inverse, centre))
+            if static_only and prim.label > 0:
+                continue
             rays = np.arange(len(xy)) if prim.seen_from_inside else self._candidate_rays(frame, matrix, centre, xy)
             depth = _intersect(prim, inverse @ (origin - centre), dirs[rays] @ inverse.T)
             closer = depth < best[rays]
@@ -603,9 +607,9 @@ class _SceneModel:
             colour[sel] = albedo * (AMBIENT + DIFFUSE * lambert)[:, None]
         return colour
 
-    def render(self, frame: int) -> np.ndarray:
+    def render(self, frame: int, static_only: bool = False) -> np.ndarray:
         """Anti-aliased image ``(H, W, 3)`` uint8 RGB of ``frame`` (box filter over
-        supersample x supersample rays per pixel)."""
+        supersample x supersample rays per pixel); with ``static_only`` without the moving objects."""
         height, width, factor = self.config.height, self.config.width, self.config.supersample
         offsets = (np.arange(factor) + 0.5) / factor
         xs = (np.arange(width)[:, None] + offsets).ravel()
@@ -614,7 +618,7 @@ class _SceneModel:
         sub_image = np.empty((len(ys), len(xs), 3))
         for start in range(0, len(ys), rows_per_chunk):
             grid_x, grid_y = np.meshgrid(xs, ys[start:start + rows_per_chunk])
-            hits, dirs = self.cast(frame, np.column_stack([grid_x.ravel(), grid_y.ravel()]))
+            hits, dirs = self.cast(frame, np.column_stack([grid_x.ravel(), grid_y.ravel()]), static_only)
             colours = self.shade(hits, dirs, self.times[frame])
             sub_image[start:start + rows_per_chunk] = colours.reshape(grid_x.shape + (3,))
         image = sub_image.reshape(height, factor, width, factor, 3).mean(axis=(1, 3))
@@ -707,6 +711,13 @@ class SyntheticScene:
         i, j = self._check_frame(i, "i"), self._check_frame(j, "j")
         model = self._model
         return model.flow_from_hits(model.cast(i, model.pixel_centres())[0], j)
+
+    def static_background(self, i: int) -> np.ndarray:
+        """Frame ``i`` rendered without its moving objects ``(H, W, 3)`` uint8 RGB: the static
+        scene behind them, as the image's own renderer shows it (same camera, shading and
+        anti-aliasing, so it equals ``images[i]`` wherever no object touches a pixel). The
+        ground truth of a static layer rendered alone; computed on demand, not stored."""
+        return self._model.render(self._check_frame(i, "i"), static_only=True)
 
     def point_at_time(self, i: int, j: int) -> np.ndarray:
         """World positions ``(H, W, 3)`` float64 at time ``j`` of the surface points seen at the

@@ -147,6 +147,26 @@ def test_static_points_stay_and_dynamic_points_move(synthetic_scene):
     assert np.median(displacement[labels == 2]) > 0.02  # the blob deforms and drifts
 
 
+def test_static_background_removes_the_objects_only(synthetic_scene):
+    """A frame rendered without its moving objects equals the frame wherever no object touches a
+    pixel (masks 0, one pixel away from the objects: anti-aliasing mixes the edge pixels), differs
+    where an object stood, is deterministic and is the same from a reloaded scene."""
+    scene = synthetic_scene
+    frame = 12
+    background = scene.static_background(frame)
+    assert background.shape == scene.images[frame].shape and background.dtype == np.uint8
+    objects = scene.masks[frame] > 0
+    near_objects = cv2.dilate(objects.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    np.testing.assert_array_equal(background[~near_objects], scene.images[frame][~near_objects])
+    change = np.abs(background.astype(np.int16) - scene.images[frame]).max(axis=2)
+    assert objects.sum() > 200 and np.mean(change[objects] > 10) > 0.8  # the objects are gone
+    np.testing.assert_array_equal(synthetic.load(scene.root).static_background(frame), background)
+    # what now shows there is the static scene the object hid: the room seen from that camera
+    # (its depth is beyond the object's)
+    depth_behind = scene._model.cast(frame, scene._model.pixel_centres(), static_only=True)[0].depth
+    assert np.all(depth_behind.reshape(objects.shape)[objects] > scene.depth[frame][objects])
+
+
 def test_files_exist_parse_and_load_round_trips(synthetic_scene):
     scene = synthetic_scene
     root = scene.root
