@@ -117,9 +117,27 @@ def render(params: dict[str, Tensor], variables: dict, field: DeformationField, 
     (``means2d`` keeps its gradient for densification) and ``gaussians``, the output of
     :func:`gaussians_at` (for the priors).
     """
+    gaussians = gaussians_at(params, variables, field, time)
+    return {**render_gaussians(gaussians, K, w2c, width, height, sh_degree, background, backend, exposure),
+            "gaussians": gaussians}
+
+
+def select_gaussians(gaussians: dict[str, Tensor], keep: Tensor) -> dict[str, Tensor]:
+    """The activated Gaussians of :func:`gaussians_at` where ``keep (N,)`` bool is True: ``means``,
+    ``quats``, ``scales``, ``opacities`` and ``sh`` (the dynamic-only entries are left out).
+    Differentiable: gradients flow back to the selected rows."""
+    index = torch.nonzero(keep, as_tuple=True)[0]
+    return {name: gaussians[name][index] for name in ("means", "quats", "scales", "opacities", "sh")}
+
+
+def render_gaussians(gaussians: dict[str, Tensor], K: Tensor, w2c: Tensor, width: int, height: int,
+                     sh_degree: int, background: Tensor | None = None, backend: str = "auto",
+                     exposure: Tensor | None = None) -> dict:
+    """Rasterize activated Gaussians (:func:`gaussians_at` or :func:`select_gaussians`) through one
+    camera: :func:`render` without the deformation, returning its ``rgb``, ``depth``, ``alpha`` and
+    ``info``."""
     from mono4d.models.rasterizer import rasterization
 
-    gaussians = gaussians_at(params, variables, field, time)
     sh = gaussians["sh"][:, :num_sh_bases(sh_degree)]
     colors, alphas, info = rasterization(
         means=gaussians["means"], quats=gaussians["quats"], scales=gaussians["scales"],
@@ -131,7 +149,7 @@ def render(params: dict[str, Tensor], variables: dict, field: DeformationField, 
         alpha3 = alpha[..., None]
         behind = (1.0 - alpha3) * (background if background is not None else torch.zeros_like(exposure[1]))
         rgb = (rgb - behind) * torch.exp(exposure[0]) + alpha3 * exposure[1] + behind
-    return {"rgb": rgb, "depth": colors[0, ..., 3], "alpha": alpha, "info": info, "gaussians": gaussians}
+    return {"rgb": rgb, "depth": colors[0, ..., 3], "alpha": alpha, "info": info}
 
 
 def exposure_at(exposure: Tensor, times: np.ndarray, known: list[int], time: float) -> Tensor:

@@ -20,6 +20,12 @@ A duplicated Gaussian keeps its canonical position (so the deformation field mov
 moves the original) and gets the offset in ``variables["offset"]`` (float32 ``(N, 3)``, world
 units), which :func:`mono4d.models.gaussians.gaussians_at` adds after the deformation.
 
+Static layer. The static Gaussians rendered alone must show the whole background, also where a
+moving object stands in front of it: :func:`static_layer_loss` (the train stage's
+``static_layer_weight``) renders them alone and asks for the frame's colours on the pixels the
+masks mark static and for full opacity everywhere (the background is opaque; behind an object it
+is the colour learned from the frames where it shows), so no hole is left where objects stand.
+
 Label maps. :func:`render_label_map` renders the one-hot labels of the Gaussians as colours
 (one channel per label id, through the same rasterizer), so channel c of a pixel is the
 alpha-composited weight of the Gaussians of label c there; :func:`label_loss` compares it with
@@ -277,3 +283,22 @@ def label_loss(label_map: Tensor, class_map: Tensor) -> Tensor:
         return label_map.sum() * 0.0
     target = torch.nn.functional.one_hot(class_map.clamp_min(0), label_map.shape[-1]).to(label_map.dtype)
     return 0.5 * (label_map - target).abs().sum(dim=-1)[valid].mean()
+
+
+def static_layer_loss(gaussians: Mapping[str, Tensor], static: Tensor, target: Tensor, masks: Tensor, K: Tensor,
+                      w2c: Tensor, width: int, height: int, sh_degree: int, background: Tensor,
+                      backend: str = "auto", exposure: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The static layer's own terms for one frame: the Gaussians ``gaussians`` (activated, at the
+    frame's time: the ``gaussians`` of :func:`mono4d.models.gaussians.render`) where ``static (N,)``
+    is True, rendered alone through ``K (3, 3)``, ``w2c (4, 4)`` with SH degree ``sh_degree`` over
+    ``background (3,)`` (and the frame's colour affine ``exposure (2, 3)``). Returns
+    ``(photometric, opacity)``: the mean L1 distance to ``target (H, W, 3)`` in [0, 1] over the
+    pixels where ``masks (H, W)`` is 0 (0 when there is none), and the mean of ``1 - alpha`` over
+    all pixels (0 when the layer is opaque everywhere). Differentiable."""
+    from mono4d.models.gaussians import render_gaussians, select_gaussians
+
+    out = render_gaussians(select_gaussians(gaussians, static), K, w2c, width, height, sh_degree, background,
+                           backend, exposure)
+    seen = masks == 0
+    photometric = (out["rgb"] - target).abs()[seen].mean() if bool(seen.any()) else out["rgb"].sum() * 0.0
+    return photometric, (1.0 - out["alpha"]).mean()

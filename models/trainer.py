@@ -22,6 +22,8 @@ loop. Each step renders one random training frame at its time ``t``
 - ``rigidity_weight``, ``rotation_weight``, ``isometry_weight`` x Dynamic 3D Gaussians' priors on
   the dynamic Gaussians (k nearest neighbours in canonical space, refreshed after densification);
 - ``label_weight`` x the label-map loss (:func:`mono4d.models.layers.label_loss`);
+- ``static_layer_weight`` x the static layer's own terms (:func:`mono4d.models.layers.static_layer_loss`:
+  the static Gaussians rendered alone, L1 on the masks' static pixels plus ``1 - alpha``);
 
 then steps Adam (positions decaying exponentially to 1 %, the deformation field to 10 %) and the
 strategy (duplicate / split / prune, capped at ``max_gaussians``), with our own opacity reset.
@@ -276,6 +278,16 @@ def training_loss(model, variables: dict, data: TrainingData, frame: int, sh_deg
         label_term = layers.label_loss(label_map, layers.class_index_map(data.masks[frame], classes))
         loss = loss + params.label_weight * label_term
         parts["label"] = float(label_term.detach())
+    static = variables["label"] == 0
+    if params.static_layer_weight > 0 and data.masks is not None and bool(static.any()):
+        from mono4d.models import layers
+
+        static_photometric, static_opacity = layers.static_layer_loss(
+            out["gaussians"], static, target, data.masks[frame], data.K[frame], data.w2c[frame], data.width,
+            data.height, sh_degree, background, params.backend, exposure)
+        loss = loss + params.static_layer_weight * (static_photometric + static_opacity)
+        parts["static_photometric"] = float(static_photometric.detach())
+        parts["static_opacity"] = float(static_opacity.detach())
     if graph is not None:
         gaussians = out["gaussians"]
         dynamic = gaussians["dynamic"]

@@ -85,12 +85,19 @@ class Params:
     label_weight: weight of the label-map loss (0 = off): the one-hot mask labels of the
         Gaussians rendered as colours, half the L1 distance to the masks' one-hot labels (one
         more rasterization per step; see :mod:`mono4d.models.layers`).
+    static_layer_weight: weight of the static layer's own terms (0 = off; needs the masks):
+        the static Gaussians (label 0) rendered alone each step, their L1 distance to the frame on
+        the pixels the masks mark static plus the mean of ``1 - alpha`` over the frame, so the
+        static layer alone fills the background behind the moving objects (with colours learned
+        from the frames where it shows) instead of leaving dark holes there (one more
+        rasterization of the static Gaussians per step; see
+        :func:`mono4d.models.layers.static_layer_loss`).
     use_depth: read the align stage's depth (the depth-prior losses and the depth-order score);
         false for inputs without depth (a D-NeRF folder), which needs ordinal_weight and
         depth_l1_weight at 0.
     use_masks: read the refined masks (label loss, dynamic pixels of the depth-prior and
         reprojection losses, PSNR on dynamic pixels, layer IoU); false for inputs without masks,
-        which needs label_weight at 0.
+        which needs label_weight and static_layer_weight at 0.
     background: "random" (a random colour per step; evaluation on black), "black" or "white".
     exposure: learn a per-frame colour affine (Dynamic 3D Gaussians' per-camera ``cam_m`` /
         ``cam_c``): the render of frame i is ``C * exp(m_i) + alpha * c_i + (1 - alpha) * bg``
@@ -155,6 +162,7 @@ class Params:
     isometry_weight: float = 0.0
     knn: int = 8
     label_weight: float = 0.0
+    static_layer_weight: float = 0.0
     use_depth: bool = True
     use_masks: bool = True
     background: str = "random"
@@ -200,7 +208,7 @@ class Params:
                 raise ParameterError(f"train.{name}={getattr(self, name)} is not a learning rate in [0, 1)",
                                      "use the default")
         for name in ("ordinal_weight", "depth_l1_weight", "reprojection_weight", "rigidity_weight", "rotation_weight",
-                     "isometry_weight", "label_weight", "novel_offset", "grow_grad2d"):
+                     "isometry_weight", "label_weight", "static_layer_weight", "novel_offset", "grow_grad2d"):
             if getattr(self, name) < 0:
                 raise ParameterError(f"train.{name}={getattr(self, name)} must not be negative", "use 0 to turn it off")
         if not 0 <= self.ssim_weight <= 1:
@@ -223,9 +231,10 @@ class Params:
         if not self.use_depth and (self.ordinal_weight > 0 or self.depth_l1_weight > 0):
             raise ParameterError("train.use_depth=false leaves the depth-prior losses without depth",
                                  "set train.ordinal_weight=0 and train.depth_l1_weight=0, or train.use_depth=true")
-        if not self.use_masks and self.label_weight > 0:
-            raise ParameterError("train.use_masks=false leaves the label loss without masks",
-                                 "set train.label_weight=0, or train.use_masks=true")
+        if not self.use_masks and (self.label_weight > 0 or self.static_layer_weight > 0):
+            raise ParameterError("train.use_masks=false leaves the label loss and the static layer's terms "
+                                 "without masks", "set train.label_weight=0 and train.static_layer_weight=0, "
+                                 "or train.use_masks=true")
         if self.prior_on_dynamic not in PRIOR_ON_DYNAMIC:
             raise ParameterError(f"train.prior_on_dynamic={self.prior_on_dynamic!r} is unknown",
                                  f"use one of {', '.join(PRIOR_ON_DYNAMIC)}")
