@@ -43,14 +43,16 @@ MIN_POINTS = 100
 
 
 def hull_points(alpha: np.ndarray, rgb: np.ndarray, K: np.ndarray, w2c: np.ndarray, params: Params,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+                rng: np.random.Generator, candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """World points ``(N, 3)`` float64 and colours ``(N, 3)`` in [0, 1] of the loose visual hull
     (see the module docstring) of the views ``alpha (V, H, W)`` uint8, ``rgb (V, H, W, 3)``
-    uint8 with OpenCV cameras ``K (V, 3, 3)``, ``w2c (V, 4, 4)``; ``N <= params.max_dynamic``."""
+    uint8 with OpenCV cameras ``K (V, 3, 3)``, ``w2c (V, 4, 4)``; ``N <= params.max_dynamic``.
+    The hull is cut from ``candidates (M, 3)`` world points (None: ``params.hull_candidates``
+    drawn in the cube of half size ``params.hull_half_size`` around the origin)."""
     from mono4d.data.geometry import project_points
 
     half = params.hull_half_size
-    points = rng.uniform(-half, half, (params.hull_candidates, 3))
+    points = rng.uniform(-half, half, (params.hull_candidates, 3)) if candidates is None else candidates
     height, width = alpha.shape[1:3]
     inside = np.zeros(len(points))
     color_sum = np.zeros((len(points), 3))
@@ -65,8 +67,8 @@ def hull_points(alpha: np.ndarray, rgb: np.ndarray, K: np.ndarray, w2c: np.ndarr
         color_sum[seen] += rgb[view, r[foreground], c[foreground]] / 255.0
     keep = np.flatnonzero((inside > 0) & (inside >= params.hull_min_foreground * len(alpha)))
     if len(keep) < MIN_POINTS:
-        raise InputError(f"only {len(keep)} of {params.hull_candidates} random points of the cube of half size "
-                         f"{half:g} fall on the foreground of {params.hull_min_foreground:.0%} of the views",
+        raise InputError(f"only {len(keep)} of {len(points)} random points fall on the foreground of "
+                         f"{params.hull_min_foreground:.0%} of the views",
                          "check the dataset (RGBA images with an alpha channel, cameras around the origin), or "
                          "lower init.hull_min_foreground / adjust init.hull_half_size")
     keep = rng.choice(keep, min(params.max_dynamic, len(keep)), replace=False)
@@ -78,9 +80,8 @@ def silhouette_model(alpha: np.ndarray, rgb: np.ndarray, K: np.ndarray, w2c: np.
     :func:`hull_points`) with an identity deformation field and ``meta``."""
     import torch
 
-    from mono4d.models.deformation import DeformationConfig, DeformationField
     from mono4d.models.gaussians import SceneModel, create_params
-    from mono4d.stages.init import nearest_neighbour_scales
+    from mono4d.stages.init import identity_field, nearest_neighbour_scales
 
     points, colors = hull_points(alpha, rgb, K, w2c, params, np.random.default_rng(params.seed))
     scales = nearest_neighbour_scales(points)
@@ -89,11 +90,8 @@ def silhouette_model(alpha: np.ndarray, rgb: np.ndarray, K: np.ndarray, w2c: np.
         torch.as_tensor(np.repeat(scales[:, None], 3, axis=1), dtype=torch.float32),
         torch.ones(len(points), dtype=torch.bool), params.sh_degree, params.init_opacity,
         torch.full((len(points),), OBJECT_LABEL, dtype=torch.int64))
-    config = DeformationConfig(num_layers=params.deform_layers, hidden=params.deform_width,
-                               position_frequencies=params.position_frequencies,
-                               time_frequencies=params.time_frequencies, canonical_time=params.canonical_time)
-    field = DeformationField(config, torch.zeros(3), params.hull_half_size * math.sqrt(3.0))
-    return SceneModel(gaussians, variables, field, meta)
+    return SceneModel(gaussians, variables, identity_field(params, np.zeros(3), params.hull_half_size * math.sqrt(3.0)),
+                      meta)
 
 
 def frames_split(frames_meta: dict, num_frames: int, holdout_every: int) -> tuple[np.ndarray, list[int]]:
