@@ -78,6 +78,9 @@ class Params:
     folder_fps: frame rate assumed for an image folder (its frames have no timestamps).
     timesteps: a multi-view dataset (a Panoptic folder): its first this many timesteps, every
         camera of each (0 = all timesteps).
+    train_cameras: a multi-view dataset: comma-separated ids of the training cameras to keep
+        (e.g. "1" trains on one camera: the monocular stress test); "" keeps them all. The
+        held-out cameras are always kept.
     """
 
     fps: float = 0.0
@@ -90,6 +93,7 @@ class Params:
     jpeg_quality: int = 95
     folder_fps: float = 30.0
     timesteps: int = 0
+    train_cameras: str = ""
 
     def validate(self) -> None:
         """Raise :class:`ParameterError` for values that cannot make sense."""
@@ -128,6 +132,9 @@ class Params:
         if self.timesteps < 0:
             raise ParameterError(f"frames.timesteps must be >= 0, got {self.timesteps}",
                                  "use e.g. 5 for the first five timesteps, or 0 for all of them")
+        if self.train_cameras and any(not part.strip().isdigit() for part in self.train_cameras.split(",")):
+            raise ParameterError(f"frames.train_cameras must be comma-separated camera ids, got {self.train_cameras!r}",
+                                 "write e.g. frames.train_cameras=1 or 1,4,7 (\"\" keeps every camera)")
         if not math.isfinite(self.folder_fps) or self.folder_fps <= 0:
             raise ParameterError(f"frames.folder_fps must be > 0, got {self.folder_fps}",
                                  "set the rate the images were taken at, e.g. 30")
@@ -286,6 +293,13 @@ def write_panoptic_frames(root: Path, params: Params, out_dir: Path) -> dict:
     from mono4d.data.panoptic import read_panoptic_dataset
 
     train, test = read_panoptic_dataset(root, params.timesteps)
+    kept = train.camera_ids
+    if params.train_cameras:
+        kept = [int(part) for part in params.train_cameras.split(",")]
+        unknown = sorted(set(kept) - set(train.camera_ids))
+        if unknown:
+            raise InputError(f"frames.train_cameras names cameras {unknown} that {root}'s train_meta.json does not hold",
+                             f"use some of its camera ids: {train.camera_ids}")
     groups = [train] + ([test] if test is not None else [])
     num_timesteps = len(train.times)
     notes = selection_notes(params, "cameras at the first frames.timesteps timesteps")
@@ -293,11 +307,13 @@ def write_panoptic_frames(root: Path, params: Params, out_dir: Path) -> dict:
     files, cameras, steps, sources, holdout, times = [], [], [], [], [], []
     size = (0, 0)
     ims = root / "ims"
-    total = num_timesteps * sum(len(group.camera_ids) for group in groups)
+    total = num_timesteps * (len(kept) + (len(test.camera_ids) if test is not None else 0))
     progress = tqdm(total=total, desc="frames", unit="frame")
     for t in range(num_timesteps):
         for group in groups:
             for slot, camera in enumerate(group.camera_ids):
+                if group is train and camera not in kept:
+                    continue
                 path = group.image_paths[t][slot]
                 image = read_rgb(path)
                 source_size = (image.shape[1], image.shape[0])
@@ -325,12 +341,12 @@ def write_panoptic_frames(root: Path, params: Params, out_dir: Path) -> dict:
         "source_indices": list(range(num_frames)),
         "timestamps": [round(step / params.folder_fps, 6) for step in steps], "files": files, "times": times,
         "holdout_frames": holdout, "views": {"camera": cameras, "timestep": steps}, "source_files": sources,
-        "dataset": {"format": "panoptic", "train_cameras": list(train.camera_ids),
+        "dataset": {"format": "panoptic", "train_cameras": list(kept),
                     "test_cameras": list(test.camera_ids) if test is not None else [], "timesteps": num_timesteps},
     }
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=1))
     logger.info("wrote %d frames of %dx%d from the Panoptic folder %s (%d timesteps, %d training and %d held-out "
-                "cameras)", num_frames, size[0], size[1], root, num_timesteps, len(train.camera_ids),
+                "cameras)", num_frames, size[0], size[1], root, num_timesteps, len(kept),
                 len(meta["dataset"]["test_cameras"]))
     figures = {key: meta[key] for key in ("num_frames", "width", "height", "fps", "source_fps")}
     figures.update(duration_s=meta["timestamps"][-1], num_holdout=len(holdout),

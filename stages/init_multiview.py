@@ -3,8 +3,9 @@ Panoptic folder as the input) from the first timestep's training views, their fo
 and known cameras, without flow or depth.
 
 Candidates (``hull_candidates`` of each kind) lie in the box spanned by the training cameras'
-centres, grown by :data:`BOX_MARGIN` of its size on every side (the cameras of a capture dome
-look inwards, so the scene lies inside it and its walls and floor just beyond):
+centres, grown by :data:`BOX_MARGIN` of its largest side on every side (the cameras of a capture
+dome look inwards, so the scene lies inside it and its walls and floor just beyond; the margin
+follows the largest side because cameras often share a height):
 
 - foreground (dynamic, label 1): candidates on the rays of random foreground pixels of the views
   (:func:`foreground_candidates`), cut to a loose visual hull of the masks
@@ -12,7 +13,7 @@ look inwards, so the scene lies inside it and its walls and floor just beyond):
   the foreground of at least ``hull_min_foreground`` of the views), at most ``max_dynamic``
   points coloured by those views;
 - background (static, label 0): random points of the box that the views see photo-consistently, off the
-  foreground: seen inside at least :data:`MIN_BACKGROUND_VIEWS` views, their colours there with
+  foreground: seen inside at least :data:`MIN_BACKGROUND_VIEWS` views (all of them when there are fewer), their colours there with
   a standard deviation below ``background_max_std`` (colours in [0, 1]), at most ``max_static`` of them,
   the most consistent first, coloured by the mean. There is no occlusion reasoning: the
   optimisation prunes and moves what is wrong.
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: The candidates' box is the cameras' bounding box grown by this fraction of its size per side.
+#: The candidates' box is the cameras' bounding box grown by this fraction of its largest side.
 BOX_MARGIN = 0.25
 #: A background point must project inside at least this many views (off their foreground).
 MIN_BACKGROUND_VIEWS = 3
@@ -53,12 +54,12 @@ FOREGROUND_NAME = "foreground"
 
 def camera_box(w2c: np.ndarray, margin: float = BOX_MARGIN) -> tuple[np.ndarray, np.ndarray]:
     """``(low (3,), high (3,))`` world corners of the bounding box of the centres of the cameras
-    ``w2c (V, 4, 4)``, grown by ``margin`` of its size on every side."""
+    ``w2c (V, 4, 4)``, grown by ``margin`` of its largest side on every side."""
     from mono4d.data.geometry import camera_centers
 
     centres = camera_centers(w2c)
     low, high = centres.min(axis=0), centres.max(axis=0)
-    grow = margin * (high - low)
+    grow = margin * float((high - low).max())
     return low - grow, high + grow
 
 
@@ -106,7 +107,7 @@ def consistent_points(rgb: np.ndarray, foreground: np.ndarray, K: np.ndarray, w2
         count[seen] += 1
         total[seen] += colour
         squares[seen] += colour ** 2
-    enough = np.flatnonzero(count >= MIN_BACKGROUND_VIEWS)
+    enough = np.flatnonzero(count >= min(MIN_BACKGROUND_VIEWS, len(rgb)))
     mean = total[enough] / count[enough, None]
     spread = np.sqrt(np.maximum(squares[enough] / count[enough, None] - mean ** 2, 0.0)).mean(axis=1)
     keep = np.flatnonzero(spread < params.background_max_std)
@@ -178,9 +179,8 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     train_frames = [i for i in range(num_frames) if i not in set(held_out)]
     first = int(views[1][train_frames].min()) if train_frames else 0
     first_views = [i for i in train_frames if views[1][i] == first]
-    if len(first_views) < 2:
-        raise InputError(f"only {len(first_views)} training view(s) at the first timestep",
-                         "a multi-view initialisation needs at least two training cameras")
+    if not first_views:
+        raise InputError("no training view at the first timestep", "keep at least one training camera")
     images = load_frames(inputs["frames"], first_views)
     if not masks[first_views].any():
         raise InputError("the masks mark no foreground in the first timestep's training views",
