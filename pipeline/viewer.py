@@ -33,9 +33,6 @@ import numpy as np
 
 from mono4d.data.errors import ModelUnavailableError, ParameterError
 
-#: The train stage's Gaussian tracks (:mod:`mono4d.stages.train_outputs`).
-TRAJECTORIES_FILE = "trajectories.npz"
-
 logger = logging.getLogger(__name__)
 
 #: Title shown at the top of the viewer's GUI panel.
@@ -120,7 +117,8 @@ class SceneViewer:
             raise ModelUnavailableError(f"the viewer needs the viser package, which cannot be imported ({error})",
                                         "pip install viser") from None
         from mono4d.models.layers import model_layers
-        from mono4d.pipeline.export import look_at_centre, model_device, posed_cameras, scene_up, stage_output
+        from mono4d.pipeline.export import (TRAJECTORIES_FILE, look_at_centre, model_device, posed_cameras, scene_up,
+                                            stage_output)
         from mono4d.stages.train import load_trained
 
         if not MIN_SIDE <= max_side <= MAX_SIDE:

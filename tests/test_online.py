@@ -219,6 +219,7 @@ def test_online_pipeline_on_the_rendered_scene(multiview_root, tmp_path):
     """``mono4d run`` of the folder: online training over 3 timesteps, held-out cameras scored per
     camera (masked and unmasked), 6-DOF trajectories that follow the ball, the seg masks used."""
     from mono4d.pipeline.cli import format_heldout
+    from mono4d.pipeline.export import export_workspace
     from mono4d.pipeline.runner import run_pipeline
 
     summary = run_pipeline(tmp_path / "work", multiview_root, preset="cpu",
@@ -242,6 +243,11 @@ def test_online_pipeline_on_the_rendered_scene(multiview_root, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(tracks["quats"], axis=2), 1.0, atol=1e-5)
     step = np.median(tracks["xyz"][:, -1] - tracks["xyz"][:, 0], axis=0) / (TIMESTEPS - 1)
     assert abs(step[0] - BALL_STEP) < 0.05 and np.abs(step[1:]).max() < 0.05
+    written = export_workspace(tmp_path / "work", "tracks")["tracks"]  # no tracks stage: the Gaussians' tracks
+    table = np.loadtxt(tmp_path / "work" / "export" / "tracks" / "gaussian_trajectories.csv", delimiter=",", skiprows=1)
+    assert {path.name for path in written} == {"gaussian_trajectories.npz", "gaussian_trajectories.csv"}
+    assert table.shape == (len(tracks["xyz"]) * TIMESTEPS, 9)
+    np.testing.assert_allclose(table[TIMESTEPS - 1, 2:5], tracks["xyz"][0, -1], rtol=1e-5)
 
 
 @pytest.mark.slow

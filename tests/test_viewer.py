@@ -262,7 +262,8 @@ def test_track_segments_join_consecutive_times():
 
 
 def test_viewer_draws_the_gaussian_tracks(workspace):
-    from mono4d.pipeline.viewer import TRAJECTORIES_FILE, serve_viewer
+    from mono4d.pipeline.export import TRAJECTORIES_FILE
+    from mono4d.pipeline.viewer import serve_viewer
     from mono4d.stages.train import load_trained
     from mono4d.stages.train_outputs import export_trajectories
 
