@@ -29,14 +29,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mono4d.data.errors import InputError, require_inputs
-from mono4d.data.images import write_rgb
 
 if TYPE_CHECKING:
     from mono4d.stages.init import Params
@@ -151,15 +149,12 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     ``inputs["cameras"]`` (with per-frame views) and ``inputs["masks"]``. Returns key figures:
     ``num_static``, ``num_dynamic``, ``num_views`` (training views of the first timestep),
     ``num_train_frames``, ``num_holdout_frames``, ``scene_scale``."""
-    import torch
-
-    from mono4d.data.artifacts import read_camera_views, read_cameras, read_cameras_meta, read_masks
+    from mono4d.data.artifacts import read_camera_views, read_cameras, read_masks
     from mono4d.data.geometry import camera_centers
-    from mono4d.models.gaussians import save_model, sh0_to_rgb
-    from mono4d.models.layers import parse_label_names
+    from mono4d.models.gaussians import save_model
     from mono4d.stages.frames import load_frames, read_frames_meta
-    from mono4d.stages.init import CHECKPOINT_FILE, SUMMARY_FILE, splat_points
-    from mono4d.stages.init_silhouette import frames_split
+    from mono4d.stages.init import CHECKPOINT_FILE, SUMMARY_FILE
+    from mono4d.stages.init_silhouette import frames_split, model_meta, write_init_view
 
     require_inputs(inputs, ("frames", "cameras", "masks"), "init (mode multiview)")
     out_dir = Path(out_dir)
@@ -187,22 +182,12 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
                          "give the dataset's foreground masks (seg/) through masks.backend=file")
     centres = camera_centers(w2c[train_frames])
     scene_scale = float(np.median(np.linalg.norm(centres - centres.mean(axis=0), axis=1)))
-    names = {0: "background", FOREGROUND_LABEL: FOREGROUND_NAME}
-    names.update(parse_label_names(params.label_names))
-    height, width = images.shape[1:3]
-    meta = {"num_frames": num_frames, "width": width, "height": height, "times": times.tolist(),
-            "train_frames": train_frames, "holdout_frames": held_out, "scene_scale": scene_scale,
-            "units": read_cameras_meta(inputs["cameras"]).get("units", "dataset"), "stage": "init",
-            "params": asdict(params), "labels": {str(k): v for k, v in sorted(names.items())}}
+    meta = model_meta(inputs, params, (num_frames, *images.shape[1:3]), times, train_frames, held_out, scene_scale,
+                      {0: "background", FOREGROUND_LABEL: FOREGROUND_NAME})
     model = multiview_model(images, masks[first_views], K[first_views], w2c[first_views], params, meta)
     save_model(out_dir / CHECKPOINT_FILE, model)
-
-    view = first_views[len(first_views) // 2]
-    with torch.no_grad():
-        points = model.params["means"].numpy().astype(np.float64)
-        colors = sh0_to_rgb(model.params["sh0"][:, 0]).clamp(0, 1).numpy()
-    write_rgb(out_dir / "init_view.png", np.concatenate(
-        [images[first_views.index(view)], splat_points(points, colors, K[view], w2c[view], height, width)], axis=1))
+    view = len(first_views) // 2
+    write_init_view(out_dir, model, images[view], K[first_views[view]], w2c[first_views[view]])
     figures = {"num_static": model.num_gaussians - model.num_dynamic, "num_dynamic": model.num_dynamic,
                "num_views": len(first_views), "num_train_frames": len(train_frames),
                "num_holdout_frames": len(held_out), "scene_scale": round(scene_scale, 6)}
