@@ -2,8 +2,9 @@
 Panoptic folder as the input) from the first timestep's training views, their foreground masks
 and known cameras, without flow or depth.
 
-Candidates (``hull_candidates`` of each kind) lie in the box spanned by the training cameras'
-centres, grown by :data:`BOX_MARGIN` of its largest side on every side (the cameras of a capture
+Candidates (``hull_candidates`` of each kind) lie in the box spanned by the centres of every
+camera of the dataset (the held-out ones too: their poses are known, their images are not used;
+a single training camera spans no box), grown by :data:`BOX_MARGIN` of its largest side on every side (the cameras of a capture
 dome look inwards, so the scene lies inside it and its walls and floor just beyond; the margin
 follows the largest side because cameras often share a height):
 
@@ -113,11 +114,12 @@ def consistent_points(rgb: np.ndarray, foreground: np.ndarray, K: np.ndarray, w2
     return points[enough[keep]], mean[keep]
 
 
-def multiview_model(rgb: np.ndarray, masks: np.ndarray, K: np.ndarray, w2c: np.ndarray, params: Params,
-                    meta: dict):
+def multiview_model(rgb: np.ndarray, masks: np.ndarray, K: np.ndarray, w2c: np.ndarray,
+                    box: tuple[np.ndarray, np.ndarray], params: Params, meta: dict):
     """The :class:`mono4d.models.gaussians.SceneModel` of the views ``rgb (V, H, W, 3)`` uint8 with
     label maps ``masks (V, H, W)`` (> 0 foreground) and cameras ``K (V, 3, 3)``, ``w2c (V, 4, 4)``:
-    foreground hull and photo-consistent background (module docstring), identity field, ``meta``."""
+    foreground hull and photo-consistent background (module docstring) in ``box`` (:func:`camera_box`),
+    identity field, ``meta``."""
     import torch
 
     from mono4d.models.gaussians import SceneModel, create_params
@@ -125,7 +127,6 @@ def multiview_model(rgb: np.ndarray, masks: np.ndarray, K: np.ndarray, w2c: np.n
     from mono4d.stages.init_silhouette import hull_points
 
     rng = np.random.default_rng(params.seed)
-    box = camera_box(w2c)
     foreground = masks > 0
     silhouettes = np.where(foreground, 255, 0).astype(np.uint8)
     candidates = foreground_candidates(foreground, K, w2c, box, params.hull_candidates, rng)
@@ -184,7 +185,8 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     scene_scale = float(np.median(np.linalg.norm(centres - centres.mean(axis=0), axis=1)))
     meta = model_meta(inputs, params, (num_frames, *images.shape[1:3]), times, train_frames, held_out, scene_scale,
                       {0: "background", FOREGROUND_LABEL: FOREGROUND_NAME})
-    model = multiview_model(images, masks[first_views], K[first_views], w2c[first_views], params, meta)
+    model = multiview_model(images, masks[first_views], K[first_views], w2c[first_views], camera_box(w2c), params,
+                            meta)
     save_model(out_dir / CHECKPOINT_FILE, model)
     view = len(first_views) // 2
     write_init_view(out_dir, model, images[view], K[first_views[view]], w2c[first_views[view]])
