@@ -146,6 +146,13 @@ def knn_graph(canonical: Tensor, k: int) -> NeighbourGraph:
                           torch.as_tensor(distance, dtype=torch.float32, device=device), spacing, len(points))
 
 
+def smooth_norm(vectors: Tensor, eps: float = 1e-12) -> Tensor:
+    """``sqrt(|v|^2 + eps)`` over the last axis: the Euclidean norm with a finite gradient (0) at
+    ``v = 0``, where ``Tensor.norm``'s is NaN (densification duplicates Gaussians onto one spot, so
+    neighbour offsets of exactly zero occur)."""
+    return torch.sqrt((vectors * vectors).sum(dim=-1) + eps)
+
+
 def physical_priors(canonical: Tensor, deformed: Tensor, rotation_delta: Tensor,
                     graph: NeighbourGraph) -> dict[str, Tensor]:
     """Dynamic 3D Gaussians' priors between the canonical configuration and time t.
@@ -160,12 +167,12 @@ def physical_priors(canonical: Tensor, deformed: Tensor, rotation_delta: Tensor,
     offsets_now = deformed[index] - deformed[:, None]
     offsets_rest = (canonical[index] - canonical[:, None]).detach()
     turned = rotate_vectors(rotation_delta[:, None].expand(-1, index.shape[1], -1), offsets_rest)
-    rigidity = (weight * (offsets_now - turned).norm(dim=-1)).sum(dim=1).mean() / graph.spacing
+    rigidity = (weight * smooth_norm(offsets_now - turned)).sum(dim=1).mean() / graph.spacing
     neighbour_rotation = rotation_delta[index]
     same_sign = torch.where((neighbour_rotation * rotation_delta[:, None]).sum(-1, keepdim=True) < 0,
                             -neighbour_rotation, neighbour_rotation)
-    rotation = (weight * (same_sign - rotation_delta[:, None]).norm(dim=-1)).sum(dim=1).mean()
-    isometry = (weight * (offsets_now.norm(dim=-1) - graph.distance).abs()).sum(dim=1).mean() / graph.spacing
+    rotation = (weight * smooth_norm(same_sign - rotation_delta[:, None])).sum(dim=1).mean()
+    isometry = (weight * (smooth_norm(offsets_now) - graph.distance).abs()).sum(dim=1).mean() / graph.spacing
     return {"rigidity": rigidity, "rotation": rotation, "isometry": isometry}
 
 

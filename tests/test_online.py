@@ -155,6 +155,41 @@ def test_frames_cameras_and_masks_per_camera_and_timestep(multiview_root, tmp_pa
         assert ((labels[frame] > 0) == (ball_alpha > 0.5)).mean() > 0.99
 
 
+def test_train_cameras_keep_some_training_cameras_and_every_held_out_one(multiview_root, tmp_path):
+    from mono4d.stages import frames
+
+    (tmp_path / "frames").mkdir()
+    figures = frames.run({"source": multiview_root}, frames.Params(timesteps=1, train_cameras="4,2"), tmp_path / "frames")
+    meta = frames.read_frames_meta(tmp_path / "frames")
+    assert meta["views"]["camera"] == [2, 4, 0, 5] and meta["holdout_frames"] == [2, 3]
+    assert figures["num_cameras"] == 4 and meta["dataset"]["train_cameras"] == [4, 2]
+    with pytest.raises(InputError, match=r"cameras \[11\]"):
+        frames.run({"source": multiview_root}, frames.Params(train_cameras="11"), tmp_path / "frames")
+    with pytest.raises(ParameterError, match="comma-separated"):
+        frames.Params(train_cameras="one").validate()
+
+
+def test_multiview_box_and_foreground_candidates():
+    from mono4d.stages.init_multiview import camera_box, foreground_candidates
+
+    cameras = [ring_camera(index, 10) for index in range(10)]
+    K, w2c = np.array([c[0] for c in cameras]), np.array([c[1] for c in cameras])
+    low, high = camera_box(w2c)
+    assert np.all(low < [-3.0, -1.5, -3.0]) and np.all(high > [3.0, 0.0, 3.0])  # the ball at y = 0 is inside
+    foreground = np.zeros((10, HEIGHT, WIDTH), bool)
+    foreground[:, HEIGHT // 2 - 2:HEIGHT // 2 + 2, WIDTH // 2 - 2:WIDTH // 2 + 2] = True  # the image centres
+    points = foreground_candidates(foreground, K, w2c, (low, high), 2000, np.random.default_rng(0))
+    assert 500 < len(points) <= 2000 and np.all((points >= low) & (points <= high))
+    # every candidate lies on a ray through the centre pixels of some camera: near the ring's axis plane
+    from mono4d.data.geometry import project_points
+
+    on_centre = np.zeros(len(points), bool)
+    for view in range(10):
+        uv, depth = project_points(K[view], w2c[view], points)
+        on_centre |= (depth > 0) & (np.abs(uv - [WIDTH / 2, HEIGHT / 2]) <= 2.5).all(axis=1)
+    assert on_centre.all()
+
+
 def test_held_out_cameras_without_masks_are_static_with_a_note(tmp_path):
     from mono4d.stages import frames, masks
 
@@ -223,14 +258,14 @@ def test_online_pipeline_on_the_rendered_scene(multiview_root, tmp_path):
     from mono4d.pipeline.runner import run_pipeline
 
     summary = run_pipeline(tmp_path / "work", multiview_root, preset="cpu",
-                           overrides=["train.iterations=300", "train.online_fraction=0.25", "train.downscale=1",
+                           overrides=["train.iterations=120", "train.online_fraction=0.25", "train.downscale=1",
                                       "init.hull_candidates=60000", "init.max_static=6000", "init.max_dynamic=1500",
                                       "init.sh_degree=0", "train.export_ply=false"])
     ran = {outcome.stage: outcome for outcome in summary.outcomes}
     assert list(ran) == ["frames", "masks", "cameras", "init", "train"]
     assert ran["masks"].figures["backend"] == "file" and ran["masks"].figures["dynamic_fraction_mean"] > 0.02
     figures = ran["train"].figures
-    assert figures["num_timesteps"] == TIMESTEPS and figures["steps_per_timestep"] == 75
+    assert figures["num_timesteps"] == TIMESTEPS and figures["steps_per_timestep"] == 30
     metrics = json.loads((tmp_path / "work" / "train" / "metrics.json").read_text())
     assert set(metrics["eval"]["cameras"]) == {"0", "5"}
     for camera in ("0", "5"):
