@@ -6,7 +6,8 @@
    with densification, by :func:`mono4d.models.trainer.optimize` itself (``iterations`` steps; the
    deformation field and the priors are off: all views show one instant).
 2. Every later timestep s: only the foreground (dynamic) Gaussians' positions and rotations are
-   optimised, for ``online_fraction`` x ``iterations`` steps on timestep s's training views;
+   optimised, for ``online_fraction`` x ``iterations`` steps on timestep s's training views
+   (positions at ``lr_online_means`` x the scene scale, rotations at ``lr_quats``);
    colours, opacities and scales stay fixed, and the background stays where the first timestep
    put it. They start from the previous velocity: ``x_s = 2 x_{s-1} - x_{s-2}`` and
    ``q_s = normalise(2 q_{s-1} - q_{s-2})`` (from timestep 2 on). Besides the photometric loss
@@ -112,7 +113,7 @@ def optimize_online(model: SceneModel, data: TrainingData, params: Params, devic
         start_means, start_quats = velocity_start(history_means, history_quats)
         means = torch.nn.Parameter(start_means.contiguous())
         quats = torch.nn.Parameter(start_quats.contiguous())
-        optimizer = torch.optim.Adam([{"params": [means], "lr": params.lr_means * data.scene_scale},
+        optimizer = torch.optim.Adam([{"params": [means], "lr": params.lr_online_means * data.scene_scale},
                                       {"params": [quats], "lr": params.lr_quats}], eps=1e-15)
         previous_means, previous_quats = history_means[-1], history_quats[-1]
         for iteration in range(per_step if len(dynamic) else 0):

@@ -71,6 +71,9 @@ class Params:
         rotation and isometry priors; per-Gaussian poses per timestep).
     iterations: optimisation steps (online: of the first timestep).
     online_fraction: online mode: steps of every later timestep, as a fraction of ``iterations``.
+    lr_online_means: online mode: learning rate of the foreground positions at the later
+        timesteps, times the scene scale (no decay). Dynamic 3D Gaussians' 1.6e-4 moves a
+        Gaussian at most ~1.6e-4 x steps scene scales per timestep: raise it with short budgets.
     downscale: train and evaluate at 1/downscale of the frames' resolution (1 = full).
     lr_means: learning rate of the canonical positions, times the scene scale (median depth);
         decays exponentially to 1 % at the last step.
@@ -151,6 +154,7 @@ class Params:
     mode: str = "batch"
     iterations: int = 3000
     online_fraction: float = 0.2
+    lr_online_means: float = 1.6e-4
     downscale: int = 1
     lr_means: float = 1.6e-4
     lr_scales: float = 5e-3
@@ -214,7 +218,7 @@ class Params:
             if getattr(self, name) < 1:
                 raise ParameterError(f"train.{name}={getattr(self, name)} must be at least 1", f"raise train.{name}")
         for name in ("lr_means", "lr_scales", "lr_quats", "lr_opacities", "lr_sh0", "lr_shN", "lr_deformation",
-                     "lr_exposure"):
+                     "lr_exposure", "lr_online_means"):
             if not 0 <= getattr(self, name) < 1:
                 raise ParameterError(f"train.{name}={getattr(self, name)} is not a learning rate in [0, 1)",
                                      "use the default")
