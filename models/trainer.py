@@ -134,8 +134,8 @@ class TrainingData:
         return int(self.images.shape[2])
 
     def sequence_times(self) -> np.ndarray:
-        """The normalised times of the scene's instants, increasing: every frame's time, or for
-        multi-view input each timestep's once (``(S,)`` float64)."""
+        """The normalised times of the scene's instants: every frame's time in frame order, or for
+        multi-view input each timestep's once, increasing (``(S,)`` float64)."""
         return np.unique(self.times) if self.timesteps is not None else self.times
 
 
