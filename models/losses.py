@@ -138,9 +138,11 @@ def knn_graph(canonical: Tensor, k: int) -> NeighbourGraph:
     points = canonical.detach().cpu().numpy().astype(np.float64)
     distance, index = cKDTree(points).query(points, k=k + 1)
     distance, index = distance[:, 1:], index[:, 1:]
-    spacing = float(max(np.median(distance[:, 0]), 1e-9))
+    # densification duplicates Gaussians onto one spot: the spacing of the distinct positions
+    nearest = distance[:, 0][distance[:, 0] > 0]
+    spacing = float(max(np.median(nearest), 1e-9)) if len(nearest) else 1e-9
     weight = np.exp(-0.5 * (distance / (2.0 * spacing)) ** 2)
-    weight /= weight.sum(axis=1, keepdims=True)
+    weight /= np.maximum(weight.sum(axis=1, keepdims=True), 1e-30)
     device = canonical.device
     return NeighbourGraph(torch.as_tensor(index, device=device), torch.as_tensor(weight, dtype=torch.float32, device=device),
                           torch.as_tensor(distance, dtype=torch.float32, device=device), spacing, len(points))
