@@ -21,8 +21,8 @@ follows the largest side because cameras often share a height):
 
 Scales come from the nearest neighbours, rotations are the identity, opacities
 ``init_opacity``; the deformation field is the identity (online training moves the Gaussians
-timestep by timestep instead). The scene scale is the median distance of the training cameras
-from their mean centre. Frames, times and held-out frames are the frames stage's (the test
+timestep by timestep instead). The scene scale is the median distance of the cameras (all of
+them, as for the box) from their mean centre. Frames, times and held-out frames are the frames stage's (the test
 cameras are held out). Outputs as the other modes: ``init.pt``, ``init.json``, ``init_view.png``.
 """
 from __future__ import annotations
@@ -181,7 +181,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     if not masks[first_views].any():
         raise InputError("the masks mark no foreground in the first timestep's training views",
                          "give the dataset's foreground masks (seg/) through masks.backend=file")
-    centres = camera_centers(w2c[train_frames])
+    centres = camera_centers(w2c)  # every camera, as the box: one training camera has no spread
     scene_scale = float(np.median(np.linalg.norm(centres - centres.mean(axis=0), axis=1)))
     meta = model_meta(inputs, params, (num_frames, *images.shape[1:3]), times, train_frames, held_out, scene_scale,
                       {0: "background", FOREGROUND_LABEL: FOREGROUND_NAME})
