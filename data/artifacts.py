@@ -17,7 +17,7 @@ Layouts (file names relative to the stage folder):
 
 - cameras: ``cameras.json`` ``{"width", "height", "model", "units", "mode", "frames": [{"index",
   "file", "K" (3x3 list), "w2c" (4x4 list or null without a pose), "registered",
-  "interpolated"}], "colmap_cameras" (optional)}``; ``points.npz`` sparse points (see
+  "interpolated", "camera" and "timestep" (multi-view input only)}], "colmap_cameras" (optional)}``; ``points.npz`` sparse points (see
   :func:`read_points`).
 - masks: ``masks/{t:06d}.png`` uint8 label maps (0 = static), ``labels.json`` ``{"labels":
   {"0": "background", "1": name, ...}, "backend", "num_frames"}``.
@@ -123,7 +123,8 @@ def _fields(content: Any, path: Path, stage: str, *keys: str) -> list[Any]:
 
 def write_cameras(out_dir: Path, K: np.ndarray, w2c: np.ndarray, registered: np.ndarray, files: Sequence[str],
                   width: int, height: int, *, interpolated: np.ndarray | None = None, model: str = "PINHOLE",
-                  units: str = "sfm", mode: str = "known", colmap_cameras: list[dict] | None = None) -> None:
+                  units: str = "sfm", mode: str = "known", colmap_cameras: list[dict] | None = None,
+                  views: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """Write ``cameras.json``.
 
     ``K (T, 3, 3)`` pixel intrinsics of ``width`` x ``height`` images, ``w2c (T, 4, 4)`` OpenCV
@@ -131,7 +132,9 @@ def write_cameras(out_dir: Path, K: np.ndarray, w2c: np.ndarray, registered: np.
     bool (posed by SfM or by the mode), ``interpolated (T,)`` bool (pose filled between
     registered neighbours; default none), ``files`` the T frame files (relative to the frames
     stage folder), ``model`` the COLMAP camera model, ``units`` of the world ("sfm", "metric",
-    "dataset"), ``mode`` the cameras mode that produced them.
+    "dataset"), ``mode`` the cameras mode that produced them. ``views``: for multi-view input,
+    ``(camera (T,), timestep (T,))`` int, the dataset camera id and timestep index of each frame
+    (frames of one timestep show the scene at the same instant).
     """
     K, w2c = np.asarray(K, np.float64), np.asarray(w2c, np.float64)
     interpolated = np.zeros(len(K), bool) if interpolated is None else np.asarray(interpolated, bool)
@@ -140,6 +143,9 @@ def write_cameras(out_dir: Path, K: np.ndarray, w2c: np.ndarray, registered: np.
                "w2c": w2c[index].tolist() if posed[index] else None,
                "registered": bool(registered[index]), "interpolated": bool(interpolated[index])}
               for index in range(len(K))]
+    if views is not None:
+        for frame, camera, timestep in zip(frames, *views):
+            frame.update(camera=int(camera), timestep=int(timestep))
     content = {"width": int(width), "height": int(height), "model": model, "units": units, "mode": mode,
                "frames": frames}
     if colmap_cameras:
@@ -167,6 +173,20 @@ def read_cameras(cameras_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.nd
     except (KeyError, TypeError, ValueError) as error:
         raise _unreadable(path, "cameras", error) from error
     return K, w2c, registered
+
+
+def read_camera_views(cameras_dir: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(camera (T,), timestep (T,))`` int64 of a multi-view input's ``cameras.json`` (the
+    dataset camera id and timestep index of every frame); None for a single moving camera."""
+    path = Path(cameras_dir) / CAMERAS_FILE
+    (frames,) = _fields(read_cameras_meta(cameras_dir), path, "cameras", "frames")
+    if not frames or "camera" not in frames[0]:
+        return None
+    try:
+        return (np.array([frame["camera"] for frame in frames], dtype=np.int64),
+                np.array([frame["timestep"] for frame in frames], dtype=np.int64))
+    except (KeyError, TypeError, ValueError) as error:
+        raise _unreadable(path, "cameras", error) from error
 
 
 def empty_points() -> dict[str, np.ndarray]:

@@ -4,6 +4,13 @@ A meta file holds ``w``, ``h`` (image size), and per timestep ``t`` and camera s
 ``k[t][c]`` (3x3 intrinsics), ``w2c[t][c]`` (4x4 world-to-camera, already OpenCV),
 ``fn[t][c]`` (image path under ``ims/``) and ``cam_id[t][c]``. For monocular use one camera
 id is picked and its frames over time form the video.
+
+A Panoptic folder (``train_meta.json``, optionally ``test_meta.json``, ``ims/``, ``seg/``) or its
+``train_meta.json`` is also a pipeline input (``mono4d run FOLDER``): the frames stage writes
+every camera of both meta files over the first timesteps (:func:`read_panoptic_dataset`; the
+test file's cameras are held out), and :data:`PIPELINE_SETTINGS` are the configuration such a
+run starts from (see :mod:`mono4d.pipeline.config`): known cameras, the ``seg/`` masks through
+the masks stage's ``file`` backend, the multi-view initialisation and online training.
 """
 from __future__ import annotations
 
@@ -14,6 +21,52 @@ import numpy as np
 
 from mono4d.data.dataset_frames import DatasetFrames, linear_times, read_json
 from mono4d.data.errors import InputError
+
+TRAIN_META = "train_meta.json"
+TEST_META = "test_meta.json"
+#: Folder of the foreground masks, mirroring ``ims/`` (``seg/<cam>/<t>.png``).
+SEG_DIR = "seg"
+#: ``stage.param`` -> value of a pipeline run over a Panoptic folder, applied after the preset and
+#: before ``--set`` (``cameras.known_path`` and ``masks.mask_path`` are added for the folder):
+#: the dataset's cameras, its ``seg/`` foreground masks as they are (no refinement), the
+#: multi-view initialisation, Dynamic 3D Gaussians' online training with the rigidity,
+#: rotation-similarity and isometry priors (our rigidity and isometry are in units of the
+#: Gaussians' spacing, about 1/30 of Dynamic 3D Gaussians' world units here, hence weights
+#: 0.1 / 1 / 0.05 for their 4 / 4 / 2: at 4 / 4 / 2 the foreground did not move in short
+#: budgets), a black background, no depth prior and no videos (a camera path through 27 fixed
+#: cameras is not a video).
+PIPELINE_SETTINGS = {
+    "cameras.mode": "known",
+    "masks.backend": "file",
+    "init.mode": "multiview",
+    "init.hull_min_foreground": "0.6",
+    "train.mode": "online",
+    "train.downscale": "1",
+    "train.background": "black",
+    "train.ordinal_weight": "0",
+    "train.use_depth": "false",
+    "train.refine_masks": "false",
+    "train.rigidity_weight": "0.1",
+    "train.rotation_weight": "1",
+    "train.isometry_weight": "0.05",
+    "train.make_videos": "false",
+}
+
+
+def panoptic_root(path: str | Path) -> Path | None:
+    """The dataset folder when ``path`` is a Panoptic folder (it holds ``train_meta.json``) or its
+    ``train_meta.json``; None otherwise."""
+    path = Path(path)
+    if path.is_file() and path.name == TRAIN_META:
+        return path.parent
+    if path.is_dir() and (path / TRAIN_META).is_file():
+        return path
+    return None
+
+
+def is_panoptic_input(path: str | Path) -> bool:
+    """Whether ``path`` is a Panoptic folder or its ``train_meta.json`` (see :func:`panoptic_root`)."""
+    return panoptic_root(path) is not None
 
 
 def panoptic_camera_ids(meta_path: str | Path) -> list[int]:
@@ -121,3 +174,24 @@ def read_panoptic_views(meta_path: str | Path, timesteps: int = 0) -> PanopticVi
              for name in row] for row in names]
     return PanopticViews(image_paths=images, seg_paths=segs, K=K, w2c=w2c, camera_ids=camera_ids,
                          times=linear_times(total)[:count], width=width, height=height)
+
+
+def read_panoptic_dataset(root: str | Path, timesteps: int = 0) -> tuple[PanopticViews, PanopticViews | None]:
+    """The training cameras (``train_meta.json``) and the held-out cameras (``test_meta.json``, None
+    when the folder has none) of a Panoptic folder over their first ``timesteps`` timesteps (0 =
+    all), each as :func:`read_panoptic_views`. Raises :class:`InputError` when the two files differ
+    in image size or timestep count, or share a camera."""
+    root = Path(root)
+    train = read_panoptic_views(root / TRAIN_META, timesteps)
+    if not (root / TEST_META).is_file():
+        return train, None
+    test = read_panoptic_views(root / TEST_META, timesteps)
+    if (test.width, test.height) != (train.width, train.height) or len(test.times) != len(train.times):
+        raise InputError(f"{root / TEST_META} ({test.width}x{test.height}, {len(test.times)} timesteps) does not match "
+                         f"{root / TRAIN_META} ({train.width}x{train.height}, {len(train.times)} timesteps)",
+                         "use meta files written for the same sequence")
+    shared = sorted(set(train.camera_ids) & set(test.camera_ids))
+    if shared:
+        raise InputError(f"cameras {shared} are in both {TRAIN_META} and {TEST_META}",
+                         "a held-out camera must not be trained on: fix the meta files")
+    return train, test

@@ -13,7 +13,10 @@ State is kept the way Dynamic 3D Gaussians and gsplat keep it:
   parameters): ``is_dynamic (N,)`` bool, ``label (N,)`` int64 mask label ids (0 static; ``is_dynamic``
   is ``label > 0``; see :mod:`mono4d.models.layers`), optionally ``offset (N, 3)`` world translations
   added after the deformation (edited copies of layers), plus the strategy's
-  ``grad2d``/``count``/``scene_scale``.
+  ``grad2d``/``count``/``scene_scale``. A model trained online (one pose per timestep, Dynamic
+  3D Gaussians' method, :mod:`mono4d.models.online`) holds its poses there instead of using the
+  field: ``trajectory_means (N, S, 3)`` world positions and ``trajectory_quats (N, S, 4)`` unit
+  wxyz rotations at the S timesteps whose normalised times are the list ``trajectory_times``.
 - ``field``: the :class:`~mono4d.models.deformation.DeformationField` (an ``nn.Module`` with its own
   optimiser) that moves the dynamic Gaussians. Static Gaussians never move.
 - ``exposure`` (optional): ``(T, 2, 3)`` per-frame colour affine of the clip's T frames, row
@@ -37,6 +40,8 @@ from mono4d.models.deformation import DeformationField, quaternion_multiply
 SH_C0 = 0.28209479177387814
 #: Version of the checkpoint layout written by :func:`save_model`.
 CHECKPOINT_FORMAT = 1
+#: The per-timestep poses of a model trained online (see the module docstring), saved with it.
+TRAJECTORY_VARIABLES = ("trajectory_means", "trajectory_quats", "trajectory_times")
 
 
 def num_sh_bases(degree: int) -> int:
@@ -77,19 +82,50 @@ def create_params(means: Tensor, rgb: Tensor, scales: Tensor, is_dynamic: Tensor
     return params, {"is_dynamic": is_dynamic, "label": labels}
 
 
+def quaternion_conjugate(quats: Tensor) -> Tensor:
+    """The conjugate (the inverse of a unit quaternion) of wxyz quaternions ``(..., 4)``."""
+    return quats * quats.new_tensor([1.0, -1.0, -1.0, -1.0])
+
+
+def trajectory_pose(means: Tensor, quats: Tensor, times: list[float], time: float) -> tuple[Tensor, Tensor]:
+    """Positions ``(N, 3)`` and unit wxyz rotations ``(N, 4)`` at normalised ``time`` of the poses
+    ``means (N, S, 3)``, ``quats (N, S, 4)`` at the increasing ``times`` (S): a keyframe's own pose
+    at its time, linear between the two keyframes around ``time`` (rotations normalised linearly
+    interpolated, the shorter way), the first / last one's outside them. Differentiable."""
+    keys = np.asarray(times, np.float64)
+    after = int(np.searchsorted(keys, time, side="right"))
+    if after == 0 or after >= len(keys):
+        index = 0 if after == 0 else len(keys) - 1
+        return means[:, index], torch.nn.functional.normalize(quats[:, index], dim=-1)
+    weight = float((time - keys[after - 1]) / max(keys[after] - keys[after - 1], 1e-12))
+    if weight == 0.0:
+        return means[:, after - 1], torch.nn.functional.normalize(quats[:, after - 1], dim=-1)
+    start, end = quats[:, after - 1], quats[:, after]
+    end = torch.where((start * end).sum(-1, keepdim=True) < 0, -end, end)
+    means_at = (1.0 - weight) * means[:, after - 1] + weight * means[:, after]
+    return means_at, torch.nn.functional.normalize((1.0 - weight) * start + weight * end, dim=-1)
+
+
 def gaussians_at(params: dict[str, Tensor], variables: dict, field: DeformationField,
                  time: float) -> dict[str, Tensor]:
     """The Gaussians at normalised ``time``, activated: ``means (N, 3)`` world, ``quats (N, 4)``
     unit wxyz, ``scales (N, 3)`` standard deviations, ``opacities (N,)`` in (0, 1) and
     ``sh (N, K, 3)`` colour coefficients. Dynamic Gaussians are moved, turned and rescaled by
-    the deformation field; static ones are returned as they are; ``variables["offset"]`` (when
+    the deformation field; static ones are returned as they are; a model with per-timestep poses
+    (``variables["trajectory_means"]``, see the module docstring) takes every Gaussian's pose
+    from them (:func:`trajectory_pose`) instead; ``variables["offset"]`` (when
     present) is added to every position after that. Also ``dynamic (D,)``, the
     indices of the dynamic Gaussians, and their ``rotation_delta (D, 4)`` (unit wxyz, canonical
     -> ``time``) for the physical priors. Differentiable."""
     dynamic = torch.nonzero(variables["is_dynamic"], as_tuple=True)[0]
     means, quats, log_scales = params["means"], torch.nn.functional.normalize(params["quats"], dim=-1), params["scales"]
     rotation_delta = quats.new_zeros(0, 4)
-    if len(dynamic):
+    if "trajectory_means" in variables:
+        canonical_quats = quats
+        means, quats = trajectory_pose(variables["trajectory_means"], variables["trajectory_quats"],
+                                       variables["trajectory_times"], time)
+        rotation_delta = quaternion_multiply(quats[dynamic], quaternion_conjugate(canonical_quats[dynamic]))
+    elif len(dynamic):
         canonical = means[dynamic]
         rotation_delta, log_scale_delta = field.shape_deltas(canonical, time)
         means = means.index_put((dynamic,), field.to_time(canonical, time))
@@ -205,6 +241,8 @@ def save_model(path: str | Path, model: SceneModel, extra: dict | None = None) -
         "params": {name: value.detach().cpu() for name, value in model.params.items()},
         "is_dynamic": model.variables["is_dynamic"].cpu(),
         **{name: model.variables[name].cpu() for name in ("label", "offset") if name in model.variables},
+        **{name: (value.cpu() if torch.is_tensor(value) else list(value)) for name in TRAJECTORY_VARIABLES
+           if (value := model.variables.get(name)) is not None},
         "field_config": model.field.export_config(),
         "field_state": {name: value.cpu() for name, value in model.field.state_dict().items()},
         "meta": model.meta,
@@ -230,5 +268,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Sc
     variables["label"] = content["label"].to(device) if "label" in content else variables["is_dynamic"].long()
     if "offset" in content:
         variables["offset"] = content["offset"].to(device)
+    for name in TRAJECTORY_VARIABLES:
+        if name in content:
+            value = content[name]
+            variables[name] = value.to(device) if torch.is_tensor(value) else [float(t) for t in value]
     exposure = torch.nn.Parameter(content["exposure"].to(device)) if "exposure" in content else None
     return SceneModel(params, variables, field.to(device), content["meta"], exposure), content["extra"]

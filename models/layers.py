@@ -151,6 +151,8 @@ def subset(model, keep: Tensor):
     variables = {name: value[index].clone() for name, value in model.variables.items()
                  if torch.is_tensor(value) and value.dim() > 0 and len(value) == count}
     variables.setdefault("label", gaussian_labels(model)[index].clone())
+    if "trajectory_times" in model.variables:  # per-timestep poses of an online model: their times
+        variables["trajectory_times"] = list(model.variables["trajectory_times"])
     return SceneModel(params, variables, model.field, dict(model.meta), model.exposure)
 
 
@@ -203,6 +205,10 @@ def duplicate_layer(model, selector: str, offset: Iterable[float]) -> tuple[obje
     variables = {"is_dynamic": torch.cat([model.variables["is_dynamic"], copy.variables["is_dynamic"]]),
                  "label": torch.cat([gaussian_labels(model), copied_labels]),
                  "offset": torch.cat([offsets, offsets[chosen] + shift.to(device)])}
+    if "trajectory_means" in model.variables:  # an online model: the copy keeps its per-timestep poses
+        for name in ("trajectory_means", "trajectory_quats"):
+            variables[name] = torch.cat([model.variables[name], copy.variables[name]])
+        variables["trajectory_times"] = list(model.variables["trajectory_times"])
     meta = dict(model.meta)
     meta["labels"] = {str(label): name for label, name in names.items()}
     meta["labels"].update({str(new): f"{names[old]} copy" for old, new in new_ids.items()})

@@ -138,12 +138,21 @@ def knn_graph(canonical: Tensor, k: int) -> NeighbourGraph:
     points = canonical.detach().cpu().numpy().astype(np.float64)
     distance, index = cKDTree(points).query(points, k=k + 1)
     distance, index = distance[:, 1:], index[:, 1:]
-    spacing = float(max(np.median(distance[:, 0]), 1e-9))
+    # densification duplicates Gaussians onto one spot: the spacing of the distinct positions
+    nearest = distance[:, 0][distance[:, 0] > 0]
+    spacing = float(max(np.median(nearest), 1e-9)) if len(nearest) else 1e-9
     weight = np.exp(-0.5 * (distance / (2.0 * spacing)) ** 2)
-    weight /= weight.sum(axis=1, keepdims=True)
+    weight /= np.maximum(weight.sum(axis=1, keepdims=True), 1e-30)
     device = canonical.device
     return NeighbourGraph(torch.as_tensor(index, device=device), torch.as_tensor(weight, dtype=torch.float32, device=device),
                           torch.as_tensor(distance, dtype=torch.float32, device=device), spacing, len(points))
+
+
+def smooth_norm(vectors: Tensor, eps: float = 1e-12) -> Tensor:
+    """``sqrt(|v|^2 + eps)`` over the last axis: the Euclidean norm with a finite gradient (0) at
+    ``v = 0``, where ``Tensor.norm``'s is NaN (densification duplicates Gaussians onto one spot, so
+    neighbour offsets of exactly zero occur)."""
+    return torch.sqrt((vectors * vectors).sum(dim=-1) + eps)
 
 
 def physical_priors(canonical: Tensor, deformed: Tensor, rotation_delta: Tensor,
@@ -160,12 +169,12 @@ def physical_priors(canonical: Tensor, deformed: Tensor, rotation_delta: Tensor,
     offsets_now = deformed[index] - deformed[:, None]
     offsets_rest = (canonical[index] - canonical[:, None]).detach()
     turned = rotate_vectors(rotation_delta[:, None].expand(-1, index.shape[1], -1), offsets_rest)
-    rigidity = (weight * (offsets_now - turned).norm(dim=-1)).sum(dim=1).mean() / graph.spacing
+    rigidity = (weight * smooth_norm(offsets_now - turned)).sum(dim=1).mean() / graph.spacing
     neighbour_rotation = rotation_delta[index]
     same_sign = torch.where((neighbour_rotation * rotation_delta[:, None]).sum(-1, keepdim=True) < 0,
                             -neighbour_rotation, neighbour_rotation)
-    rotation = (weight * (same_sign - rotation_delta[:, None]).norm(dim=-1)).sum(dim=1).mean()
-    isometry = (weight * (offsets_now.norm(dim=-1) - graph.distance).abs()).sum(dim=1).mean() / graph.spacing
+    rotation = (weight * smooth_norm(same_sign - rotation_delta[:, None])).sum(dim=1).mean()
+    isometry = (weight * (smooth_norm(offsets_now) - graph.distance).abs()).sum(dim=1).mean() / graph.spacing
     return {"rigidity": rigidity, "rotation": rotation, "isometry": isometry}
 
 

@@ -105,7 +105,8 @@ class TrainingData:
     ``depth_medians`` (world units); optional ``masks (T, H, W)`` uint8 tensor (0 static); optional
     ``tracks`` (``xy (N, T, 2)`` float32 tensor at training resolution, ``visible (N, T)`` bool);
     ``eval_background (3,)`` background used for evaluation; ``scene_scale`` (world units);
-    ``fps`` the frame rate of the videos written.
+    ``fps`` the frame rate of the videos written; for multi-view input, ``cameras (T,)`` the
+    dataset camera id and ``timesteps (T,)`` the timestep index of every frame (int arrays).
     """
 
     images: Tensor
@@ -123,6 +124,8 @@ class TrainingData:
     tracks: dict | None = None
     valid_depth_index: list = dataclass_field(default_factory=list)
     fps: float = 10.0
+    cameras: np.ndarray | None = None
+    timesteps: np.ndarray | None = None
 
     @property
     def height(self) -> int:
@@ -131,6 +134,11 @@ class TrainingData:
     @property
     def width(self) -> int:
         return int(self.images.shape[2])
+
+    def sequence_times(self) -> np.ndarray:
+        """The normalised times of the scene's instants: every frame's time in frame order, or for
+        multi-view input each timestep's once, increasing (``(S,)`` float64)."""
+        return np.unique(self.times) if self.timesteps is not None else self.times
 
 
 def resize_stack(stack: np.ndarray, width: int, height: int, nearest: bool) -> np.ndarray:

@@ -166,8 +166,21 @@ def command_run(args: argparse.Namespace) -> int:
     for outcome in summary.outcomes:
         time_s = f"{outcome.wall_time_s:.1f}s" if outcome.wall_time_s is not None else ""
         print(f"{outcome.stage:<8} {outcome.action:<7} {time_s:>7}  {format_figures(outcome.figures, limit=6)}")
+        if outcome.stage == "train" and outcome.figures and "psnr_heldout" in outcome.figures:
+            print(format_heldout(outcome.figures))
     print(f"workspace: {summary.workspace}")
     return 0
+
+
+def format_heldout(figures: dict) -> str:
+    """The train stage's held-out scores in a line, with one line per held-out camera of a
+    multi-view input: PSNR (dB) and SSIM over all pixels, PSNR on the foreground masks where the
+    camera has them."""
+    lines = [f"held-out PSNR {figures['psnr_heldout']:.2f} dB, SSIM {figures['ssim_heldout']:.4f}"]
+    for camera, scores in figures.get("heldout_cameras", {}).items():
+        masked = f", masked PSNR {scores['psnr_dynamic']:.2f} dB" if "psnr_dynamic" in scores else ""
+        lines.append(f"  camera {camera}: PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.4f}{masked}")
+    return "\n".join(lines)
 
 
 def command_batch(args: argparse.Namespace) -> int:

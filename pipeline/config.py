@@ -8,7 +8,8 @@ Precedence, lowest first:
    working directory, then any ``--config FILE`` given on the command line;
 3. the chosen preset (``[preset.cpu]`` / ``[preset.gpu]`` sections, ``stage.param = value``);
 4. what the input needs (:func:`input_settings`: a D-NeRF folder brings its own cameras, the
-   silhouette initialisation and no depth or masks);
+   silhouette initialisation and no depth or masks; a Panoptic folder its cameras, its ``seg/``
+   masks, the multi-view initialisation and online training);
 5. ``--set stage.param=value`` on the command line.
 
 The effective configuration is validated as a whole before anything runs and written into
@@ -127,13 +128,21 @@ def read_config_files(paths: Sequence[Path]) -> configparser.ConfigParser:
 
 def input_settings(source: str | Path | None) -> dict[str, str]:
     """``stage.param`` -> value that the run's input needs: for a D-NeRF folder,
-    :data:`mono4d.data.dnerf.PIPELINE_SETTINGS` with ``cameras.known_path`` the folder; nothing for
-    videos and image folders (or no input)."""
-    from mono4d.data.dnerf import PIPELINE_SETTINGS, is_dnerf_folder
+    :data:`mono4d.data.dnerf.PIPELINE_SETTINGS` with ``cameras.known_path`` the folder; for a
+    Panoptic folder (or its ``train_meta.json``), :data:`mono4d.data.panoptic.PIPELINE_SETTINGS`
+    with ``cameras.known_path`` the folder and ``masks.mask_path`` its ``seg/``; nothing for videos
+    and image folders (or no input)."""
+    from mono4d.data import dnerf, panoptic
 
-    if source is None or not is_dnerf_folder(source):
+    if source is None:
         return {}
-    return {**PIPELINE_SETTINGS, "cameras.known_path": str(Path(source).resolve())}
+    if dnerf.is_dnerf_folder(source):
+        return {**dnerf.PIPELINE_SETTINGS, "cameras.known_path": str(Path(source).resolve())}
+    root = panoptic.panoptic_root(source)
+    if root is not None:
+        return {**panoptic.PIPELINE_SETTINGS, "cameras.known_path": str(root.resolve()),
+                "masks.mask_path": str((root / panoptic.SEG_DIR).resolve())}
+    return {}
 
 
 def load_config(preset: str | None = None, overrides: Sequence[str] = (),

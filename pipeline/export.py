@@ -12,7 +12,11 @@ Formats (each written to ``OUT/<format>/``, default ``OUT = DIR/export``):
   normalised time ``i / (T - 1)`` of every frame.
 - ``tracks``: copies of ``tracks.npz`` / ``pairs3d.npz`` and CSV tables ``tracks.csv``
   (``track_id,frame,x,y,visible``, pixels, rows where the track has an estimate) and
-  ``pairs3d.csv`` (frames, pixel and world end points of each 3D flow pair).
+  ``pairs3d.csv`` (frames, pixel and world end points of each 3D flow pair), when the tracks
+  stage ran; and the trained Gaussians' 6-DOF tracks, when the train stage wrote them: a copy of
+  its ``trajectories.npz`` as ``gaussian_trajectories.npz`` and ``gaussian_trajectories.csv``
+  (``track_id,time,x,y,z,qw,qx,qy,qz``: world position and unit wxyz rotation at each normalised
+  time; a multi-view workspace trained online, which has no tracks stage, exports only these).
 - ``depth``: ``depth/{i:06d}.png`` 16-bit depth (aligned z-depth in the cameras' units; the
   depth stage's maps when there is no align stage) and ``depth/scale.json``: ``depth = value *
   scale``, one scale for all frames chosen from the largest depth, value 0 = invalid.
@@ -51,6 +55,8 @@ from mono4d.data.errors import InputError, ParameterError
 logger = logging.getLogger(__name__)
 
 FORMATS = ("ply", "colmap", "nerfstudio", "tracks", "depth", "video")
+#: The train stage's Gaussian tracks (:mod:`mono4d.stages.train_outputs`).
+TRAJECTORIES_FILE = "trajectories.npz"
 #: Formats rendered from the trained model, which ``layer`` restricts to one scene layer.
 LAYER_FORMATS = ("ply", "video")
 #: Video exports: longest image side (pixels), frames per orbit, the orbit's swing (degrees
@@ -97,7 +103,8 @@ def check_prerequisites(work: Path, formats: list[str]) -> None:
     needs = {"ply": [("train", "model.pt")], "video": [("train", "model.pt"), ("cameras", CAMERAS_FILE)],
              "colmap": [("frames", "frames.json"), ("cameras", CAMERAS_FILE), ("cameras", POINTS_FILE)],
              "nerfstudio": [("frames", "frames.json"), ("cameras", CAMERAS_FILE)],
-             "tracks": [("tracks", TRACKS_FILE)], "depth": []}
+             "tracks": [] if (Path(work) / "train" / TRAJECTORIES_FILE).is_file() else [("tracks", TRACKS_FILE)],
+             "depth": []}
     for name in formats:
         for stage, required in needs[name]:
             stage_output(work, stage, required)
@@ -337,8 +344,21 @@ def export_nerfstudio(work: Path, out: Path, final: Path) -> list[Path]:
 
 
 def export_tracks(work: Path, out: Path) -> list[Path]:
-    """Copies of ``tracks.npz`` (and ``pairs3d.npz`` when it exists) with CSV tables (see the
-    module docstring)."""
+    """Copies of ``tracks.npz`` (and ``pairs3d.npz`` when it exists) with CSV tables, and of the
+    train stage's Gaussian trajectories (see the module docstring)."""
+    written = []
+    trajectories = Path(work) / "train" / TRAJECTORIES_FILE
+    if trajectories.is_file():
+        shutil.copyfile(trajectories, out / "gaussian_trajectories.npz")
+        with np.load(trajectories) as data:
+            xyz, quats, times = data["xyz"], data["quats"], data["times"]
+        track_ids, steps = np.meshgrid(np.arange(len(xyz)), np.arange(len(times)), indexing="ij")
+        table = np.column_stack([track_ids.ravel(), times[steps.ravel()], xyz.reshape(-1, 3), quats.reshape(-1, 4)])
+        np.savetxt(out / "gaussian_trajectories.csv", table, fmt=["%d", "%.6f"] + ["%.6g"] * 7, delimiter=",",
+                   header="track_id,time,x,y,z,qw,qx,qy,qz", comments="")
+        written += [out / "gaussian_trajectories.npz", out / "gaussian_trajectories.csv"]
+        if not (Path(work) / "tracks" / TRACKS_FILE).is_file():
+            return written
     tracks_dir = stage_output(work, "tracks", TRACKS_FILE)
     tracks = read_tracks(tracks_dir)
     shutil.copyfile(tracks_dir / TRACKS_FILE, out / TRACKS_FILE)
@@ -347,7 +367,7 @@ def export_tracks(work: Path, out: Path) -> list[Path]:
     table = np.column_stack([track_ids, frames, xy[track_ids, frames], tracks["visible"][track_ids, frames]])
     np.savetxt(out / "tracks.csv", table, fmt=["%d", "%d", "%.4f", "%.4f", "%d"], delimiter=",",
                header="track_id,frame,x,y,visible", comments="")
-    written = [out / TRACKS_FILE, out / "tracks.csv"]
+    written += [out / TRACKS_FILE, out / "tracks.csv"]
     if not (tracks_dir / PAIRS3D_FILE).is_file():
         logger.info("tracks export: %s has no 3D flow pairs (no align/cameras stage); pairs3d.csv skipped", tracks_dir)
         return written

@@ -150,20 +150,22 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("tracks", "mono4d.stages.tracks", "Long-term 2D tracks and 3D flow pairs (stages/tracks.py).",
           upstream=lambda p: ["frames", "flow", "cameras", "align"]),
     Stage("init", "mono4d.stages.init", "Stage 1 of the optimizer: deformation fitted to the 3D flow pairs, canonical "
-          "Gaussians; or a silhouette hull of an RGBA dataset (stages/init.py).",
+          "Gaussians; a silhouette hull of an RGBA dataset; or a multi-view dataset's first timestep (stages/init.py).",
           upstream=lambda p: (["frames", "cameras"] if p.mode == "silhouette"
+                              else ["frames", "cameras", "masks"] if p.mode == "multiview"
                               else ["frames", "cameras", "align", "masks_refine", "tracks"]),
           backend_param="mode",
           backends={"flow": ("max_static", "depth_edge_threshold", "fit_iterations", "fit_lr", "fit_batch",
                              "smoothness_weight", "rigidity_weight", "device"),
-                    "silhouette": ("hull_candidates", "hull_half_size", "hull_min_foreground")},
+                    "silhouette": ("hull_candidates", "hull_half_size", "hull_min_foreground"),
+                    "multiview": ("max_static", "hull_candidates", "hull_min_foreground", "background_max_std")},
           input_names={"masks_refine": "masks"},
           uses_cuda=lambda p: p.mode == "flow" and device_is_cuda(p.device)),
     # train.resume_from is not a path input: the stage writes that checkpoint itself.
     Stage("train", "mono4d.stages.train", "Stage 2: photometric + ordinal depth + priors optimisation, renders, exports "
           "(stages/train.py).",
           upstream=lambda p: (["init", "frames", "cameras"] + (["align"] if p.use_depth else [])
-                              + (["masks_refine"] if p.use_masks else [])
+                              + ([("masks_refine" if p.refine_masks else "masks")] if p.use_masks else [])
                               + (["tracks"] if p.reprojection_weight > 0 else [])),
           input_names={"masks_refine": "masks"},
           uses_cuda=lambda p: p.backend == "gsplat" or device_is_cuda(p.device)),

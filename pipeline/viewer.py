@@ -7,7 +7,9 @@ time slider changes, the server renders the model at that time with the rasteriz
 ``max_side`` pixels on the longer side) and sends the picture as the scene's background. The GUI
 panel has the time slider, play, the render resolution, a button that jumps to the input camera
 of the frame nearest the current time, the input cameras drawn as frustums (click one to
-view from it at its time) and, for a model with more than one scene layer (:mod:`mono4d.models.layers`:
+view from it at its time), the trained Gaussians' 3D tracks drawn as lines (the train stage's
+``trajectories.npz``: at most :data:`MAX_TRACK_LINES` tracks, each in its Gaussian's colour; for
+an online multi-view model one segment per timestep) and, for a model with more than one scene layer (:mod:`mono4d.models.layers`:
 ``static``, ``object_<k>``, ``hand``), a checkbox per layer that shows or hides its Gaussians.
 
 Cameras: viser reports the browser camera as ``T_world_camera`` in the OpenCV convention (x right,
@@ -41,6 +43,8 @@ PLAY_FPS = 6.0
 MAX_FRUSTUMS = 60
 #: Smallest and largest render resolution offered (longer side, pixels).
 MIN_SIDE, MAX_SIDE = 32, 1024
+#: At most this many Gaussian tracks are drawn as lines (evenly spread over the tracks).
+MAX_TRACK_LINES = 3000
 #: How long the render thread sleeps between checks of the stop flag when idle (seconds).
 IDLE_WAIT_S = 0.25
 
@@ -69,6 +73,19 @@ def viser_camera_to_opencv(position: np.ndarray, wxyz: np.ndarray, fov_y: float,
     c2w[:3, :3] = transforms.SO3(np.asarray(wxyz, np.float64)).as_matrix()
     c2w[:3, 3] = position
     return K, invert_rigid(c2w), width, height
+
+
+def track_segments(xyz: np.ndarray, rgb: np.ndarray, max_tracks: int = MAX_TRACK_LINES
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Line segments of 3D tracks ``xyz (D, T, 3)`` (world) coloured ``rgb (D, 3)`` uint8: at most
+    ``max_tracks`` tracks (evenly spread), each as its ``T - 1`` segments between consecutive
+    times. Returns ``points (M, 2, 3)`` float32 and ``colors (M, 2, 3)`` uint8 (M may be 0)."""
+    chosen = np.unique(np.linspace(0, len(xyz) - 1, min(max_tracks, len(xyz))).round().astype(int)) if len(xyz) else []
+    tracks = xyz[chosen]
+    points = np.stack([tracks[:, :-1], tracks[:, 1:]], axis=2).reshape(-1, 2, 3).astype(np.float32)
+    colors = np.repeat(rgb[chosen][:, None, None], 2, axis=2)
+    colors = np.broadcast_to(colors, (len(chosen), max(xyz.shape[1] - 1, 0), 2, 3)).reshape(-1, 2, 3)
+    return points, colors.astype(np.uint8)
 
 
 def opencv_to_viser_pose(w2c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -100,7 +117,8 @@ class SceneViewer:
             raise ModelUnavailableError(f"the viewer needs the viser package, which cannot be imported ({error})",
                                         "pip install viser") from None
         from mono4d.models.layers import model_layers
-        from mono4d.pipeline.export import look_at_centre, model_device, posed_cameras, scene_up, stage_output
+        from mono4d.pipeline.export import (TRAJECTORIES_FILE, look_at_centre, model_device, posed_cameras, scene_up,
+                                            stage_output)
         from mono4d.stages.train import load_trained
 
         if not MIN_SIDE <= max_side <= MAX_SIDE:
@@ -138,6 +156,7 @@ class SceneViewer:
         if middle is not None:
             self._set_initial_camera(middle)
             self._add_frustums()
+        self.tracks = self._add_tracks(stage_output(work, "train", "model.pt") / TRAJECTORIES_FILE)
         self.server.on_client_connect(self._on_connect)
         self.server.on_client_disconnect(self._on_disconnect)
         self._threads = [threading.Thread(target=self._render_loop, name="mono4d-viewer-render", daemon=True),
@@ -238,6 +257,8 @@ class SceneViewer:
         self.snap = gui.add_button("view from input camera", hint="jump to the input camera nearest in time")
         self.show_cameras = gui.add_checkbox("show input cameras", False, hint="draw the input cameras; click one "
                                              "to view from it at its time")
+        self.show_tracks = gui.add_checkbox("show tracks", False, hint="draw the 3D tracks of the moving Gaussians "
+                                            "over the whole clip")
         if len(self.layers) > 1:
             with gui.add_folder("layers"):
                 for layer, labels in self.layers.items():
@@ -250,6 +271,7 @@ class SceneViewer:
         self.resolution.on_update(lambda _: self._request_all())
         self.snap.on_click(self._on_snap)
         self.show_cameras.on_update(self._on_show_cameras)
+        self.show_tracks.on_update(self._on_show_tracks)
 
     def set_layer_visible(self, layer: str, visible: bool) -> None:
         """Show or hide a layer (as its checkbox does) and re-render for every browser."""
@@ -292,6 +314,22 @@ class SceneViewer:
                 wxyz=wxyz, position=position, visible=bool(self.show_cameras.value))
             handle.on_click(lambda event, frame=int(frame): self.move_client_to(event.client, frame))
             self.frustums.append(handle)
+
+    def _add_tracks(self, path: Path):
+        """Draw the tracks of ``trajectories.npz`` (:func:`track_segments`; hidden until "show
+        tracks" is ticked); returns the line handle, or None without tracks."""
+        if not path.is_file():
+            return None
+        with np.load(path) as tracks:
+            points, colors = track_segments(tracks["xyz"], tracks["rgb"])
+        if not len(points):
+            return None
+        return self.server.scene.add_line_segments("/tracks", points, colors, thickness=1.5, thickness_units="screen",
+                                                   visible=bool(self.show_tracks.value))
+
+    def _on_show_tracks(self, _) -> None:
+        if self.tracks is not None:
+            self.tracks.visible = bool(self.show_tracks.value)
 
     def move_client_to(self, client, frame: int) -> None:
         """Put a browser's camera on input frame ``frame`` and the time slider at its time."""

@@ -412,16 +412,40 @@ def match_known_frames(dataset: DatasetFrames, meta: dict) -> tuple[np.ndarray, 
                      "folder, or keep every frame (frames.fps=0, frames.stride=1, frames.max_frames=0)")
 
 
+def panoptic_frame_cameras(root: Path, meta: dict) -> DatasetFrames:
+    """The cameras of the frames the frames stage wrote from the Panoptic folder ``root``: frame i
+    is camera ``meta["views"]["camera"][i]`` at timestep ``meta["views"]["timestep"][i]``."""
+    from mono4d.data.panoptic import read_panoptic_dataset
+
+    views = meta["views"]
+    train, test = read_panoptic_dataset(root, int(meta["dataset"]["timesteps"]))
+    slots = {camera: (group, slot) for group in [train] + ([test] if test is not None else [])
+             for slot, camera in enumerate(group.camera_ids)}
+    missing = sorted(set(views["camera"]) - set(slots))
+    if missing:
+        raise InputError(f"cameras {missing} of the frames are not in the meta files of {root}",
+                         "rerun the frames stage on this Panoptic folder")
+    picked = [slots[camera] for camera in views["camera"]]
+    K = np.array([group.K[t, slot] for (group, slot), t in zip(picked, views["timestep"])])
+    w2c = np.array([group.w2c[t, slot] for (group, slot), t in zip(picked, views["timestep"])])
+    return DatasetFrames(image_paths=[group.image_paths[t][slot] for (group, slot), t in zip(picked, views["timestep"])],
+                         K=K, w2c=w2c, times=np.asarray(meta["times"], np.float64), width=train.width,
+                         height=train.height, units="dataset", format="panoptic")
+
+
 def known_cameras(params: Params, meta: dict) -> tuple[np.ndarray, np.ndarray, dict, str, list[str]]:
     """Read dataset cameras for the frames. Returns ``(K, w2c, points, units, notes)``. Frames the
     frames stage wrote from this D-NeRF folder itself get the cameras of the same splits, in the
-    same order."""
+    same order; frames written from this Panoptic folder the camera of each frame's view."""
     from mono4d.data.datasets import read_dataset
     from mono4d.data.dnerf import read_dnerf_splits
 
     path = Path(params.known_path)
     written = meta.get("dataset", {})
-    if written.get("format") == "dnerf" and path.resolve() == Path(meta["source"]).resolve():
+    from_source = path.resolve() == Path(meta["source"]).resolve()
+    if written.get("format") == "panoptic" and from_source:
+        dataset = panoptic_frame_cameras(path, meta)
+    elif written.get("format") == "dnerf" and from_source:
         dataset = read_dnerf_splits(path, list(written["splits"]))
     else:
         dataset = read_dataset(path, camera=params.known_camera)
@@ -596,9 +620,11 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
             K[index] = K[registered_indices[np.argmin(np.abs(registered_indices - index))]]
 
     posed = np.isfinite(w2c).all(axis=(1, 2))
+    views = meta.get("views") if params.mode == "known" else None
     write_cameras(out_dir, K, w2c, registered, names, width, height, interpolated=interpolated,
                   model=params.camera_model if params.mode == "colmap" else "PINHOLE", units=units, mode=params.mode,
-                  colmap_cameras=colmap_cameras)
+                  colmap_cameras=colmap_cameras,
+                  views=None if views is None else (np.asarray(views["camera"]), np.asarray(views["timestep"])))
     write_points(out_dir, points)
     if write_sparse:
         write_colmap_model(out_dir / SPARSE_DIR, K[posed], w2c[posed], width, height,

@@ -23,6 +23,14 @@ composited over :data:`~mono4d.data.dnerf.BACKGROUND`, and also ``alpha/000000.p
 alpha, 8-bit, resized alike); its ``frames.json`` adds ``times`` (the dataset's normalised
 times), ``holdout_frames`` (the frames of the last split, the test split) and ``dataset``
 (``{"format": "dnerf", "splits": {split: count}}``); timestamps are ``i / folder_fps``.
+
+A Panoptic folder or its ``train_meta.json`` (:func:`mono4d.data.panoptic.is_panoptic_input`) gives
+every camera of its ``train_meta.json`` then ``test_meta.json`` at each of the first ``timesteps``
+timesteps, timestep by timestep (resized like a video's frames); its ``frames.json`` adds
+``times`` (``t / (T_file - 1)``), ``holdout_frames`` (the test cameras' frames), ``views``
+(``{"camera": [camera id per frame], "timestep": [timestep per frame]}``), ``source_files`` (each
+frame's image relative to the dataset's ``ims/``, which its ``seg/`` mirrors) and ``dataset``
+(``{"format": "panoptic", "train_cameras", "test_cameras", "timesteps"}``).
 """
 import json
 import logging
@@ -68,6 +76,11 @@ class Params:
     format: image format written, "png" (lossless) or "jpg".
     jpeg_quality: JPEG quality 1..100 (used with format "jpg").
     folder_fps: frame rate assumed for an image folder (its frames have no timestamps).
+    timesteps: a multi-view dataset (a Panoptic folder): its first this many timesteps, every
+        camera of each (0 = all timesteps).
+    train_cameras: a multi-view dataset: comma-separated ids of the training cameras to keep
+        (e.g. "1" trains on one camera: the monocular stress test); "" keeps them all. The
+        held-out cameras are always kept.
     """
 
     fps: float = 0.0
@@ -79,10 +92,12 @@ class Params:
     format: str = "png"
     jpeg_quality: int = 95
     folder_fps: float = 30.0
+    timesteps: int = 0
+    train_cameras: str = ""
 
     def validate(self) -> None:
         """Raise :class:`ParameterError` for values that cannot make sense."""
-        for name in ("stride", "max_frames", "max_side", "jpeg_quality"):
+        for name in ("stride", "max_frames", "max_side", "jpeg_quality", "timesteps"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
                 raise ParameterError(f"frames.{name} must be a whole number, got {value!r}",
@@ -114,6 +129,12 @@ class Params:
         if not 1 <= self.jpeg_quality <= 100:
             raise ParameterError(f"frames.jpeg_quality must be within 1..100, got {self.jpeg_quality}",
                                  "use e.g. 95")
+        if self.timesteps < 0:
+            raise ParameterError(f"frames.timesteps must be >= 0, got {self.timesteps}",
+                                 "use e.g. 5 for the first five timesteps, or 0 for all of them")
+        if self.train_cameras and any(not part.strip().isdigit() for part in self.train_cameras.split(",")):
+            raise ParameterError(f"frames.train_cameras must be comma-separated camera ids, got {self.train_cameras!r}",
+                                 "write e.g. frames.train_cameras=1 or 1,4,7 (\"\" keeps every camera)")
         if not math.isfinite(self.folder_fps) or self.folder_fps <= 0:
             raise ParameterError(f"frames.folder_fps must be > 0, got {self.folder_fps}",
                                  "set the rate the images were taken at, e.g. 30")
@@ -199,11 +220,15 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     time from the first to the last written frame) plus ``"notes"`` when there are warnings.
     """
     from mono4d.data.dnerf import is_dnerf_folder
+    from mono4d.data.panoptic import panoptic_root
 
     params.validate()
     source_path = Path(inputs["source"])
     if source_path.is_dir() and is_dnerf_folder(source_path):
         return write_dataset_frames(source_path, params, Path(out_dir))
+    panoptic = panoptic_root(source_path)
+    if panoptic is not None:
+        return write_panoptic_frames(panoptic, params, Path(out_dir))
     source = video.open_source(source_path, folder_fps=params.folder_fps,
                                until_s=params.end if params.end > 0 else None)
     selected = select_frames(source.timestamps, fps=params.fps, stride=params.stride,
@@ -254,6 +279,83 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     return figures
 
 
+def selection_notes(params: Params, what: str) -> list[str]:
+    """A note naming the video selection parameters (fps, stride, max_frames, start, end) set
+    away from their defaults, which a dataset's frames (``what``) do not use."""
+    selection = {"fps": 0.0, "stride": 1, "max_frames": 0, "start": 0.0, "end": 0.0}
+    changed = [f"frames.{name}" for name, default in selection.items() if getattr(params, name) != default]
+    return [f"{', '.join(changed)} not applied: a dataset's frames are all its {what}"] if changed else []
+
+
+def write_panoptic_frames(root: Path, params: Params, out_dir: Path) -> dict:
+    """Write the frames of the Panoptic folder ``root`` (see the module docstring) to ``out_dir``;
+    returns :func:`run`'s figures plus ``num_holdout``, ``num_cameras`` and ``num_timesteps``."""
+    from mono4d.data.panoptic import read_panoptic_dataset
+
+    train, test = read_panoptic_dataset(root, params.timesteps)
+    kept = train.camera_ids
+    if params.train_cameras:
+        kept = [int(part) for part in params.train_cameras.split(",")]
+        unknown = sorted(set(kept) - set(train.camera_ids))
+        if unknown:
+            raise InputError(f"frames.train_cameras names cameras {unknown} that {root}'s train_meta.json does not hold",
+                             f"use some of its camera ids: {train.camera_ids}")
+    groups = [train] + ([test] if test is not None else [])
+    num_timesteps = len(train.times)
+    notes = selection_notes(params, "cameras at the first frames.timesteps timesteps")
+    (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    files, cameras, steps, sources, holdout, times = [], [], [], [], [], []
+    size = (0, 0)
+    ims = root / "ims"
+    total = num_timesteps * (len(kept) + (len(test.camera_ids) if test is not None else 0))
+    progress = tqdm(total=total, desc="frames", unit="frame")
+    for t in range(num_timesteps):
+        for group in groups:
+            for slot, camera in enumerate(group.camera_ids):
+                if group is train and camera not in kept:
+                    continue
+                path = group.image_paths[t][slot]
+                image = read_rgb(path)
+                source_size = (image.shape[1], image.shape[0])
+                if source_size != (train.width, train.height):
+                    raise InputError(f"image {path} is {source_size[0]}x{source_size[1]}, not the meta file's "
+                                     f"{train.width}x{train.height}", "check the dataset's ims/ folder")
+                image = resize_to_max_side(image, params.max_side)
+                if not files:
+                    size = (image.shape[1], image.shape[0])
+                    check_frame_size(*size, source_size, params, root)
+                if group is test:
+                    holdout.append(len(files))
+                files.append(f"{IMAGES_DIR}/{len(files):06d}.{params.format}")
+                write_rgb(out_dir / files[-1], image, jpeg_quality=params.jpeg_quality)
+                cameras.append(int(camera))
+                steps.append(t)
+                sources.append(path.relative_to(ims).as_posix())
+                times.append(float(train.times[t]))
+                progress.update()
+    progress.close()
+    num_frames = len(files)
+    meta = {
+        "source": str(root.resolve()), "source_type": "dataset", "source_fps": params.folder_fps,
+        "fps": params.folder_fps, "width": int(size[0]), "height": int(size[1]), "num_frames": num_frames,
+        "source_indices": list(range(num_frames)),
+        "timestamps": [round(step / params.folder_fps, 6) for step in steps], "files": files, "times": times,
+        "holdout_frames": holdout, "views": {"camera": cameras, "timestep": steps}, "source_files": sources,
+        "dataset": {"format": "panoptic", "train_cameras": list(kept),
+                    "test_cameras": list(test.camera_ids) if test is not None else [], "timesteps": num_timesteps},
+    }
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=1))
+    logger.info("wrote %d frames of %dx%d from the Panoptic folder %s (%d timesteps, %d training and %d held-out "
+                "cameras)", num_frames, size[0], size[1], root, num_timesteps, len(kept),
+                len(meta["dataset"]["test_cameras"]))
+    figures = {key: meta[key] for key in ("num_frames", "width", "height", "fps", "source_fps")}
+    figures.update(duration_s=meta["timestamps"][-1], num_holdout=len(holdout),
+                   num_cameras=len(set(cameras)), num_timesteps=num_timesteps)
+    if notes:
+        figures["notes"] = notes
+    return figures
+
+
 def write_dataset_frames(root: Path, params: Params, out_dir: Path) -> dict:
     """Write the frames of the D-NeRF folder ``root`` (see the module docstring) to ``out_dir``;
     returns :func:`run`'s figures plus ``num_holdout``."""
@@ -262,12 +364,7 @@ def write_dataset_frames(root: Path, params: Params, out_dir: Path) -> dict:
     splits = {split: read_dnerf(root, split) for split in PIPELINE_SPLITS}
     paths = [path for dataset in splits.values() for path in dataset.image_paths]
     times = np.concatenate([dataset.times for dataset in splits.values()])
-    notes = []
-    selection = {"fps": 0.0, "stride": 1, "max_frames": 0, "start": 0.0, "end": 0.0}
-    changed = [f"frames.{name}" for name, default in selection.items() if getattr(params, name) != default]
-    if changed:
-        notes.append(f"{', '.join(changed)} not applied: a dataset's frames are all its "
-                     f"{' and '.join(PIPELINE_SPLITS)} views")
+    notes = selection_notes(params, f"{' and '.join(PIPELINE_SPLITS)} views")
     (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     (out_dir / ALPHA_DIR).mkdir(parents=True, exist_ok=True)
     files, alpha_files = [], []

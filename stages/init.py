@@ -24,7 +24,9 @@ train stage evaluates on the held-out frames and reads the list from this stage'
 Time is ``t = i / (T - 1)``.
 
 ``mode=silhouette`` instead initialises an object-centred dataset with alpha (a D-NeRF folder as
-the input) from its silhouettes alone (:mod:`mono4d.stages.init_silhouette`).
+the input) from its silhouettes alone (:mod:`mono4d.stages.init_silhouette`); ``mode=multiview``
+a synchronized multi-view dataset (a Panoptic folder) from its first timestep's views and
+foreground masks (:mod:`mono4d.stages.init_multiview`).
 
 Outputs: ``init.pt`` (:func:`mono4d.models.gaussians.save_model` layout: params, is_dynamic, field,
 ``meta`` with ``num_frames``, ``width``, ``height``, ``times``, ``train_frames``,
@@ -55,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "init.pt"
 SUMMARY_FILE = "init.json"
-MODES = ("flow", "silhouette")
+MODES = ("flow", "silhouette", "multiview")
 #: At most this many pixels are lifted over all frames (a pixel stride is chosen to stay below).
 MAX_LIFTED_POINTS = 3_000_000
 #: Per-frame dynamic points kept as anchors of the smoothness / rigidity terms.
@@ -72,7 +74,9 @@ class Params:
 
     mode: "flow" (the deformation fitted to the 3D flow pairs, Gaussians lifted from the aligned
         depth: see the module docstring) or "silhouette" (a visual hull of the frames' alpha, for
-        a dataset of RGBA images with known cameras: :mod:`mono4d.stages.init_silhouette`).
+        a dataset of RGBA images with known cameras: :mod:`mono4d.stages.init_silhouette`) or
+        "multiview" (foreground hull of the masks and photo-consistent background of the first
+        timestep's views of a multi-view dataset: :mod:`mono4d.stages.init_multiview`).
     holdout_every: every k-th frame (frames with ``i % k == k // 2``) is held out of init and
         training and evaluated by the train stage; 0 = use every frame.
     max_static: budget of static (background) Gaussians.
@@ -96,7 +100,10 @@ class Params:
     device: "auto" (CUDA when available), "cpu" or "cuda".
     hull_candidates, hull_half_size, hull_min_foreground: mode "silhouette": random points drawn,
         half size of the cube they are drawn in (world units) and the fraction of the training
-        views whose foreground a point must fall on.
+        views whose foreground a point must fall on; mode "multiview" uses the first and the last
+        (its points are drawn in the box of the cameras).
+    background_max_std: mode "multiview": a background point is kept when its colours in the
+        views that see it have a standard deviation below this (colours in [0, 1]).
     label_names: "ID:NAME,..." names of mask label ids that replace those of the masks stage's
         labels.json (e.g. "2:hand": the file and motion backends cannot name a hand; a label
         named hand goes to the hand layer, see :mod:`mono4d.models.layers`); "" keeps labels.json's.
@@ -124,6 +131,7 @@ class Params:
     hull_candidates: int = 400000
     hull_half_size: float = 1.5
     hull_min_foreground: float = 0.6
+    background_max_std: float = 0.05
     label_names: str = ""
 
     def validate(self) -> None:
@@ -169,6 +177,8 @@ class Params:
         if self.hull_candidates < 100 or not self.hull_half_size > 0 or not 0 < self.hull_min_foreground <= 1:
             raise ParameterError("init.hull_candidates must be >= 100, init.hull_half_size > 0 and "
                                  "init.hull_min_foreground in (0, 1]", "use e.g. 400000, 1.5 and 0.6")
+        if not self.background_max_std > 0:
+            raise ParameterError(f"init.background_max_std={self.background_max_std} must be positive", "use e.g. 0.05")
         parse_label_names(self.label_names)
 
 
@@ -272,9 +282,9 @@ def classify_pairs(pairs: dict[str, np.ndarray], masks: np.ndarray, usable: np.n
     return keep
 
 
-def make_field(params: Params, dynamic_points: np.ndarray):
-    """A zero (identity) :class:`~mono4d.models.deformation.DeformationField` normalised to the bounding
-    box of ``dynamic_points (N, 3)`` (1st to 99th percentile)."""
+def identity_field(params: Params, centre: np.ndarray, radius: float):
+    """A zero (identity) :class:`~mono4d.models.deformation.DeformationField` of the parameters'
+    shape, normalised to the sphere of ``centre (3,)`` and ``radius`` (world units)."""
     import torch
 
     from mono4d.models.deformation import DeformationConfig, DeformationField
@@ -282,11 +292,17 @@ def make_field(params: Params, dynamic_points: np.ndarray):
     config = DeformationConfig(num_layers=params.deform_layers, hidden=params.deform_width,
                                position_frequencies=params.position_frequencies,
                                time_frequencies=params.time_frequencies, canonical_time=params.canonical_time)
+    return DeformationField(config, torch.as_tensor(centre, dtype=torch.float32), float(radius))
+
+
+def make_field(params: Params, dynamic_points: np.ndarray):
+    """A zero (identity) :class:`~mono4d.models.deformation.DeformationField` normalised to the bounding
+    box of ``dynamic_points (N, 3)`` (1st to 99th percentile)."""
     if len(dynamic_points) == 0:
-        return DeformationField(config)
+        return identity_field(params, np.zeros(3), 1.0)
     low, high = np.percentile(dynamic_points, [1, 99], axis=0)
     radius = 0.5 * float(np.linalg.norm(high - low)) + 1e-6
-    return DeformationField(config, torch.tensor((low + high) / 2, dtype=torch.float32), radius)
+    return identity_field(params, (low + high) / 2, radius)
 
 
 @dataclass
@@ -444,7 +460,8 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     """Fit the deformation and create the canonical Gaussians (see the module docstring).
 
     ``inputs``: ``frames``, ``cameras``, ``align``, ``masks``, ``tracks`` (mode "silhouette":
-    ``frames`` and ``cameras``, see :func:`mono4d.stages.init_silhouette.run`). Returns key figures:
+    ``frames`` and ``cameras``, see :func:`mono4d.stages.init_silhouette.run`; mode "multiview":
+    ``frames``, ``cameras`` and ``masks``, see :func:`mono4d.stages.init_multiview.run`). Returns key figures:
     ``num_static``, ``num_dynamic``, ``num_pairs_dynamic``, ``pair_residual_before`` and
     ``pair_residual_after`` (median, world units), ``pair_residual_ratio`` (after / before),
     ``num_train_frames``, ``num_holdout_frames``, ``fit_seconds``.
@@ -462,6 +479,10 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
         from mono4d.stages import init_silhouette
 
         return init_silhouette.run(inputs, params, out_dir)
+    if params.mode == "multiview":
+        from mono4d.stages import init_multiview
+
+        return init_multiview.run(inputs, params, out_dir)
     require_inputs(inputs, ("frames", "cameras", "align", "masks", "tracks"), "init")
     out_dir = Path(out_dir)
     device = resolve_device(params.device)

@@ -43,14 +43,16 @@ MIN_POINTS = 100
 
 
 def hull_points(alpha: np.ndarray, rgb: np.ndarray, K: np.ndarray, w2c: np.ndarray, params: Params,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+                rng: np.random.Generator, candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """World points ``(N, 3)`` float64 and colours ``(N, 3)`` in [0, 1] of the loose visual hull
     (see the module docstring) of the views ``alpha (V, H, W)`` uint8, ``rgb (V, H, W, 3)``
-    uint8 with OpenCV cameras ``K (V, 3, 3)``, ``w2c (V, 4, 4)``; ``N <= params.max_dynamic``."""
+    uint8 with OpenCV cameras ``K (V, 3, 3)``, ``w2c (V, 4, 4)``; ``N <= params.max_dynamic``.
+    The hull is cut from ``candidates (M, 3)`` world points (None: ``params.hull_candidates``
+    drawn in the cube of half size ``params.hull_half_size`` around the origin)."""
     from mono4d.data.geometry import project_points
 
     half = params.hull_half_size
-    points = rng.uniform(-half, half, (params.hull_candidates, 3))
+    points = rng.uniform(-half, half, (params.hull_candidates, 3)) if candidates is None else candidates
     height, width = alpha.shape[1:3]
     inside = np.zeros(len(points))
     color_sum = np.zeros((len(points), 3))
@@ -65,8 +67,8 @@ def hull_points(alpha: np.ndarray, rgb: np.ndarray, K: np.ndarray, w2c: np.ndarr
         color_sum[seen] += rgb[view, r[foreground], c[foreground]] / 255.0
     keep = np.flatnonzero((inside > 0) & (inside >= params.hull_min_foreground * len(alpha)))
     if len(keep) < MIN_POINTS:
-        raise InputError(f"only {len(keep)} of {params.hull_candidates} random points of the cube of half size "
-                         f"{half:g} fall on the foreground of {params.hull_min_foreground:.0%} of the views",
+        raise InputError(f"only {len(keep)} of {len(points)} random points fall on the foreground of "
+                         f"{params.hull_min_foreground:.0%} of the views",
                          "check the dataset (RGBA images with an alpha channel, cameras around the origin), or "
                          "lower init.hull_min_foreground / adjust init.hull_half_size")
     keep = rng.choice(keep, min(params.max_dynamic, len(keep)), replace=False)
@@ -78,9 +80,8 @@ def silhouette_model(alpha: np.ndarray, rgb: np.ndarray, K: np.ndarray, w2c: np.
     :func:`hull_points`) with an identity deformation field and ``meta``."""
     import torch
 
-    from mono4d.models.deformation import DeformationConfig, DeformationField
     from mono4d.models.gaussians import SceneModel, create_params
-    from mono4d.stages.init import nearest_neighbour_scales
+    from mono4d.stages.init import identity_field, nearest_neighbour_scales
 
     points, colors = hull_points(alpha, rgb, K, w2c, params, np.random.default_rng(params.seed))
     scales = nearest_neighbour_scales(points)
@@ -89,11 +90,8 @@ def silhouette_model(alpha: np.ndarray, rgb: np.ndarray, K: np.ndarray, w2c: np.
         torch.as_tensor(np.repeat(scales[:, None], 3, axis=1), dtype=torch.float32),
         torch.ones(len(points), dtype=torch.bool), params.sh_degree, params.init_opacity,
         torch.full((len(points),), OBJECT_LABEL, dtype=torch.int64))
-    config = DeformationConfig(num_layers=params.deform_layers, hidden=params.deform_width,
-                               position_frequencies=params.position_frequencies,
-                               time_frequencies=params.time_frequencies, canonical_time=params.canonical_time)
-    field = DeformationField(config, torch.zeros(3), params.hull_half_size * math.sqrt(3.0))
-    return SceneModel(gaussians, variables, field, meta)
+    return SceneModel(gaussians, variables, identity_field(params, np.zeros(3), params.hull_half_size * math.sqrt(3.0)),
+                      meta)
 
 
 def frames_split(frames_meta: dict, num_frames: int, holdout_every: int) -> tuple[np.ndarray, list[int]]:
@@ -106,17 +104,45 @@ def frames_split(frames_meta: dict, num_frames: int, holdout_every: int) -> tupl
     return frame_times(num_frames), holdout_frames(num_frames, holdout_every)
 
 
+def model_meta(inputs: Mapping[str, Path], params: Params, shape: tuple[int, int, int], times: np.ndarray,
+               train_frames: list[int], held_out: list[int], scene_scale: float, names: dict[int, str]) -> dict:
+    """The ``meta`` of an initial model of frames ``shape`` ``(T, H, W)`` at ``times (T,)``: the
+    frame split, scene scale (world units), the cameras' units, the parameters and the label
+    ``names`` (id -> name, with ``params.label_names`` applied)."""
+    from mono4d.data.artifacts import read_cameras_meta
+    from mono4d.models.layers import parse_label_names
+
+    names = {**names, **parse_label_names(params.label_names)}
+    return {"num_frames": shape[0], "width": shape[2], "height": shape[1], "times": np.asarray(times).tolist(),
+            "train_frames": train_frames, "holdout_frames": held_out, "scene_scale": scene_scale,
+            "units": read_cameras_meta(inputs["cameras"]).get("units", "dataset"), "stage": "init",
+            "params": asdict(params), "labels": {str(k): v for k, v in sorted(names.items())}}
+
+
+def write_init_view(out_dir: Path, model, image: np.ndarray, K: np.ndarray, w2c: np.ndarray) -> None:
+    """``init_view.png``: the frame ``image (H, W, 3)`` uint8 next to the model's Gaussian centres
+    splatted through its camera ``K (3, 3)``, ``w2c (4, 4)``."""
+    import torch
+
+    from mono4d.models.gaussians import sh0_to_rgb
+    from mono4d.stages.init import splat_points
+
+    with torch.no_grad():
+        points = model.params["means"].numpy().astype(np.float64)
+        colors = sh0_to_rgb(model.params["sh0"][:, 0]).clamp(0, 1).numpy()
+    height, width = image.shape[:2]
+    write_rgb(Path(out_dir) / "init_view.png",
+              np.concatenate([image, splat_points(points, colors, K, w2c, height, width)], axis=1))
+
+
 def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     """The silhouette initialisation (see the module docstring) of ``inputs["frames"]`` (with
     alpha) and ``inputs["cameras"]``. Returns key figures: ``num_static`` (0), ``num_dynamic``,
     ``num_train_frames``, ``num_holdout_frames``, ``scene_scale``."""
-    import torch
-
-    from mono4d.data.artifacts import read_cameras, read_cameras_meta
-    from mono4d.models.gaussians import save_model, sh0_to_rgb
-    from mono4d.models.layers import parse_label_names
+    from mono4d.data.artifacts import read_cameras
+    from mono4d.models.gaussians import save_model
     from mono4d.stages.frames import load_alpha, load_frames, read_frames_meta
-    from mono4d.stages.init import CHECKPOINT_FILE, SUMMARY_FILE, splat_points
+    from mono4d.stages.init import CHECKPOINT_FILE, SUMMARY_FILE
 
     require_inputs(inputs, ("frames", "cameras"), "init (mode silhouette)")
     out_dir = Path(out_dir)
@@ -135,22 +161,13 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
                          "give a dataset with a train split of posed views")
     centres = np.linalg.inv(w2c[train_frames])[:, :3, 3]
     scene_scale = float(np.median(np.linalg.norm(centres, axis=1)))
-    names = {0: "background", OBJECT_LABEL: OBJECT_NAME}
-    names.update(parse_label_names(params.label_names))
-    meta = {"num_frames": num_frames, "width": width, "height": height, "times": times.tolist(),
-            "train_frames": train_frames, "holdout_frames": held_out, "scene_scale": scene_scale,
-            "units": read_cameras_meta(inputs["cameras"]).get("units", "dataset"), "stage": "init",
-            "params": asdict(params), "labels": {str(k): v for k, v in sorted(names.items())}}
+    meta = model_meta(inputs, params, (num_frames, height, width), times, train_frames, held_out, scene_scale,
+                      {0: "background", OBJECT_LABEL: OBJECT_NAME})
     model = silhouette_model(alpha[train_frames], images[train_frames], K[train_frames], w2c[train_frames], params,
                              meta)
     save_model(out_dir / CHECKPOINT_FILE, model)
-
     middle = train_frames[len(train_frames) // 2]
-    with torch.no_grad():
-        points = model.params["means"].numpy().astype(np.float64)
-        colors = sh0_to_rgb(model.params["sh0"][:, 0]).clamp(0, 1).numpy()
-    write_rgb(out_dir / "init_view.png", np.concatenate(
-        [images[middle], splat_points(points, colors, K[middle], w2c[middle], height, width)], axis=1))
+    write_init_view(out_dir, model, images[middle], K[middle], w2c[middle])
     figures = {"num_static": 0, "num_dynamic": model.num_gaussians, "num_train_frames": len(train_frames),
                "num_holdout_frames": len(held_out), "scene_scale": round(scene_scale, 6)}
     (out_dir / SUMMARY_FILE).write_text(json.dumps(figures, indent=1))

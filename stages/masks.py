@@ -29,7 +29,9 @@ Backends (``Params.backend``):
 - ``file`` (needs only frames for a folder of masks; needs flow for a single first-frame mask):
   user masks, one image per frame (in name order; or one per source frame, picked through the
   frames stage's ``source_indices``), resized with nearest neighbour, or ONE mask of the first
-  frame propagated through the video along the flow.
+  frame propagated through the video along the flow. For a dataset's frames (a Panoptic folder)
+  the folder may mirror the dataset's image folder (``seg/<cam>/<t>.png`` beside
+  ``ims/<cam>/<t>.jpg``); frames with no mask there (held-out cameras) are all static.
 - ``sam`` / ``sam2`` (need frames; see :mod:`mono4d.stages.masks_sam`): prompted segment-anything
   with flow-guided re-prompting, or the SAM2 video model of transformers.
 
@@ -741,15 +743,36 @@ def match_mask_files(files: list[Path], frames_meta: dict) -> list[Path]:
                      "frame, or a single first-frame mask file")
 
 
-def folder_masks(folder: Path, frames_meta: dict) -> np.ndarray:
-    """User masks ``(T, H, W) uint8`` read from ``folder`` and resized to the frames."""
+def mirrored_mask_files(folder: Path, frames_meta: dict) -> list[Path | None] | None:
+    """Per frame, its mask in a folder that mirrors a dataset's image folder (Panoptic's ``seg/``
+    beside ``ims/``): ``folder/<the frame's source file, suffix .png>`` when that file exists, else
+    None. None (not a list) when the frames stage recorded no ``source_files`` or no frame has such a mask."""
+    sources = frames_meta.get("source_files")
+    if not sources:
+        return None
+    files = [path if (path := (folder / source).with_suffix(".png")).is_file() else None for source in sources]
+    return files if any(path is not None for path in files) else None
+
+
+def folder_masks(folder: Path, frames_meta: dict, notes: list[str]) -> np.ndarray:
+    """User masks ``(T, H, W) uint8`` read from ``folder`` and resized to the frames: one per
+    frame in name order, or, for a dataset's frames, the folder mirroring its image folder
+    (:func:`mirrored_mask_files`; frames without a mask there are all static, named in ``notes``)."""
+    height, width = int(frames_meta["height"]), int(frames_meta["width"])
+    palette: dict[tuple[int, int, int], int] = {}
+    mirrored = mirrored_mask_files(folder, frames_meta)
+    if mirrored is not None:
+        missing = [index for index, path in enumerate(mirrored) if path is None]
+        if missing:
+            notes.append(f"{len(missing)} of {len(mirrored)} frames have no mask in {folder} (e.g. frame "
+                         f"{missing[0]}, {frames_meta['source_files'][missing[0]]}): all static there")
+        return np.stack([np.zeros((height, width), np.uint8) if path is None
+                         else resize_labels(read_user_mask(path, palette), height, width) for path in mirrored])
     files = list_mask_files(folder)
     if not files:
         raise InputError(f"the mask folder {folder} holds no images ({', '.join(MASK_SUFFIXES)})",
                          "put one mask PNG per frame there (0 = static, 255 or label ids = dynamic)")
     chosen = match_mask_files(files, frames_meta)
-    height, width = int(frames_meta["height"]), int(frames_meta["width"])
-    palette: dict[tuple[int, int, int], int] = {}
     return np.stack([resize_labels(read_user_mask(path, palette), height, width) for path in chosen])
 
 
@@ -773,14 +796,16 @@ def propagate_first_mask(first: np.ndarray, flows: StageFlow, num_frames: int, r
     return masks
 
 
-def file_masks(mask_path: Path, frames_meta: dict, flow_dir: Path | None, params: Params) -> np.ndarray:
-    """The ``file`` backend: ``(T, H, W) uint8`` label maps from a mask folder or one
-    first-frame mask propagated along the flow stage's consecutive flows."""
+def file_masks(mask_path: Path, frames_meta: dict, flow_dir: Path | None, params: Params,
+               notes: list[str]) -> np.ndarray:
+    """The ``file`` backend: ``(T, H, W) uint8`` label maps from a mask folder
+    (:func:`folder_masks`, which adds to ``notes``) or one first-frame mask propagated along the
+    flow stage's consecutive flows."""
     if not mask_path.exists():
         raise InputError(f"masks.mask_path {mask_path} does not exist",
                          "give a folder of per-frame masks or one mask image of the first frame")
     if mask_path.is_dir():
-        return folder_masks(mask_path, frames_meta)
+        return folder_masks(mask_path, frames_meta, notes)
     if mask_path.suffix.lower() not in MASK_SUFFIXES:
         raise InputError(f"masks.mask_path {mask_path} is neither a folder nor an image",
                          f"give a folder of masks or one mask image ({', '.join(MASK_SUFFIXES)})")
@@ -871,7 +896,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
             masks, cues = motion_masks(flow_dir, frames, params, pool)
         names = {DYNAMIC_LABEL: "dynamic"}
     elif params.backend == "file":
-        masks = file_masks(Path(params.mask_path).expanduser(), meta, flow_dir, params)
+        masks = file_masks(Path(params.mask_path).expanduser(), meta, flow_dir, params, notes)
         names = file_label_names(masks)
     else:
         from mono4d.stages import masks_sam

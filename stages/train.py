@@ -24,6 +24,10 @@ densification statistics, step, curves, random state) is written there every
 same init output continues from it (the pipeline gives every run a fresh output folder, so the
 path must lie outside it). A checkpoint from another init output is ignored, with a note.
 
+``mode=online`` (synchronized multi-view input such as a Panoptic folder) trains timestep by
+timestep instead (:mod:`mono4d.models.online`); held-out views are then the held-out cameras,
+scored per camera too.
+
 Outputs (see :mod:`mono4d.stages.train_outputs`): ``model.pt``, ``metrics.json``, ``curves.json`` and
 ``curves.png``, ``renders/`` (rgb, depth .npy and colourised, held-out comparisons),
 ``novel_view.mp4`` and ``time_sweep.mp4``, ``ply/`` (standard 3DGS PLY per frame),
@@ -50,6 +54,7 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"
 BACKGROUNDS = ("random", "black", "white")
 PRIOR_ON_DYNAMIC = ("auto", "use", "ignore")
+TRAIN_MODES = ("batch", "online")
 #: Depth kinds (``alignment.json``'s ``depth_kind``) measured under a static-scene assumption.
 STATIC_SCENE_DEPTH_KINDS = ("sfm",)
 
@@ -57,7 +62,18 @@ STATIC_SCENE_DEPTH_KINDS = ("sfm",)
 class Params:
     """Parameters of the train stage.
 
-    iterations: optimisation steps.
+    mode: "batch" (every frame's time at once: canonical Gaussians and the deformation field,
+        :func:`mono4d.models.trainer.optimize`) or "online" (Dynamic 3D Gaussians' method for
+        synchronized multi-view input, :mod:`mono4d.models.online`: the first timestep
+        optimises every Gaussian parameter with densification for ``iterations`` steps, each
+        later timestep only the foreground Gaussians' positions and rotations, from the
+        previous velocity, for ``online_fraction`` x ``iterations`` steps under the rigidity,
+        rotation and isometry priors; per-Gaussian poses per timestep).
+    iterations: optimisation steps (online: of the first timestep).
+    online_fraction: online mode: steps of every later timestep, as a fraction of ``iterations``.
+    lr_online_means: online mode: learning rate of the foreground positions at the later
+        timesteps, times the scene scale (no decay). Dynamic 3D Gaussians' 1.6e-4 moves a
+        Gaussian at most ~1.6e-4 x steps scene scales per timestep: raise it with short budgets.
     downscale: train and evaluate at 1/downscale of the frames' resolution (1 = full).
     lr_means: learning rate of the canonical positions, times the scene scale (median depth);
         decays exponentially to 1 % at the last step.
@@ -98,6 +114,9 @@ class Params:
     use_masks: read the refined masks (label loss, dynamic pixels of the depth-prior and
         reprojection losses, PSNR on dynamic pixels, layer IoU); false for inputs without masks,
         which needs label_weight and static_layer_weight at 0.
+    refine_masks: read the masks from ``masks_refine`` (true) or straight from ``masks`` (false:
+        a dataset's own foreground masks, which the refinement would pass through anyway, without
+        the flow, depth and align stages it needs).
     background: "random" (a random colour per step; evaluation on black), "black" or "white".
     exposure: learn a per-frame colour affine (Dynamic 3D Gaussians' per-camera ``cam_m`` /
         ``cam_c``): the render of frame i is ``C * exp(m_i) + alpha * c_i + (1 - alpha) * bg``
@@ -139,7 +158,10 @@ class Params:
         CPU) or "torch" (pure-PyTorch reference).
     """
 
+    mode: str = "batch"
     iterations: int = 3000
+    online_fraction: float = 0.2
+    lr_online_means: float = 1.6e-4
     downscale: int = 1
     lr_means: float = 1.6e-4
     lr_scales: float = 5e-3
@@ -165,6 +187,7 @@ class Params:
     static_layer_weight: float = 0.0
     use_depth: bool = True
     use_masks: bool = True
+    refine_masks: bool = True
     background: str = "random"
     exposure: bool = False
     lr_exposure: float = 0.01
@@ -203,7 +226,7 @@ class Params:
             if getattr(self, name) < 1:
                 raise ParameterError(f"train.{name}={getattr(self, name)} must be at least 1", f"raise train.{name}")
         for name in ("lr_means", "lr_scales", "lr_quats", "lr_opacities", "lr_sh0", "lr_shN", "lr_deformation",
-                     "lr_exposure"):
+                     "lr_exposure", "lr_online_means"):
             if not 0 <= getattr(self, name) < 1:
                 raise ParameterError(f"train.{name}={getattr(self, name)} is not a learning rate in [0, 1)",
                                      "use the default")
@@ -235,6 +258,14 @@ class Params:
             raise ParameterError("train.use_masks=false leaves the label loss and the static layer's terms "
                                  "without masks", "set train.label_weight=0 and train.static_layer_weight=0, "
                                  "or train.use_masks=true")
+        if self.mode not in TRAIN_MODES:
+            raise ParameterError(f"train.mode={self.mode!r} is unknown", f"use one of {', '.join(TRAIN_MODES)}")
+        if not 0 < self.online_fraction <= 1:
+            raise ParameterError(f"train.online_fraction={self.online_fraction} is not in (0, 1]",
+                                 "use e.g. 0.2 (Dynamic 3D Gaussians: 2000 steps per timestep after 10000)")
+        if self.mode == "online" and (self.resume_from or self.exposure or self.reprojection_weight > 0):
+            raise ParameterError("train.mode=online does not resume, learn exposure or use tracks",
+                                 "set train.resume_from='', train.exposure=false and train.reprojection_weight=0")
         if self.prior_on_dynamic not in PRIOR_ON_DYNAMIC:
             raise ParameterError(f"train.prior_on_dynamic={self.prior_on_dynamic!r} is unknown",
                                  f"use one of {', '.join(PRIOR_ON_DYNAMIC)}")
@@ -267,7 +298,8 @@ def load_training_data(inputs: Mapping[str, Path], params: Params, meta: dict, d
     outputs ``inputs`` (``frames``, ``cameras``, ``align`` with ``use_depth``, ``masks`` with
     ``use_masks``, and ``tracks`` when the reprojection loss is on); appends what it notices to
     ``notes``."""
-    from mono4d.data.artifacts import read_aligned_depth, read_aligned_kind, read_cameras, read_masks
+    from mono4d.data.artifacts import (read_aligned_depth, read_aligned_kind, read_camera_views, read_cameras,
+                                       read_masks)
     from mono4d.models.trainer import build_training_data
     from mono4d.stages.frames import load_frames, read_frames_meta
 
@@ -302,6 +334,9 @@ def load_training_data(inputs: Mapping[str, Path], params: Params, meta: dict, d
                                float(meta["scene_scale"]), params, device, prior_depth=depth, masks=masks,
                                tracks=tracks)
     data.fps = float(read_frames_meta(inputs["frames"]).get("fps") or data.fps)
+    views = read_camera_views(inputs["cameras"])
+    if views is not None:
+        data.cameras, data.timesteps = views
     return data
 
 
@@ -318,6 +353,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     """
     import torch
 
+    from mono4d.models.online import optimize_online
     from mono4d.models.trainer import optimize
     from mono4d.stages import init as init_stage
     from mono4d.stages import train_outputs
@@ -339,8 +375,11 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
     data = load_training_data(inputs, params, meta, device, notes)
     if params.ordinal_weight > 0 and not np.any(data.depth_ranges[data.train_frames] > 0):
         notes.append("the aligned depth has no valid pixels: the ordinal depth loss is inactive")
-    resume_path = Path(params.resume_from) if params.resume_from else None
-    _, curves, stats = optimize(model, data, params, device, resume_path, file_digest(init_path), notes)
+    if params.mode == "online":
+        curves, stats = optimize_online(model, data, params, device, notes)
+    else:
+        resume_path = Path(params.resume_from) if params.resume_from else None
+        _, curves, stats = optimize(model, data, params, device, resume_path, file_digest(init_path), notes)
     model.meta = {**meta, "stage": "train", "train_params": asdict(params)}
     figures = train_outputs.write_all(out_dir, model, data, params, curves)
     figures.update(stats)

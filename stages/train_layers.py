@@ -60,7 +60,10 @@ def write_layer_renders(out_dir: Path, model, data, params) -> dict:
                 write_rgb(folder / "rgb" / f"{frame:06d}.png", view["rgb"])
                 write_gray(folder / "alpha" / f"{frame:06d}.png",
                            np.clip(view["alpha"] * 255.0 + 0.5, 0, 255).astype(np.uint8))
-                if split == "heldout" and layer != layers.STATIC and data.masks is not None:
+                # a multi-view dataset's cameras without masks (held-out ones) are all 0: not scored
+                unmasked = data.timesteps is not None and not bool(data.masks[frame].any()) \
+                    if data.masks is not None else True
+                if split == "heldout" and layer != layers.STATIC and not unmasked:
                     truth = np.isin(data.masks[frame].cpu().numpy(), labels)
                     iou = mask_iou(view["alpha"] > ALPHA_COVERED, truth)
                     if iou is not None:

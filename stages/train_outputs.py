@@ -5,7 +5,8 @@ Files under the stage folder:
 - ``model.pt``: the trained model (:func:`mono4d.models.gaussians.save_model` layout).
 - ``metrics.json``: ``{"eval": {"mean": {...}, "frames": {"4": {...}}}, "train": {...}}`` with
   per-frame ``psnr``, ``ssim`` (dB / [0, 1], at training resolution, evaluation background),
-  ``psnr_dynamic`` (pixels with mask > 0; absent without dynamic pixels) and ``depth_order``
+  ``psnr_dynamic`` (pixels with mask > 0: the foreground; absent without such pixels), for
+  multi-view input the means per dataset camera id (``"cameras": {"0": {...}}``), and ``depth_order``
   (fraction of random pixel pairs whose rendered depth order matches the aligned depth's).
 - ``curves.json`` / ``curves.png``: loss terms and training-step PSNR every ``log_fraction`` of
   the iterations, held-out PSNR/SSIM every ``eval_fraction``, Gaussian counts.
@@ -17,10 +18,12 @@ Files under the stage folder:
   following the frames; ``time_sweep.mp4``: the middle training camera fixed, time 0 -> 1.
 - per scene layer (static, objects, hands): ``renders/*/layers/<layer>/``, ``layers.json`` and,
   with hands, ``novel_view_without_hands.mp4`` (:mod:`mono4d.stages.train_layers`).
-- ``ply/{i:06d}.ply``: the Gaussians at frame i's time (:mod:`mono4d.data.ply`), every ``ply_every`` frames.
-- ``trajectories.npz``: dense 3D tracks of the dynamic Gaussians: ``xyz (D, T, 3)`` float32 world
-  positions at every frame's time, ``rgb (D, 3)`` uint8, ``opacity (D,)``, ``index (D,)`` rows of
-  the model's Gaussians, ``times (T,)``.
+- ``ply/{i:06d}.ply``: the Gaussians at frame i's time (:mod:`mono4d.data.ply`), every ``ply_every`` frames
+  (multi-view input: at timestep i's time, every ``ply_every`` timesteps).
+- ``trajectories.npz``: dense 6-DOF tracks of the dynamic Gaussians: ``xyz (D, T, 3)`` float32
+  world positions and ``quats (D, T, 4)`` float32 unit wxyz rotations at every frame's time
+  (multi-view input: every timestep's, T timesteps), ``rgb (D, 3)`` uint8, ``opacity (D,)``,
+  ``index (D,)`` rows of the model's Gaussians, ``times (T,)``.
 """
 from __future__ import annotations
 
@@ -42,7 +45,8 @@ def score_frames(model, data, frames: list[int], params, render_dir: Path | None
                  compare: bool = False) -> dict:
     """Render ``frames`` and score them against the frames (:func:`mono4d.models.trainer.frame_scores`);
     with ``render_dir``, write the renders there (see the module docstring). Returns
-    ``{"frames": {i: scores}, "mean": scores}``."""
+    ``{"frames": {i: scores}, "mean": scores}`` and, for multi-view input, ``"cameras": {camera
+    id: mean scores of its frames}``."""
     from mono4d.models.trainer import frame_scores, mean_scores, render_view
 
     per_frame: dict[int, dict] = {}
@@ -63,7 +67,11 @@ def score_frames(model, data, frames: list[int], params, render_dir: Path | None
             if compare:
                 write_rgb(render_dir / "compare" / f"{name}.png",
                           np.concatenate([frame_image, view["rgb"], depth_picture], axis=1))
-    return {"frames": per_frame, "mean": mean_scores(per_frame)}
+    scores = {"frames": per_frame, "mean": mean_scores(per_frame)}
+    if data.cameras is not None:
+        scores["cameras"] = {int(camera): mean_scores({f: s for f, s in per_frame.items() if data.cameras[f] == camera})
+                             for camera in sorted({int(data.cameras[frame]) for frame in frames})}
+    return scores
 
 
 def plot_curves(curves: dict, width: int = 720, height: int = 360) -> np.ndarray:
@@ -106,10 +114,12 @@ def write_metrics_and_curves(out_dir: Path, model, eval_scores: dict, train_scor
     from mono4d.models.gaussians import save_model
 
     save_model(out_dir / "model.pt", model)
-    metrics = {"eval": {"mean": eval_scores["mean"], "frames": {str(k): v for k, v in eval_scores["frames"].items()}}}
-    if train_scores is not None:
-        metrics["train"] = {"mean": train_scores["mean"],
-                            "frames": {str(k): v for k, v in train_scores["frames"].items()}}
+    metrics = {}
+    for split, scores in (("eval", eval_scores), ("train", train_scores)):
+        if scores is not None:
+            metrics[split] = {"mean": scores["mean"], "frames": {str(k): v for k, v in scores["frames"].items()}}
+            if "cameras" in scores:
+                metrics[split]["cameras"] = {str(k): v for k, v in scores["cameras"].items()}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     (out_dir / "curves.json").write_text(json.dumps(curves))
     write_rgb(out_dir / "curves.png", plot_curves(curves))
@@ -182,21 +192,25 @@ def export_plys(out_dir: Path, model, times: np.ndarray, every: int) -> int:
 
 
 def export_trajectories(path: Path, model, times: np.ndarray) -> int:
-    """Write ``trajectories.npz`` (see the module docstring); returns the number of tracks."""
+    """Write ``trajectories.npz`` (see the module docstring) at ``times (T,)``; returns the number
+    of tracks."""
     import torch
 
-    from mono4d.models.gaussians import sh0_to_rgb
+    from mono4d.models.gaussians import gaussians_at, sh0_to_rgb
 
     dynamic = torch.nonzero(model.variables["is_dynamic"], as_tuple=True)[0]
+    xyz, quats = np.zeros((len(dynamic), len(times), 3)), np.zeros((len(dynamic), len(times), 4))
     with torch.no_grad():
-        canonical = model.params["means"][dynamic]
-        shift = model.variables["offset"][dynamic] if "offset" in model.variables else 0.0  # edited copies
-        xyz = np.stack([(model.field.to_time(canonical, float(t)) + shift).cpu().numpy() for t in times], axis=1) \
-            if len(dynamic) else np.zeros((0, len(times), 3))
+        if len(dynamic):
+            for k, t in enumerate(times):
+                state = gaussians_at(model.params, model.variables, model.field, float(t))
+                xyz[:, k] = state["means"][dynamic].cpu().numpy()
+                quats[:, k] = state["quats"][dynamic].cpu().numpy()
         rgb = (sh0_to_rgb(model.params["sh0"][dynamic, 0]).clamp(0, 1) * 255 + 0.5).byte().cpu().numpy()
         opacity = torch.sigmoid(model.params["opacities"][dynamic]).cpu().numpy()
-    np.savez_compressed(path, xyz=xyz.astype(np.float32), rgb=rgb, opacity=opacity.astype(np.float32),
-                        index=dynamic.cpu().numpy().astype(np.int64), times=np.asarray(times, np.float32))
+    np.savez_compressed(path, xyz=xyz.astype(np.float32), quats=quats.astype(np.float32), rgb=rgb,
+                        opacity=opacity.astype(np.float32), index=dynamic.cpu().numpy().astype(np.int64),
+                        times=np.asarray(times, np.float32))
     return len(dynamic)
 
 
@@ -217,8 +231,9 @@ def write_all(out_dir: Path, model, data, params, curves: dict) -> dict:
     if params.make_videos:
         write_videos(out_dir, model, data, params, posed)
         train_layers.write_video_without_hands(out_dir, model, data, params, posed)
-    num_ply = export_plys(out_dir, model, data.times, params.ply_every) if params.export_ply else 0
-    num_tracks = export_trajectories(out_dir / "trajectories.npz", model, data.times)
+    times = data.sequence_times()
+    num_ply = export_plys(out_dir, model, times, params.ply_every) if params.export_ply else 0
+    num_tracks = export_trajectories(out_dir / "trajectories.npz", model, times)
     figures = {"psnr_heldout": eval_scores["mean"]["psnr"], "ssim_heldout": eval_scores["mean"]["ssim"],
                "psnr_train": train_scores["mean"]["psnr"], "ssim_train": train_scores["mean"]["ssim"],
                "num_gaussians": model.num_gaussians, "num_dynamic": model.num_dynamic,
@@ -226,5 +241,9 @@ def write_all(out_dir: Path, model, data, params, curves: dict) -> dict:
     for key in ("psnr_dynamic", "depth_order"):
         if key in eval_scores["mean"]:
             figures[f"{key}_heldout"] = eval_scores["mean"][key]
+    if "cameras" in eval_scores and data.eval_frames:
+        figures["heldout_cameras"] = {str(camera): {key: scores[key] for key in ("psnr", "ssim", "psnr_dynamic")
+                                                    if key in scores}
+                                      for camera, scores in eval_scores["cameras"].items()}
     figures.update(layer_figures)
     return figures

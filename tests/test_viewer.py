@@ -246,3 +246,37 @@ def test_viewer_in_headless_chromium(workspace, browser, tmp_path):
         assert np.abs(later - first).mean() > 3.0  # the dynamic Gaussians moved on screen
     finally:
         viewer.stop()
+
+
+def test_track_segments_join_consecutive_times():
+    from mono4d.pipeline.viewer import track_segments
+
+    xyz = np.arange(5 * 3 * 3, dtype=np.float32).reshape(5, 3, 3)
+    rgb = np.arange(15, dtype=np.uint8).reshape(5, 3)
+    points, colors = track_segments(xyz, rgb, max_tracks=3)
+    assert points.shape == (3 * 2, 2, 3) and colors.shape == (6, 2, 3)
+    np.testing.assert_array_equal(points[0], xyz[0, :2])  # track 0, times 0 -> 1
+    np.testing.assert_array_equal(points[3], xyz[2, 1:])  # the middle track (2 of 0, 2, 4), times 1 -> 2
+    np.testing.assert_array_equal(colors[5, 1], rgb[4])
+    assert track_segments(xyz[:0], rgb[:0])[0].shape == (0, 2, 3)
+
+
+def test_viewer_draws_the_gaussian_tracks(workspace):
+    from mono4d.pipeline.export import TRAJECTORIES_FILE
+    from mono4d.pipeline.viewer import serve_viewer
+    from mono4d.stages.train import load_trained
+    from mono4d.stages.train_outputs import export_trajectories
+
+    work, scene = workspace
+    path = work / "train" / TRAJECTORIES_FILE
+    count = export_trajectories(path, load_trained(work / "train"), np.linspace(0.0, 1.0, scene.num_frames))
+    running = serve_viewer(work, host="127.0.0.1", port=0, max_side=96, backend="torch")
+    try:
+        assert count > 0 and running.tracks is not None and not running.tracks.visible
+        assert running.tracks.points.shape == (min(count, 3000) * (scene.num_frames - 1), 2, 3)
+        running.show_tracks.value = True
+        running._on_show_tracks(None)
+        assert running.tracks.visible
+    finally:
+        running.stop()
+        path.unlink()
