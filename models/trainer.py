@@ -286,8 +286,8 @@ def training_loss(model, variables: dict, data: TrainingData, frame: int, sh_deg
         label_term = layers.label_loss(label_map, layers.class_index_map(data.masks[frame], classes))
         loss = loss + params.label_weight * label_term
         parts["label"] = float(label_term.detach())
-    static = variables["label"] == 0
-    if params.static_layer_weight > 0 and data.masks is not None and bool(static.any()):
+    static = variables["label"] == 0 if params.static_layer_weight > 0 and data.masks is not None else None
+    if static is not None and bool(static.any()):
         from mono4d.models import layers
 
         static_photometric, static_opacity = layers.static_layer_loss(
