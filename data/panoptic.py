@@ -33,8 +33,11 @@ SEG_DIR = "seg"
 #: rotation-similarity and isometry priors (our rigidity and isometry are in units of the
 #: Gaussians' spacing, about 1/30 of Dynamic 3D Gaussians' world units here, hence weights
 #: 0.1 / 1 / 0.05 for their 4 / 4 / 2: at 4 / 4 / 2 the foreground did not move in short
-#: budgets), a black background, no depth prior and no videos (a camera path through 27 fixed
-#: cameras is not a video).
+#: budgets), a black background, no depth prior, no videos (a camera path through 27 fixed
+#: cameras is not a video) and Dynamic 3D Gaussians' near plane: its rasterizer draws nothing
+#: within 0.2 world units (metres here) of a camera. Without it, Gaussians of the dome wall and
+#: camera housings around a held-out camera sit in front of its lens (basketball, 1000 steps:
+#: held-out 16.8 dB at 0.01, 22.6 dB at 0.2, scoring the same model).
 PIPELINE_SETTINGS = {
     "cameras.mode": "known",
     "masks.backend": "file",
@@ -50,6 +53,7 @@ PIPELINE_SETTINGS = {
     "train.rotation_weight": "1",
     "train.isometry_weight": "0.05",
     "train.make_videos": "false",
+    "train.near_plane": "0.2",
 }
 
 

@@ -42,6 +42,8 @@ SH_C0 = 0.28209479177387814
 CHECKPOINT_FORMAT = 1
 #: The per-timestep poses of a model trained online (see the module docstring), saved with it.
 TRAJECTORY_VARIABLES = ("trajectory_means", "trajectory_quats", "trajectory_times")
+#: Default camera-z (world units) at or below which a Gaussian is not drawn (gsplat's default).
+NEAR_PLANE = 0.01
 
 
 def num_sh_bases(degree: int) -> int:
@@ -141,20 +143,22 @@ def gaussians_at(params: dict[str, Tensor], variables: dict, field: DeformationF
 
 def render(params: dict[str, Tensor], variables: dict, field: DeformationField, time: float, K: Tensor,
            w2c: Tensor, width: int, height: int, sh_degree: int, background: Tensor | None = None,
-           backend: str = "auto", exposure: Tensor | None = None) -> dict:
+           backend: str = "auto", exposure: Tensor | None = None, near_plane: float = NEAR_PLANE) -> dict:
     """Render one camera at normalised ``time``.
 
     ``K (3, 3)``, ``w2c (4, 4)`` float32 tensors on the model's device; ``sh_degree`` is the
     degree used now (<= the stored one); ``background (3,)`` RGB in [0, 1] (None: black);
     ``exposure (2, 3)`` (None: identity) a colour affine ``(log gain, offset)`` applied to the
-    scene, not the background: ``rgb = C * exp(gain) + alpha * offset + (1 - alpha) * bg``.
+    scene, not the background: ``rgb = C * exp(gain) + alpha * offset + (1 - alpha) * bg``;
+    Gaussians whose camera z is at most ``near_plane`` (world units) are not drawn.
     Returns ``rgb (H, W, 3)``, ``depth (H, W)`` expected z-depth (world units; meaningless where
     ``alpha`` is ~0), ``alpha (H, W)``, the rasterizer's gsplat-compatible ``info`` dict
     (``means2d`` keeps its gradient for densification) and ``gaussians``, the output of
     :func:`gaussians_at` (for the priors).
     """
     gaussians = gaussians_at(params, variables, field, time)
-    return {**render_gaussians(gaussians, K, w2c, width, height, sh_degree, background, backend, exposure),
+    return {**render_gaussians(gaussians, K, w2c, width, height, sh_degree, background, backend, exposure,
+                               near_plane),
             "gaussians": gaussians}
 
 
@@ -168,7 +172,7 @@ def select_gaussians(gaussians: dict[str, Tensor], keep: Tensor) -> dict[str, Te
 
 def render_gaussians(gaussians: dict[str, Tensor], K: Tensor, w2c: Tensor, width: int, height: int,
                      sh_degree: int, background: Tensor | None = None, backend: str = "auto",
-                     exposure: Tensor | None = None) -> dict:
+                     exposure: Tensor | None = None, near_plane: float = NEAR_PLANE) -> dict:
     """Rasterize activated Gaussians (:func:`gaussians_at` or :func:`select_gaussians`) through one
     camera: :func:`render` without the deformation, returning its ``rgb``, ``depth``, ``alpha`` and
     ``info``."""
@@ -178,7 +182,7 @@ def render_gaussians(gaussians: dict[str, Tensor], K: Tensor, w2c: Tensor, width
     colors, alphas, info = rasterization(
         means=gaussians["means"], quats=gaussians["quats"], scales=gaussians["scales"],
         opacities=gaussians["opacities"], colors=sh, viewmats=w2c[None], Ks=K[None], width=width, height=height,
-        sh_degree=sh_degree, backgrounds=None if background is None else background[None],
+        near_plane=near_plane, sh_degree=sh_degree, backgrounds=None if background is None else background[None],
         render_mode="RGB+ED", backend=backend)
     rgb, alpha = colors[0, ..., :3], alphas[0, ..., 0]
     if exposure is not None:
@@ -230,6 +234,11 @@ class SceneModel:
     def sh_degree(self) -> int:
         """The highest SH degree the colour coefficients hold."""
         return int(round(np.sqrt(self.params["shN"].shape[1] + 1))) - 1
+
+    @property
+    def near_plane(self) -> float:
+        """The near plane (world units) the model was trained and scored with (``train.near_plane``)."""
+        return float(self.meta.get("train_params", {}).get("near_plane", NEAR_PLANE))
 
 
 def save_model(path: str | Path, model: SceneModel, extra: dict | None = None) -> None:

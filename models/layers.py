@@ -293,18 +293,19 @@ def label_loss(label_map: Tensor, class_map: Tensor) -> Tensor:
 
 def static_layer_loss(gaussians: Mapping[str, Tensor], static: Tensor, target: Tensor, masks: Tensor, K: Tensor,
                       w2c: Tensor, width: int, height: int, sh_degree: int, background: Tensor,
-                      backend: str = "auto", exposure: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                      backend: str, exposure: Tensor | None, near_plane: float) -> tuple[Tensor, Tensor]:
     """The static layer's own terms for one frame: the Gaussians ``gaussians`` (activated, at the
     frame's time: the ``gaussians`` of :func:`mono4d.models.gaussians.render`) where ``static (N,)``
     is True, rendered alone through ``K (3, 3)``, ``w2c (4, 4)`` with SH degree ``sh_degree`` over
-    ``background (3,)`` (and the frame's colour affine ``exposure (2, 3)``). Returns
+    ``background (3,)`` (and the frame's colour affine ``exposure (2, 3)``; ``near_plane`` as
+    :func:`mono4d.models.gaussians.render`). Returns
     ``(photometric, opacity)``: the mean L1 distance to ``target (H, W, 3)`` in [0, 1] over the
     pixels where ``masks (H, W)`` is 0 (0 when there is none), and the mean of ``1 - alpha`` over
     all pixels (0 when the layer is opaque everywhere). Differentiable."""
     from mono4d.models.gaussians import render_gaussians, select_gaussians
 
     out = render_gaussians(select_gaussians(gaussians, static), K, w2c, width, height, sh_degree, background,
-                           backend, exposure)
+                           backend, exposure, near_plane)
     seen = masks == 0
     photometric = (out["rgb"] - target).abs()[seen].mean() if bool(seen.any()) else out["rgb"].sum() * 0.0
     return photometric, (1.0 - out["alpha"]).mean()

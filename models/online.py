@@ -124,7 +124,7 @@ def optimize_online(model: SceneModel, data: TrainingData, params: Params, devic
             background = (torch.rand(3, generator=generator).to(device) if params.background == "random"
                           else data.eval_background)
             out = render(fixed, pose, model.field, time, data.K[frame], data.w2c[frame], data.width, data.height,
-                         model.sh_degree, background, params.backend)
+                         model.sh_degree, background, params.backend, near_plane=params.near_plane)
             target = data.images[frame].float() / 255.0
             loss = losses.photometric_loss(out["rgb"], target, params.ssim_weight)
             parts = {"photometric": float(loss.detach()), "psnr": float(losses.psnr(out["rgb"].detach(), target))}

@@ -253,7 +253,7 @@ def training_loss(model, variables: dict, data: TrainingData, frame: int, sh_deg
     time = float(data.times[frame])
     exposure = None if model.exposure is None else model.exposure[frame]
     out = render(model.params, variables, model.field, time, data.K[frame], data.w2c[frame], data.width,
-                 data.height, sh_degree, background, params.backend, exposure)
+                 data.height, sh_degree, background, params.backend, exposure, params.near_plane)
     target = data.images[frame].float() / 255.0
     loss = losses.photometric_loss(out["rgb"], target, params.ssim_weight)
     parts = {"photometric": float(loss.detach()), "psnr": float(losses.psnr(out["rgb"].detach(), target))}
@@ -292,7 +292,7 @@ def training_loss(model, variables: dict, data: TrainingData, frame: int, sh_deg
 
         static_photometric, static_opacity = layers.static_layer_loss(
             out["gaussians"], static, target, data.masks[frame], data.K[frame], data.w2c[frame], data.width,
-            data.height, sh_degree, background, params.backend, exposure)
+            data.height, sh_degree, background, params.backend, exposure, params.near_plane)
         loss = loss + params.static_layer_weight * (static_photometric + static_opacity)
         parts["static_photometric"] = float(static_photometric.detach())
         parts["static_opacity"] = float(static_opacity.detach())
@@ -543,7 +543,7 @@ def render_view(model, data: TrainingData, time: float, K, w2c, params: Params, 
         exposure = None if model.exposure is None else exposure_at(model.exposure, data.times, data.train_frames, time)
         out = render(model.params, model.variables, model.field, time, K, w2c, data.width, data.height,
                      model.sh_degree, data.eval_background if background is None else background, params.backend,
-                     exposure)
+                     exposure, params.near_plane)
     rgb = out["rgb"].clamp(0.0, 1.0)
     return {"rgb": (rgb * 255.0 + 0.5).byte().cpu().numpy(), "rgb_float": rgb,
             "depth": out["depth"].cpu().numpy().astype(np.float32), "alpha": out["alpha"].cpu().numpy()}

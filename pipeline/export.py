@@ -209,7 +209,8 @@ def render_rgb(model, time: float, K: np.ndarray, w2c: np.ndarray, width: int, h
         out = render(model.params, model.variables, model.field, float(time),
                      torch.as_tensor(np.asarray(K), dtype=torch.float32, device=device),
                      torch.as_tensor(np.asarray(w2c), dtype=torch.float32, device=device), int(width), int(height),
-                     model.sh_degree, torch.tensor(model_background(model), device=device), backend)
+                     model.sh_degree, torch.tensor(model_background(model), device=device), backend,
+                     near_plane=model.near_plane)
     return (out["rgb"].clamp(0.0, 1.0) * 255.0 + 0.5).byte().cpu().numpy()
 
 

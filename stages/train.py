@@ -126,6 +126,10 @@ class Params:
         values interpolated linearly in time; PLY files, exports and the viewer show the
         unadjusted colours.
     lr_exposure: learning rate of ``m_i`` and ``c_i``.
+    near_plane: Gaussians at a camera z of at most this (world units: the cameras stage's) are not
+        drawn, in training, scoring and every render of the model. Raise it where the scene has
+        surfaces close to a held-out camera's lens that no training camera sees as close (the
+        Panoptic dome's walls around its cameras: 0.2, Dynamic 3D Gaussians' rasterizer's cull).
     densify: run gsplat's DefaultStrategy (duplicate / split / prune).
     grow_grad2d: image-space gradient threshold for duplicating / splitting.
     max_gaussians: densification stops growing once there are this many Gaussians.
@@ -191,6 +195,7 @@ class Params:
     background: str = "random"
     exposure: bool = False
     lr_exposure: float = 0.01
+    near_plane: float = 0.01
     densify: bool = True
     grow_grad2d: float = 0.0002
     max_gaussians: int = 200000
@@ -269,6 +274,9 @@ class Params:
         if self.prior_on_dynamic not in PRIOR_ON_DYNAMIC:
             raise ParameterError(f"train.prior_on_dynamic={self.prior_on_dynamic!r} is unknown",
                                  f"use one of {', '.join(PRIOR_ON_DYNAMIC)}")
+        if not self.near_plane > 0:
+            raise ParameterError(f"train.near_plane must be > 0 (world units), got {self.near_plane}",
+                                 "use e.g. 0.01 (the default)")
         if self.background not in BACKGROUNDS:
             raise ParameterError(f"train.background={self.background!r} is unknown", f"use one of {', '.join(BACKGROUNDS)}")
         if self.device not in ("auto", "cpu", "cuda"):

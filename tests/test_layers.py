@@ -140,7 +140,7 @@ def test_static_layer_loss_renders_the_static_gaussians_alone():
     raises the static Gaussians' opacity."""
     import torch
 
-    from mono4d.models.gaussians import gaussians_at, render_gaussians, select_gaussians
+    from mono4d.models.gaussians import NEAR_PLANE, gaussians_at, render_gaussians, select_gaussians
     from mono4d.models.layers import static_layer_loss
 
     model = toy_model([0, 1, 0])
@@ -155,14 +155,16 @@ def test_static_layer_loss_renders_the_static_gaussians_alone():
     masks = torch.zeros(32, 32, dtype=torch.uint8)
     masks[:, 12:20] = 1  # the object's columns
     target[:, 12:20] = 1.0  # a wrong colour there: the masks leave it out
-    photometric, opacity = static_layer_loss(gaussians, static, target, masks, K, w2c, 32, 32, 0, black, "torch")
+    photometric, opacity = static_layer_loss(gaussians, static, target, masks, K, w2c, 32, 32, 0, black, "torch", None,
+                                             NEAR_PLANE)
     assert float(photometric.detach()) == pytest.approx(0.0, abs=1e-6)
     assert float(opacity.detach()) == pytest.approx(float((1.0 - alone["alpha"].detach()).mean()), abs=1e-6)
     (photometric + opacity).backward()
     grad = model.params["opacities"].grad
     assert float(grad[1]) == 0.0 and float(grad[0]) < 0.0 and float(grad[2]) < 0.0
     everywhere = torch.ones_like(masks)
-    photometric, _ = static_layer_loss(gaussians, static, target, everywhere, K, w2c, 32, 32, 0, black, "torch")
+    photometric, _ = static_layer_loss(gaussians, static, target, everywhere, K, w2c, 32, 32, 0, black, "torch", None,
+                                       NEAR_PLANE)
     assert float(photometric.detach()) == 0.0  # no static pixel in the frame
 
 

@@ -99,6 +99,28 @@ def test_render_plane_colour_and_depth():
     assert out["alpha"][16:32, 20:44].min() > 0.98
     assert out["info"]["means2d"].shape == (1, len(model.params["means"]), 2)
 
+def test_render_near_plane_hides_gaussians_close_to_the_lens():
+    """A plane 0.1 units in front of the camera covers the view at the default near plane and is
+    not drawn at near_plane 0.2 (the far plane behind it shows instead); the model's own
+    near_plane comes from the training parameters it was saved with."""
+    from mono4d.models.gaussians import NEAR_PLANE, SceneModel, render
+
+    near, far = plane_model(depth=0.1), plane_model(depth=2.0)
+    near.params["means"].data[:, :2] *= 0.05  # the same view coverage at 1/20 of the depth
+    near.params["scales"].data.fill_(float(np.log(0.004)))
+    params = {name: torch.cat([near.params[name], far.params[name]]) for name in near.params}
+    variables = {name: torch.cat([near.variables[name], far.variables[name]]) for name in near.variables}
+    K = torch.tensor([[60.0, 0, 32], [0, 60.0, 24], [0, 0, 1]])
+    with torch.no_grad():
+        default = render(params, variables, near.field, 0.0, K, torch.eye(4), 64, 48, 0, backend="torch")
+        culled = render(params, variables, near.field, 0.0, K, torch.eye(4), 64, 48, 0, backend="torch",
+                        near_plane=0.2)
+    assert torch.allclose(default["depth"][20:28, 28:36], torch.tensor(0.1), atol=0.01)
+    assert torch.allclose(culled["depth"][20:28, 28:36], torch.tensor(2.0), atol=0.02)
+    assert SceneModel(params, variables, near.field).near_plane == NEAR_PLANE
+    assert SceneModel(params, variables, near.field, meta={"train_params": {"near_plane": 0.2}}).near_plane == 0.2
+
+
 
 def test_gaussians_at_moves_only_dynamic_gaussians():
     from mono4d.models.gaussians import gaussians_at

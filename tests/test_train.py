@@ -165,7 +165,7 @@ def test_train_rejects_bad_params_and_inputs(stage_inputs, tmp_path):
     from mono4d.stages import train
 
     for bad in (dict(iterations=0), dict(background="green"), dict(ssim_weight=2.0), dict(downscale=1.5),
-                dict(prior_on_dynamic="sometimes")):
+                dict(prior_on_dynamic="sometimes"), dict(near_plane=0.0)):
         with pytest.raises(ParameterError):
             train.Params(**bad).validate()
     without_tracks = {key: value for key, value in stage_inputs.items() if key != "tracks"}
