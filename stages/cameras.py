@@ -75,6 +75,9 @@ class Params:
         vocabulary tree file (``vocab_tree_path``), which is not downloaded.
     vocab_tree_path: COLMAP vocabulary tree (.bin) for ``loop_detection``.
     max_features: most SIFT features per frame.
+    sift_upsample: detect SIFT features on the frames upsampled 2x as well (COLMAP's default,
+        ``first_octave=-1``): about 3x the features and points on small frames, and about 3.5x
+        the time of extraction, matching and mapping together.
     use_masks: colmap mode: leave the masks stage's dynamic pixels out of feature extraction
         (the pipeline then runs the masks stage first); false ignores moving objects' masks.
     mask_dilate_px: grow the moving-object masks by this many pixels before leaving their
@@ -105,6 +108,7 @@ class Params:
     loop_detection: bool = False
     vocab_tree_path: str = ""
     max_features: int = 8192
+    sift_upsample: bool = True
     use_masks: bool = True
     mask_dilate_px: int = 5
     min_registered_fraction: float = 0.5
@@ -293,6 +297,7 @@ def run_colmap(frames_dir: Path, names: Sequence[str], width: int, height: int, 
     extraction.num_threads = params.num_threads
     extraction.max_image_size = max(width, height)
     extraction.sift.max_num_features = params.max_features
+    extraction.sift.first_octave = -1 if params.sift_upsample else 0
 
     started = time.perf_counter()
     pycolmap.extract_features(database_path, images_dir, image_names=image_names,

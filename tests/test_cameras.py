@@ -84,6 +84,19 @@ def test_colmap_registers_every_synthetic_frame_accurately(synthetic_scene, colm
     assert 0 < figures["reprojection_error_px"] < 1.5 and figures["mean_track_length"] > 2
 
 
+def test_sift_without_upsampling_finds_fewer_points_but_registers_accurately(synthetic_scene, synthetic_frames_dir,
+                                                                             colmap_plain, tmp_path):
+    """The cpu preset's ``sift_upsample=false`` (COLMAP first_octave 0): fewer features and
+    points than on the 2x upsampled frames, every frame still registered within the plain run's
+    tolerances."""
+    figures, out = run_stage({"frames": synthetic_frames_dir}, tmp_path / "cams", sift_upsample=False)
+    _, w2c, registered = artifacts.read_cameras(out)
+    assert registered.all()
+    errors = trajectory_errors(w2c, synthetic_scene.w2c)
+    assert errors["ate_rmse"] < 0.02 * synthetic_scene.extent and errors["rotation_mean_deg"] < 1.0
+    assert 0 < figures["num_points"] < 0.6 * colmap_plain[0]["num_points"]
+
+
 def test_masking_moving_objects_makes_colmap_more_accurate(synthetic_scene, colmap_plain, colmap_masked):
     figures, out = colmap_masked
     _, w2c, registered = artifacts.read_cameras(out)
