@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -77,7 +78,9 @@ class Params:
     max_features: most SIFT features per frame.
     sift_upsample: detect SIFT features on the frames upsampled 2x as well (COLMAP's default,
         ``first_octave=-1``): about 3x the features and points on small frames, and about 3.5x
-        the time of extraction, matching and mapping together.
+        the time of extraction, matching and mapping together. When false and COLMAP then fails
+        or leaves frames unregistered, the stage reruns it with upsampling and keeps whichever
+        registers more frames (noted in the figures).
     use_masks: colmap mode: leave the masks stage's dynamic pixels out of feature extraction
         (the pipeline then runs the masks stage first); false ignores moving objects' masks.
     mask_dilate_px: grow the moving-object masks by this many pixels before leaving their
@@ -389,6 +392,51 @@ def run_colmap(frames_dir: Path, names: Sequence[str], width: int, height: int, 
     return result, notes
 
 
+def reconstruct(frames_dir: Path, names: Sequence[str], width: int, height: int, masks: np.ndarray | None,
+                params: Params, out_dir: Path) -> tuple[dict, list[str]]:
+    """:func:`run_colmap` in a temporary folder. Without ``sift_upsample``, a reconstruction that
+    fails or leaves frames unregistered is run again on the frames upsampled 2x (small or weakly
+    textured frames give too few features without), and whichever registers more frames is kept
+    (the first on a tie), with a note saying what happened."""
+    def attempt(attempt_params: Params) -> tuple[dict, list[str]]:
+        with tempfile.TemporaryDirectory(prefix="mono4d_colmap_") as work:
+            return run_colmap(frames_dir, names, width, height, masks, attempt_params, Path(work), out_dir)
+
+    if params.sift_upsample:
+        return attempt(params)
+    first, failure = None, None
+    try:
+        first = attempt(params)
+    except StageFailure as error:
+        failure = error
+    if first is not None and first[0]["registered"].all():
+        return first
+    shortfall = (f"failed ({failure.message})" if first is None
+                 else f"registered {int(first[0]['registered'].sum())} of {len(names)} frames")
+    logger.warning("cameras: SIFT on the frames as they are %s; retrying on the frames upsampled 2x", shortfall)
+    with tempfile.TemporaryDirectory(prefix="mono4d_colmap_first_") as kept:
+        if (out_dir / SPARSE_DIR).exists():
+            shutil.move(out_dir / SPARSE_DIR, Path(kept) / SPARSE_DIR)
+        try:
+            second = attempt(replace(params, sift_upsample=True))
+        except StageFailure:
+            if first is None:
+                raise
+            second = None
+        if first is not None and (second is None
+                                  or int(second[0]["registered"].sum()) <= int(first[0]["registered"].sum())):
+            shutil.rmtree(out_dir / SPARSE_DIR, ignore_errors=True)
+            shutil.move(Path(kept) / SPARSE_DIR, out_dir / SPARSE_DIR)
+            result, notes = first
+            notes.append(f"SIFT on the frames as they are (cameras.sift_upsample=false) {shortfall}; on the frames "
+                         "upsampled 2x it registered no more, so the first reconstruction is kept")
+            return result, notes
+    result, notes = second
+    notes.append(f"SIFT on the frames as they are (cameras.sift_upsample=false) {shortfall}; these cameras come "
+                 f"from SIFT on the frames upsampled 2x ({int(result['registered'].sum())} frames registered)")
+    return result, notes
+
+
 # ----------------------------------------------------------------------------------------------
 # Known cameras
 
@@ -584,8 +632,7 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
         # COLMAP's own log is verbose; keep its errors (predictable failures are raised below anyway).
         pycolmap.logging.minloglevel = 2 if logger.getEffectiveLevel() > logging.DEBUG else 0
         try:
-            with tempfile.TemporaryDirectory(prefix="mono4d_colmap_") as work:
-                result, colmap_notes = run_colmap(frames_dir, names, width, height, masks, params, Path(work), out_dir)
+            result, colmap_notes = reconstruct(frames_dir, names, width, height, masks, params, out_dir)
         finally:
             pycolmap.logging.minloglevel = previous_level
         write_sparse = False

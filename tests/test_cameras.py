@@ -97,6 +97,41 @@ def test_sift_without_upsampling_finds_fewer_points_but_registers_accurately(syn
     assert 0 < figures["num_points"] < 0.6 * colmap_plain[0]["num_points"]
 
 
+def test_small_frames_fall_back_to_upsampled_sift(synthetic_scene, tmp_path):
+    """At 96x72 SIFT on the frames as they are finds too few features for COLMAP; the stage
+    reruns it on the frames upsampled 2x, registers every frame and says so in the notes."""
+    small = tmp_path / "frames"
+    small.mkdir()
+    frames.run({"source": synthetic_scene.root / "images"}, frames.Params(max_side=96), small)
+    figures, out = run_stage({"frames": small}, tmp_path / "cams", sift_upsample=False)
+    assert figures["registered_fraction"] == 1.0
+    assert any("upsampled 2x" in note and "these cameras come from" in note for note in figures["notes"])
+    assert load_reconstruction(out / cameras.SPARSE_DIR).num_reg_images() == figures["num_frames"]
+
+
+def test_upsampled_retry_is_kept_only_when_it_registers_more(monkeypatch, tmp_path):
+    """The retry's reconstruction replaces the first one only with more frames registered; the
+    first one's sparse/ folder is restored otherwise."""
+    counts = {False: 8, True: 8}
+
+    def fake_colmap(frames_dir, names, width, height, masks, params, work_dir, out_dir):
+        (out_dir / cameras.SPARSE_DIR).mkdir()
+        (out_dir / cameras.SPARSE_DIR / f"upsample_{params.sift_upsample}").write_text("")
+        registered = np.arange(len(names)) < counts[params.sift_upsample]
+        return {"registered": registered}, []
+
+    monkeypatch.setattr(cameras, "run_colmap", fake_colmap)
+    names = [f"{index:06d}.png" for index in range(10)]
+    for upsampled, kept in ((8, False), (9, True)):
+        counts[True] = upsampled
+        out = tmp_path / f"out{upsampled}"
+        out.mkdir()
+        result, notes = cameras.reconstruct(tmp_path, names, 64, 48, None, cameras.Params(sift_upsample=False), out)
+        assert int(result["registered"].sum()) == max(8, upsampled)
+        assert [path.name for path in (out / cameras.SPARSE_DIR).iterdir()] == [f"upsample_{kept}"]
+        assert len(notes) == 1 and ("first reconstruction is kept" in notes[0]) != kept
+
+
 def test_masking_moving_objects_makes_colmap_more_accurate(synthetic_scene, colmap_plain, colmap_masked):
     figures, out = colmap_masked
     _, w2c, registered = artifacts.read_cameras(out)
