@@ -190,6 +190,11 @@ def quaternion_multiply(left: Tensor, right: Tensor) -> Tensor:
                         w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2], dim=-1)
 
 
+def quaternion_conjugate(quats: Tensor) -> Tensor:
+    """The conjugate (the inverse of a unit quaternion) of wxyz quaternions ``(..., 4)``."""
+    return quats * quats.new_tensor([1.0, -1.0, -1.0, -1.0])
+
+
 def rotate_vectors(quaternions: Tensor, vectors: Tensor) -> Tensor:
     """Rotate vectors ``(..., 3)`` by unit quaternions ``(..., 4)`` (wxyz)."""
     w, axis = quaternions[..., :1], quaternions[..., 1:]

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mono4d.models.deformation import DeformationField, quaternion_multiply
+from mono4d.models.deformation import DeformationField, quaternion_conjugate, quaternion_multiply
 
 #: Zeroth-order spherical-harmonics basis constant, 1 / (2 sqrt(pi)).
 SH_C0 = 0.28209479177387814
@@ -82,11 +82,6 @@ def create_params(means: Tensor, rgb: Tensor, scales: Tensor, is_dynamic: Tensor
     is_dynamic = is_dynamic.bool().to(means.device)
     labels = is_dynamic.long() if labels is None else labels.long().to(means.device)
     return params, {"is_dynamic": is_dynamic, "label": labels}
-
-
-def quaternion_conjugate(quats: Tensor) -> Tensor:
-    """The conjugate (the inverse of a unit quaternion) of wxyz quaternions ``(..., 4)``."""
-    return quats * quats.new_tensor([1.0, -1.0, -1.0, -1.0])
 
 
 def trajectory_pose(means: Tensor, quats: Tensor, times: list[float], time: float) -> tuple[Tensor, Tensor]:

@@ -70,8 +70,8 @@ def optimize_online(model: SceneModel, data: TrainingData, params: Params, devic
     import torch
 
     from mono4d.models import losses
-    from mono4d.models.deformation import quaternion_multiply
-    from mono4d.models.gaussians import quaternion_conjugate, render
+    from mono4d.models.deformation import quaternion_conjugate, quaternion_multiply
+    from mono4d.models.gaussians import render
     from mono4d.models.trainer import evaluate, optimize, record
 
     if data.timesteps is None:

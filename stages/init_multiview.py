@@ -172,7 +172,8 @@ def run(inputs: Mapping[str, Path], params: Params, out_dir: Path) -> dict:
         raise InputError(f"the cameras ({len(K)} frames) or masks ({len(masks)}) do not match the {num_frames} frames",
                          "rerun the cameras and masks stages on the current frames")
     times, held_out = frames_split(frames_meta, num_frames, params.holdout_every)
-    train_frames = [i for i in range(num_frames) if i not in set(held_out)]
+    held_out_set = set(held_out)
+    train_frames = [i for i in range(num_frames) if i not in held_out_set]
     first = int(views[1][train_frames].min()) if train_frames else 0
     first_views = [i for i in train_frames if views[1][i] == first]
     if not first_views:

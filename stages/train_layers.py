@@ -61,9 +61,8 @@ def write_layer_renders(out_dir: Path, model, data, params) -> dict:
                 write_gray(folder / "alpha" / f"{frame:06d}.png",
                            np.clip(view["alpha"] * 255.0 + 0.5, 0, 255).astype(np.uint8))
                 # a multi-view dataset's cameras without masks (held-out ones) are all 0: not scored
-                unmasked = data.timesteps is not None and not bool(data.masks[frame].any()) \
-                    if data.masks is not None else True
-                if split == "heldout" and layer != layers.STATIC and not unmasked:
+                scored = data.masks is not None and (data.timesteps is None or bool(data.masks[frame].any()))
+                if split == "heldout" and layer != layers.STATIC and scored:
                     truth = np.isin(data.masks[frame].cpu().numpy(), labels)
                     iou = mask_iou(view["alpha"] > ALPHA_COVERED, truth)
                     if iou is not None:
